@@ -1,0 +1,704 @@
+"""Prefix attention: ours (prefix_attn.prefix_attention) vs the incumbent, cat + SDPA.
+
+The incumbent is what Hugging Face PEFT prefix tuning does: expand the shared prefix over
+the batch, ``torch.cat`` it in front of the sequence keys and values, and call
+``F.scaled_dot_product_attention`` with the equivalent boolean mask (prefix columns all
+True, sequence part bottom-right causal: key j visible to query i iff j <= i + Nk - Nq);
+non-causal runs get no mask. GQA: k/v heads are ``repeat_interleave``d, as HF's
+``repeat_kv`` does. The mask is built once, outside the timed region (HF builds it once per
+model forward, not per layer), which favours the incumbent slightly.
+
+Three modes:
+    fwd         forward only, nothing requires grad
+    fwd_bwd     forward + backward, q, k, v, prefix_k, prefix_v all require grad
+    prefix_bwd  forward + backward, only prefix_k, prefix_v require grad (frozen model)
+
+Measured per (config, mode):
+    latency   ours and the incumbent interleaved run by run in one process (A, B, A, B, ...)
+              after warm-up; median ms. speedup = incumbent_ms / ours_ms (> 1: ours faster).
+              CUDA: torch.cuda.Event pairs; CPU: time.perf_counter.
+    memory    peak extra memory of one call (see memory.py): CUDA max_memory_allocated;
+              CPU VmHWM - VmRSS in a fresh subprocess per (impl, config, mode).
+    max|diff| largest abs difference ours vs incumbent over the output and every gradient.
+    GFLOP/s   from visible (query, key) pairs only, FlashAttention's convention:
+                  fwd        F = 4 * B * Hq * D * (Nq * P + visible sequence pairs)
+                  fwd_bwd    3.5 * F  (backward = 2.5 x forward: 5 matmuls vs 2)
+                  prefix_bwd F + 2.5 * 4 * B * Hq * D * Nq * P
+                             (backward restricted to the prefix columns, the only useful work)
+              A masked-out pair costs nothing in this count, so GFLOP/s compares fairly across
+              causal and non-causal runs, and the incumbent is not credited for wasted work.
+
+Results: a markdown table on stdout, and JSON + PNG + the table under
+benchmarks/results/<hardware-slug>/ (e.g. results/cpu-amd-epyc/attention.json). The JSON
+names the hardware (CPU model, cores, GPU), torch version, date and git commit.
+
+    python benchmarks/bench_attention.py                  # default sweep (a few minutes on 2 CPU cores)
+    python benchmarks/bench_attention.py --quick          # target shapes only, fewer repeats
+    python benchmarks/bench_attention.py -P 0 64 256 -N 512 2048 --causal true --modes fwd
+    python benchmarks/bench_attention.py --backend reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+import memory  # noqa: E402  (sibling module; benchmarks/ is not a package)
+
+MODES = ("fwd", "fwd_bwd", "prefix_bwd")
+IMPLS = ("ours", "incumbent")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32,
+          "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+# --- configurations ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    B: int
+    H: int          # query heads
+    N: int          # query length Nq
+    P: int          # prefix length
+    D: int
+    causal: bool
+    Hkv: int = 0    # 0: = H (MHA)
+    Nk: int = 0     # 0: = N
+
+    @property
+    def hkv(self) -> int:
+        return self.Hkv or self.H
+
+    @property
+    def nk(self) -> int:
+        return self.Nk or self.N
+
+    @property
+    def name(self) -> str:
+        s = f"B{self.B}-H{self.H}"
+        if self.hkv != self.H:
+            s += f"-Hkv{self.hkv}"
+        s += f"-N{self.N}"
+        if self.nk != self.N:
+            s += f"-Nk{self.nk}"
+        s += f"-P{self.P}-D{self.D}"
+        return s + ("-causal" if self.causal else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The three shapes the project is judged on: (B, H, N, P, D), fp32, causal and non-causal.
+TARGET_SHAPES = [(4, 12, 512, 64, 64), (2, 16, 1024, 128, 64), (1, 8, 2048, 32, 128)]
+# (causal, mode) pairs whose geometric-mean speedup over the target shapes is the headline.
+HEADLINE = [(True, "fwd"), (True, "fwd_bwd"), (False, "fwd")]
+
+
+def target_configs(causals: Iterable[bool] = (True, False)) -> list[Config]:
+    return [Config(B, H, N, P, D, c) for (B, H, N, P, D) in TARGET_SHAPES for c in causals]
+
+
+def default_sweep() -> list[Config]:
+    """One knob at a time around a base shape (B2 H8 N512 P64 D64, causal)."""
+    base = dict(B=2, H=8, N=512, P=64, D=64, causal=True)
+    out = [Config(**base)]
+    out += [Config(**{**base, "P": p}) for p in (0, 256, 1024)]
+    out += [Config(**{**base, "N": n}) for n in (128, 2048)]
+    out += [Config(**{**base, "D": 128})]
+    out += [Config(**{**base, "Hkv": 2})]  # GQA 4:1
+    out += [Config(**{**base, "N": 16, "Nk": 1024})]  # a 16-token chunk against a 1024-token KV cache
+    return out
+
+
+def visible_pairs(cfg: Config) -> int:
+    """(query, key) pairs that are visible in one (batch row, head): prefix + sequence."""
+    nq, nk = cfg.N, cfg.nk
+    if not cfg.causal:
+        seq = nq * nk
+    else:
+        # query i sees sequence keys 0 .. i + nk - nq (clipped to [0, nk])
+        seq = sum(min(nk, max(0, i + nk - nq + 1)) for i in range(nq))
+    return nq * cfg.P + seq
+
+
+def flops(cfg: Config, mode: str) -> float:
+    fwd = 4.0 * cfg.B * cfg.H * cfg.D * visible_pairs(cfg)
+    if mode == "fwd":
+        return fwd
+    if mode == "fwd_bwd":
+        return 3.5 * fwd
+    if mode == "prefix_bwd":
+        return fwd + 2.5 * 4.0 * cfg.B * cfg.H * cfg.D * cfg.N * cfg.P
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+# --- the two implementations -------------------------------------------------------------
+
+def causal_prefix_mask(nq: int, nk: int, p: int, device) -> torch.Tensor:
+    """bool [Nq, P + Nk], True = attend.
+
+        prefix   sequence (bottom-right causal, Nq=3, Nk=4)
+        1 1 1 |  1 1 0 0
+        1 1 1 |  1 1 1 0
+        1 1 1 |  1 1 1 1
+    """
+    i = torch.arange(nq, device=device)[:, None]
+    j = torch.arange(nk, device=device)[None, :]
+    seq = j <= i + (nk - nq)
+    return torch.cat([torch.ones(nq, p, dtype=torch.bool, device=device), seq], dim=1)
+
+
+def incumbent_attention(q, k, v, prefix_k, prefix_v, *, causal=False, attn_mask=None):
+    """cat + SDPA, as HF PEFT does it. Pass ``attn_mask`` (causal_prefix_mask) to build it once."""
+    B, Hq, Nq = q.shape[:3]
+    Hkv, Nk = k.shape[1], k.shape[2]
+    P = 0 if prefix_k is None else prefix_k.shape[-2]
+    if P > 0:
+        k = torch.cat([prefix_k.expand(B, -1, -1, -1), k], dim=2)
+        v = torch.cat([prefix_v.expand(B, -1, -1, -1), v], dim=2)
+    if Hq != Hkv:
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    if causal and attn_mask is None:
+        attn_mask = causal_prefix_mask(Nq, Nk, P, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask if causal else None)
+
+
+def ours_attention(q, k, v, prefix_k, prefix_v, *, causal=False, backend="auto"):
+    import prefix_attn
+
+    return prefix_attn.prefix_attention(q, k, v, prefix_k, prefix_v, causal=causal, backend=backend)
+
+
+# --- building one timed/measured step ----------------------------------------------------
+
+def make_inputs(cfg: Config, mode: str, *, device, dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+
+    t = {
+        "q": randn(cfg.B, cfg.H, cfg.N, cfg.D),
+        "k": randn(cfg.B, cfg.hkv, cfg.nk, cfg.D),
+        "v": randn(cfg.B, cfg.hkv, cfg.nk, cfg.D),
+        "prefix_k": randn(cfg.hkv, cfg.P, cfg.D),
+        "prefix_v": randn(cfg.hkv, cfg.P, cfg.D),
+        "grad_out": randn(cfg.B, cfg.H, cfg.N, cfg.D),
+    }
+    trainable = {"fwd": (), "fwd_bwd": ("q", "k", "v", "prefix_k", "prefix_v"),
+                 "prefix_bwd": ("prefix_k", "prefix_v")}[mode]
+    for name in trainable:
+        t[name].requires_grad_(True)
+    return t
+
+
+def build_step(cfg: Config, impl: str, mode: str, *, backend: str = "auto", device="cpu",
+               dtype=torch.float32, seed: int = 0, inputs: dict | None = None
+               ) -> Callable[[], torch.Tensor]:
+    """A zero-argument callable running one forward (and backward) of ``impl``.
+
+    Gradients are dropped at the end of each call, so every call allocates them afresh: a
+    steady training step, and memory.py counts them as part of the call's peak.
+    """
+    t = inputs if inputs is not None else make_inputs(cfg, mode, device=device, dtype=dtype, seed=seed)
+    q, k, v, pk, pv, gout = (t[n] for n in ("q", "k", "v", "prefix_k", "prefix_v", "grad_out"))
+    leaves = [x for x in (q, k, v, pk, pv) if x.requires_grad]
+    causal = cfg.causal
+
+    if impl == "ours":
+        def attend():
+            return ours_attention(q, k, v, pk, pv, causal=causal, backend=backend)
+    elif impl == "incumbent":
+        mask = causal_prefix_mask(cfg.N, cfg.nk, cfg.P, q.device) if causal else None
+
+        def attend():
+            return incumbent_attention(q, k, v, pk, pv, causal=causal, attn_mask=mask)
+    else:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+    if not leaves:
+        def step():
+            with torch.no_grad():
+                return attend()
+        return step
+
+    def step():
+        out = attend()
+        out.backward(gout)
+        for x in leaves:
+            x.grad = None
+        return out.detach()
+    return step
+
+
+def build_memory_step(cfg: dict, impl: str, mode: str, backend: str, device: str, dtype: str,
+                      seed: int = 0) -> Callable[[], None]:
+    """memory.py target: JSON-able arguments in, callable out."""
+    step = build_step(Config(**cfg), impl, mode, backend=backend, device=device,
+                      dtype=DTYPES[dtype], seed=seed)
+
+    def fn():
+        step()  # drop the output inside: it is still counted at its peak
+    return fn
+
+
+def compare(cfg: Config, mode: str, *, backend, device, dtype, seed=0) -> dict[str, dict[str, float]]:
+    """ours vs incumbent on identical inputs, for the output and every gradient computed:
+    {"out": {"max_abs_diff": ..., "ref_max_abs": ...}, "dprefix_k": {...}, ...}."""
+    results = {}
+    for impl in IMPLS:
+        t = make_inputs(cfg, mode, device=device, dtype=dtype, seed=seed)
+        if impl == "ours":
+            out = ours_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"],
+                                 causal=cfg.causal, backend=backend)
+        else:
+            out = incumbent_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"],
+                                      causal=cfg.causal)
+        r = {"out": out.detach().float()}
+        if mode != "fwd":
+            out.backward(t["grad_out"])
+            for n in ("q", "k", "v", "prefix_k", "prefix_v"):
+                if t[n].requires_grad:
+                    # None: the input did not reach the output (P == 0 in cat+SDPA)
+                    grad = t[n].grad
+                    r["d" + n] = (grad if grad is not None else torch.zeros_like(t[n])).float()
+        results[impl] = r
+    diffs = {}
+    for n, a in results["ours"].items():
+        b = results["incumbent"][n]
+        diffs[n] = {"max_abs_diff": float((a - b).abs().max()) if a.numel() else 0.0,
+                    "ref_max_abs": float(b.abs().max()) if b.numel() else 0.0}
+    return diffs
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], *, device, warmup: int = 2,
+                     min_reps: int = 5, max_reps: int = 50, budget_s: float = 3.0
+                     ) -> dict[str, list[float]]:
+    """Per-call times in ms, implementations alternated run by run (A, B, A, B, ...).
+
+    Alternating spreads drift (thermal, frequency, other load) over all of them alike.
+    The number of repeats fits ``budget_s`` for the whole group, within [min_reps, max_reps].
+    """
+    device = torch.device(device)
+    for _ in range(max(1, warmup)):
+        round_ms = 0.0
+        for fn in fns.values():
+            _sync(device)
+            round_ms += time_call_ms(fn, device)
+    reps = int(min(max_reps, max(min_reps, budget_s * 1e3 / max(round_ms, 1e-3))))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(reps):
+            for name, fn in fns.items():
+                _sync(device)
+                times[name].append(time_call_ms(fn, device))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return times
+
+
+# --- hardware and provenance -----------------------------------------------------------
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def _loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _slug(s: str) -> str:
+    s = re.sub(r"\((r|tm|c)\)", "", s.lower())
+    s = re.sub(r"\b(cpu|processor|with radeon graphics)\b", "", s)
+    s = re.sub(r"@.*$", "", s)
+    return re.sub(r"[^a-z0-9]+", "-", s).strip("-") or "unknown"
+
+
+def hardware_info(device: torch.device) -> dict[str, Any]:
+    info = {
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "loadavg_at_start": _loadavg(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+        info["slug"] = "cuda-" + _slug(props.name)
+    else:
+        info["slug"] = "cpu-" + _slug(info["cpu_model"])
+    return info
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=_HERE,
+                                capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return "unknown (no commit)"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_HERE,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_info(device, backend: str) -> dict[str, Any]:
+    import prefix_attn
+
+    probe = torch.zeros(1, 1, 1, 64, device=device)
+    info = {"version": getattr(prefix_attn, "__version__", "unknown"),
+            "available_backends": list(prefix_attn.available_backends()),
+            "backend_requested": backend}
+    try:
+        info["auto_selects"] = str(prefix_attn.select_backend(probe))
+    except Exception as e:  # report, don't fail: the table still means something
+        info["auto_selects"] = f"error: {type(e).__name__}: {e}"
+    info["backend_used"] = info["auto_selects"] if backend == "auto" else backend
+    return info
+
+
+# --- running a sweep --------------------------------------------------------------------------
+
+def bench_one(cfg: Config, mode: str, *, backend, device, dtype, warmup, min_reps, max_reps,
+              budget_s, measure_memory: bool, check: bool = True) -> dict[str, Any]:
+    dev = torch.device(device)
+    # One input set per implementation (not shared: autograd state stays separate).
+    fns = {impl: build_step(cfg, impl, mode, backend=backend, device=dev, dtype=dtype) for impl in IMPLS}
+    times = time_interleaved(fns, device=dev, warmup=warmup, min_reps=min_reps,
+                             max_reps=max_reps, budget_s=budget_s)
+    del fns
+    gc.collect()
+    row: dict[str, Any] = {"config": cfg.name, **cfg.to_dict(), "Hkv": cfg.hkv, "Nk": cfg.nk,
+                           "mode": mode, "flops": flops(cfg, mode),
+                           "reps": len(times["ours"])}
+    for impl in IMPLS:
+        med = statistics.median(times[impl])
+        row[f"{impl}_ms"] = med
+        row[f"{impl}_ms_min"] = min(times[impl])
+        row[f"{impl}_ms_iqr"] = (statistics.quantiles(times[impl], n=4)[2] - statistics.quantiles(times[impl], n=4)[0]
+                                 if len(times[impl]) >= 2 else 0.0)
+        row[f"{impl}_gflops"] = row["flops"] / (med * 1e-3) / 1e9
+    row["speedup"] = row["incumbent_ms"] / row["ours_ms"]
+    if check:
+        diffs = compare(cfg, mode, backend=backend, device=dev, dtype=dtype)
+        row["max_abs_diff"] = max(d["max_abs_diff"] for d in diffs.values())
+        # relative to the largest reference value of the same tensor (gradients of a shared
+        # prefix are sums over batch and heads, so they are larger than the output)
+        row["max_rel_diff"] = max(d["max_abs_diff"] / max(d["ref_max_abs"], 1e-30) for d in diffs.values())
+        row["diff_by_tensor"] = diffs
+    if measure_memory:
+        dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
+        for impl in IMPLS:
+            kwargs = {"cfg": cfg.to_dict(), "impl": impl, "mode": mode, "backend": backend,
+                      "device": str(dev), "dtype": dtype_name}
+            row[f"{impl}_mem_mb"] = memory.measure_peak_extra(
+                "bench_attention:build_memory_step", kwargs, device=str(dev)) / 1e6
+        row["mem_ratio"] = row["incumbent_mem_mb"] / max(row["ours_mem_mb"], 1e-3)
+    return row
+
+
+def geomean(xs: Iterable[float]) -> float:
+    xs = list(xs)
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def target_geomeans(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Geometric-mean speedup (and memory ratio) over the target shapes per (causal, mode)."""
+    targets = {Config(B, H, N, P, D, c).name for (B, H, N, P, D) in TARGET_SHAPES for c in (True, False)}
+    out = {}
+    for causal, mode in itertools.product((True, False), MODES):
+        sel = [r for r in rows if r["config"] in targets and r["causal"] == causal and r["mode"] == mode]
+        if len(sel) != len(TARGET_SHAPES):
+            continue
+        key = f"{'causal' if causal else 'noncausal'}_{mode}"
+        out[key] = {"speedup": geomean(r["speedup"] for r in sel), "n": len(sel)}
+        if all("mem_ratio" in r for r in sel):
+            out[key]["mem_ratio"] = geomean(r["mem_ratio"] for r in sel)
+    return out
+
+
+# --- output -------------------------------------------------------------------------------------
+
+def _fmt_mb(x):
+    return "-" if x is None else f"{x:.1f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| config | mode | ours ms | cat+SDPA ms | speedup | ours GFLOP/s | cat+SDPA GFLOP/s "
+            "| ours MB | cat+SDPA MB | mem ratio | max abs diff |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['config']} | {r['mode']} | {r['ours_ms']:.2f} | {r['incumbent_ms']:.2f} "
+            f"| {r['speedup']:.2f}x | {r['ours_gflops']:.1f} | {r['incumbent_gflops']:.1f} "
+            f"| {_fmt_mb(r.get('ours_mem_mb'))} | {_fmt_mb(r.get('incumbent_mem_mb'))} "
+            f"| {('%.2fx' % r['mem_ratio']) if 'mem_ratio' in r else '-'} "
+            f"| {('%.1e' % r['max_abs_diff']) if 'max_abs_diff' in r else '-'} |")
+    return "\n".join(lines)
+
+
+def geomean_table(gm: dict[str, dict[str, float]]) -> str:
+    lines = ["| target shapes | geomean speedup | geomean memory ratio |", "|---|---|---|"]
+    headline = {f"{'causal' if c else 'noncausal'}_{m}" for c, m in HEADLINE}
+    for key, v in gm.items():
+        star = " **(headline)**" if key in headline else ""
+        mem = f"{v['mem_ratio']:.2f}x" if "mem_ratio" in v else "-"
+        lines.append(f"| {key}{star} | {v['speedup']:.2f}x | {mem} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, title: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no PNG (pip install matplotlib)", file=sys.stderr)
+        return False
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    by = {(r["config"], r["mode"]): r for r in rows}
+    has_mem = any("mem_ratio" in r for r in rows)
+    fig, axes = plt.subplots(2 if has_mem else 1, 1, figsize=(max(8, 0.55 * len(configs) + 3), 9 if has_mem else 5),
+                             squeeze=False)
+    width = 0.8 / max(1, len(modes))
+    panels = [("speedup", "speedup (cat+SDPA ms / ours ms)")]
+    if has_mem:
+        panels.append(("mem_ratio", "peak extra memory ratio (cat+SDPA / ours)"))
+    for ax, (key, label) in zip(axes[:, 0], panels):
+        for mi, mode in enumerate(modes):
+            xs, ys = [], []
+            for ci, c in enumerate(configs):
+                r = by.get((c, mode))
+                if r is not None and key in r:
+                    xs.append(ci + (mi - (len(modes) - 1) / 2) * width)
+                    ys.append(r[key])
+            ax.bar(xs, ys, width=width, label=mode)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.set_xticks(range(len(configs)))
+        ax.set_xticklabels(configs, rotation=60, ha="right", fontsize=7)
+        ax.grid(axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0, 0].set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_results(rows, gm, meta, out_dir: str, stem: str, table: str) -> dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, stem + ".json"), "md": os.path.join(out_dir, stem + ".md"),
+             "png": os.path.join(out_dir, stem + ".png")}
+    with open(paths["json"], "w") as f:
+        json.dump({"meta": meta, "geomeans": gm, "rows": rows}, f, indent=1)
+    with open(paths["md"], "w") as f:
+        f.write(f"# prefix attention: ours vs cat+SDPA\n\n{_meta_line(meta)}\n\n{table}\n")
+    hw = meta["hardware"]
+    title = (f"prefix_attn ({meta['package']['backend_used']}) vs cat+SDPA - {hw.get('gpu', hw['cpu_model'])}, "
+             f"{meta['dtype']}, torch {hw['torch']}, {meta['date'][:10]}, {meta['git_commit']}")
+    if not plot(rows, paths["png"], title):
+        del paths["png"]
+    return paths
+
+
+def _meta_line(meta) -> str:
+    hw = meta["hardware"]
+    dev = hw.get("gpu") or f"{hw['cpu_model']} ({hw['cpu_cores']} cores, {hw['torch_threads']} threads)"
+    return (f"{dev}; torch {hw['torch']}; {meta['dtype']}; backend {meta['package']['backend_used']} "
+            f"(requested {meta['package']['backend_requested']}); {meta['date']}; commit {meta['git_commit']}")
+
+
+def run(configs: list[Config], modes: list[str], *, backend="auto", device="cpu", dtype=torch.float32,
+        warmup=2, min_reps=5, max_reps=50, budget_s=3.0, measure_memory=True, check=True,
+        verbose=True) -> list[dict]:
+    rows = []
+    # Without a prefix there is nothing to train in prefix_bwd.
+    jobs = [(c, m) for c, m in itertools.product(configs, modes) if not (m == "prefix_bwd" and c.P == 0)]
+    n = len(jobs)
+    t_start = time.perf_counter()
+    for i, (cfg, mode) in enumerate(jobs):
+        row = bench_one(cfg, mode, backend=backend, device=device, dtype=dtype, warmup=warmup,
+                        min_reps=min_reps, max_reps=max_reps, budget_s=budget_s,
+                        measure_memory=measure_memory, check=check)
+        rows.append(row)
+        if verbose:
+            mem = (f"  mem {row['ours_mem_mb']:.1f} vs {row['incumbent_mem_mb']:.1f} MB"
+                   if "ours_mem_mb" in row else "")
+            diff = f"  diff {row['max_abs_diff']:.1e}" if "max_abs_diff" in row else ""
+            print(f"[{i + 1}/{n} {time.perf_counter() - t_start:6.0f}s] {cfg.name:<28} {mode:<10} "
+                  f"ours {row['ours_ms']:9.2f} ms  cat+SDPA {row['incumbent_ms']:9.2f} ms  "
+                  f"{row['speedup']:5.2f}x{mem}{diff}", file=sys.stderr, flush=True)
+    return rows
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="prefix_attn vs cat+SDPA: latency, peak memory, accuracy",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--backend", default="auto", help="prefix_attn backend (auto, cpu, reference, triton, cuda)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("-B", "--batch", type=int, nargs="+", help="batch sizes (custom sweep)")
+    ap.add_argument("-H", "--heads", type=int, nargs="+", help="query heads (custom sweep)")
+    ap.add_argument("--hkv", type=int, nargs="+", help="KV heads (custom sweep; default = heads)")
+    ap.add_argument("-N", "--seqlen", type=int, nargs="+", help="query lengths (custom sweep)")
+    ap.add_argument("--nk", type=int, nargs="+", help="key lengths (custom sweep; default = seqlen)")
+    ap.add_argument("-P", "--prefix", type=int, nargs="+", help="prefix lengths (custom sweep)")
+    ap.add_argument("-D", "--headdim", type=int, nargs="+", help="head dims (custom sweep)")
+    ap.add_argument("--causal", choices=["both", "true", "false"], default=None,
+                    help="causal settings of the custom sweep (default: both for custom sweeps; "
+                         "the default sweep is causal and the targets run both)")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--no-targets", action="store_true", help="skip the three target shapes")
+    ap.add_argument("--targets-only", action="store_true", help="only the three target shapes")
+    ap.add_argument("--quick", action="store_true",
+                    help="target shapes only, 1 warm-up, 3 repeats, fwd and fwd_bwd (about a minute on 2 cores)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--min-reps", type=int, default=5)
+    ap.add_argument("--max-reps", type=int, default=50)
+    ap.add_argument("--budget", type=float, default=3.0, help="seconds of timed runs per (config, mode)")
+    ap.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    ap.add_argument("--no-check", action="store_true", help="skip the max-abs-diff check")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/<hardware-slug>)")
+    ap.add_argument("--name", default=None, help="file stem (default attention, attention-quick, attention-custom)")
+    ap.add_argument("--no-save", action="store_true", help="print only; write no files")
+    return ap.parse_args(argv)
+
+
+def configs_from_args(args) -> tuple[list[Config], str]:
+    custom = any(x is not None for x in (args.batch, args.heads, args.hkv, args.seqlen, args.nk,
+                                         args.prefix, args.headdim, args.causal))
+    if args.quick or args.targets_only:
+        return target_configs(), "attention-quick" if args.quick else "attention-targets"
+    targets = [] if args.no_targets else target_configs()
+    if not custom:
+        return list(dict.fromkeys(targets + default_sweep())), "attention"
+    causals = {"both": (True, False), "true": (True,), "false": (False,), None: (True, False)}[args.causal]
+    sweep = [Config(B=b, H=h, N=n, P=p, D=d, causal=c, Hkv=hkv, Nk=nk)
+             for b, h, hkv, n, nk, p, d, c in itertools.product(
+                 args.batch or [2], args.heads or [8], args.hkv or [0], args.seqlen or [512],
+                 args.nk or [0], args.prefix if args.prefix is not None else [64], args.headdim or [64], causals)]
+    return list(dict.fromkeys(targets + sweep)), "attention-custom"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.warmup, args.min_reps, args.max_reps, args.budget = 1, 3, 3, 0.0
+        if args.modes == list(MODES):
+            args.modes = ["fwd", "fwd_bwd"]
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    configs, stem = configs_from_args(args)
+    stem = args.name or stem
+
+    hw = hardware_info(device)
+    meta = {"hardware": hw, "package": package_info(device, args.backend), "dtype": str(dtype).replace("torch.", ""),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "git_commit": git_commit(), "argv": sys.argv[1:],
+            "timing": {"warmup": args.warmup, "min_reps": args.min_reps, "max_reps": args.max_reps,
+                       "budget_s": args.budget, "statistic": "median",
+                       "order": "interleaved ours, cat+SDPA per repeat",
+                       "clock": "torch.cuda.Event" if device.type == "cuda" else "time.perf_counter"},
+            "memory_method": ("cuda max_memory_allocated - memory_allocated" if device.type == "cuda" else
+                              "fresh subprocess, MALLOC_MMAP_THRESHOLD_=65536 MALLOC_ARENA_MAX=2, "
+                              "VmHWM - VmRSS after clear_refs"),
+            "flops_convention": "4*B*Hq*D*visible_pairs fwd; fwd_bwd 3.5x; prefix_bwd fwd + 2.5x prefix-pair fwd",
+            "speedup": "incumbent_ms / ours_ms", "mem_ratio": "incumbent_mem / ours_mem",
+            "incumbent": "expand+cat prefix, F.scaled_dot_product_attention with bool [Nq,P+Nk] mask "
+                         "(causal) or none; GQA via repeat_interleave"}
+    print(f"# {_meta_line(meta)}", file=sys.stderr)
+    load = hw["loadavg_at_start"]
+    if device.type == "cpu" and load and load[0] > 0.5:
+        print(f"# warning: load average {load[0]} before the start: other work on this machine will "
+              f"slow both implementations and add noise", file=sys.stderr)
+    print(f"# backends available: {meta['package']['available_backends']}; auto picks "
+          f"{meta['package']['auto_selects']}; {len(configs)} configs x {len(args.modes)} modes", file=sys.stderr)
+
+    rows = run(configs, args.modes, backend=args.backend, device=device, dtype=dtype, warmup=args.warmup,
+               min_reps=args.min_reps, max_reps=args.max_reps, budget_s=args.budget,
+               measure_memory=not args.no_memory, check=not args.no_check)
+    hw["loadavg_at_end"] = _loadavg()
+    gm = target_geomeans(rows)
+    table = markdown_table(rows)
+    if gm:
+        table += "\n\nGeometric mean over the target shapes " + \
+                 ", ".join(f"{b}x{h}x{n} P{p} D{d}" for b, h, n, p, d in TARGET_SHAPES) + \
+                 " (speedup = cat+SDPA ms / ours ms; memory ratio = cat+SDPA MB / ours MB):\n\n" + geomean_table(gm)
+    print(table)
+    if not args.no_save:
+        out_dir = args.out or os.path.join(_HERE, "results", hw["slug"])
+        paths = write_results(rows, gm, meta, out_dir, stem, table)
+        print("\nwrote " + ", ".join(os.path.relpath(p) for p in paths.values()), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

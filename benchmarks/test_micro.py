@@ -1,0 +1,52 @@
+"""Micro-benchmarks (pytest-benchmark): one small shape per situation, ours vs cat + SDPA.
+
+    pytest benchmarks --benchmark-only                       # all of them
+    pytest benchmarks --benchmark-only -k prefix_bwd         # a subset
+    PREFIX_ATTN_BACKEND=reference pytest benchmarks --benchmark-only
+    pytest benchmarks --benchmark-only --benchmark-compare   # against a saved run (--benchmark-autosave)
+
+Each group (shape + mode) holds the two implementations, so pytest-benchmark's table puts
+them side by side. Not collected by ``pytest tests`` (pyproject's testpaths is tests/); without
+pytest-benchmark installed the whole module is skipped. bench_attention.py is the full study
+(memory, FLOPs, JSON, plots); these are for quick before/after comparisons of a change.
+"""
+
+import pytest
+
+pytest.importorskip("pytest_benchmark")
+pytest.importorskip("prefix_attn")
+
+import torch  # noqa: E402
+
+import bench_attention as ba  # noqa: E402  (benchmarks/ is put on sys.path by pytest's rootdir-less import)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+SHAPES = {
+    "train": ba.Config(B=2, H=8, N=256, P=64, D=64, causal=True),
+    "gqa": ba.Config(B=2, H=8, Hkv=2, N=256, P=32, D=64, causal=True),
+    "noncausal-d128": ba.Config(B=1, H=4, N=256, P=16, D=128, causal=False),
+    "chunk-vs-cache": ba.Config(B=2, H=8, N=16, Nk=1024, P=64, D=64, causal=True),
+}
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+@pytest.mark.parametrize("impl", ba.IMPLS)
+@pytest.mark.parametrize("mode", ba.MODES)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_attention(benchmark, shape, mode, impl):
+    cfg = SHAPES[shape]
+    benchmark.group = f"{shape} {cfg.name} {mode}"
+    benchmark.extra_info.update(cfg.to_dict(), mode=mode, flops=ba.flops(cfg, mode))
+    step = ba.build_step(cfg, impl, mode, backend="auto", device=DEVICE, dtype=torch.float32)
+    step()  # warm-up outside the timer: lazy init, thread pools
+
+    def run():
+        step()
+        _sync()
+
+    benchmark(run)

@@ -1,0 +1,626 @@
+// CPU kernels for attention over [prefix KV ; sequence KV], flash style.
+//
+// Every tile is multiplied with cpublas (MKL sgemm in the PyTorch wheels) in float32; the
+// softmax runs in base 2 with the scale folded into the first GEMM, as in the Triton tutorial.
+// Nothing of size [B, H, P + N, D] is ever built: prefix tiles are read straight from the
+// prefix (or the bank entry a row uses), then sequence tiles from k / v.
+//
+// Forward:   one task per (batch row, query head, query block); prefix tiles, then sequence
+//            tiles up to the causal diagonal. Tiles past the diagonal are skipped, and only
+//            tiles that cross it (or any tile, when a padding or attention mask is given) are
+//            masked.
+// Backward:  pass 1, one task per (batch row, KV head): dq, dk, dv for the sequence keys, plus
+//            the prefix keys' share of dq. It loops over the group's query heads itself, so
+//            dk / dv need no atomics.
+//            pass 2, one task per (bank entry, KV head, prefix block, row chunk): dprefix_k /
+//            dprefix_v, summed over the rows that use the entry and the group's query heads.
+//            Chunk partials are added in a fixed order, so the result is the same run to run.
+#include "prefix_attn_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace prefix_attn::cpu {
+namespace {
+
+constexpr int64_t kBlockM = 64;   // queries per tile
+constexpr int64_t kBlockN = 128;  // keys per tile
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// 2^x for x < 128, with 2^x = 0 below -126 (so -inf gives exactly 0). Straight-line arithmetic,
+// so the loops calling it vectorize: reduce to [0, 1), a degree-6 polynomial (relative error
+// 2e-9 before float rounding), then add the integer part into the exponent bits.
+inline float fast_exp2(float x) {
+  const float xc = std::max(x, -127.f);
+  const float xi = std::floor(xc);
+  const float f = xc - xi;
+  float p = 2.161380834877491e-4f;
+  p = p * f + 1.2467376654967666e-3f;
+  p = p * f + 9.675532579421997e-3f;
+  p = p * f + 5.548521876335144e-2f;
+  p = p * f + 2.4022932350635529e-1f;
+  p = p * f + 6.931470632553101e-1f;
+  p = p * f + 1.f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += static_cast<int32_t>(xi) * (1 << 23);
+  float r;
+  std::memcpy(&r, &bits, sizeof r);
+  return xc < -126.f ? 0.f : r;
+}
+
+// BLAS sgemm, as exported by libtorch_cpu (MKL in the x86 wheels). cpublas's own float gemm
+// is not exported from libtorch, so we bind the Fortran symbol it calls itself. The symbol is
+// weak: a torch build without it still loads, and falls back to the plain loops below.
+extern "C" __attribute__((weak)) void sgemm_(const char* transa, const char* transb, const int* m,
+                                             const int* n, const int* k, const float* alpha,
+                                             const float* a, const int* lda, const float* b,
+                                             const int* ldb, const float* beta, float* c,
+                                             const int* ldc);
+
+// Row-major C[M, N] = alpha * op(A)[M, K] @ op(B)[K, N] + beta * C. BLAS is column-major, where
+// the same memory holds the transposes, so we ask it for C^T = op(B)^T op(A)^T.
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+          const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
+          int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (sgemm_ != nullptr) {
+    const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    sgemm_(&tb, &ta, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
+  for (int64_t i = 0; i < M; ++i) {
+    float* c = C + i * ldc;
+    if (beta == 0.f) {
+      std::fill(c, c + N, 0.f);
+    } else if (beta != 1.f) {
+      for (int64_t j = 0; j < N; ++j) c[j] *= beta;
+    }
+    for (int64_t kk = 0; kk < K; ++kk) {
+      const float a = alpha * (trans_a ? A[kk * lda + i] : A[i * lda + kk]);
+      if (trans_b) {
+        for (int64_t j = 0; j < N; ++j) c[j] += a * B[j * ldb + kk];
+      } else {
+        const float* b = B + kk * ldb;
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+      }
+    }
+  }
+}
+
+// Rows [0, n) of a strided [n, D] slab as float32 with leading dimension *ld: the slab itself
+// when it already is float32 with unit column stride, else a converted copy in `scratch`.
+template <typename T>
+const float* rows_as_float(const T* src, int64_t row_stride, int64_t col_stride, int64_t n,
+                           int64_t D, float* scratch, int64_t* ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (col_stride == 1 && ((row_stride >= D && row_stride <= INT_MAX) || n == 1)) {
+      *ld = n == 1 ? D : row_stride;
+      return src;
+    }
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    const T* row = src + r * row_stride;
+    float* dst = scratch + r * D;
+    if (col_stride == 1) {
+      for (int64_t c = 0; c < D; ++c) dst[c] = static_cast<float>(row[c]);
+    } else {
+      for (int64_t c = 0; c < D; ++c) dst[c] = static_cast<float>(row[c * col_stride]);
+    }
+  }
+  *ld = D;
+  return scratch;
+}
+
+// dst rows (strided, type T) = mul * src rows (float32, leading dimension ld).
+template <typename T>
+void store_rows(const float* src, int64_t ld, int64_t n, int64_t D, float mul, T* dst,
+                int64_t row_stride, int64_t col_stride) {
+  for (int64_t r = 0; r < n; ++r) {
+    const float* s = src + r * ld;
+    T* row = dst + r * row_stride;
+    for (int64_t c = 0; c < D; ++c) row[c * col_stride] = static_cast<T>(s[c] * mul);
+  }
+}
+
+// Visibility of the sequence keys for one (batch row, query head). Prefix keys never see it.
+struct SeqMask {
+  bool causal = false;
+  int64_t offset = 0;  // Nk - Nq: query i sees key j iff j <= i + offset (bottom-right causal)
+  const bool* kpm = nullptr;
+  int64_t kpm_stride = 0;
+  MaskKind kind = MaskKind::kNone;
+  const void* mask = nullptr;  // already offset to (b, h)
+  int64_t mask_si = 0, mask_sj = 0;
+
+  SeqMask(const FwdParams& p, int64_t b, int64_t h)
+      : causal(p.causal), offset(p.Nk - p.Nq), kind(p.mask_kind) {
+    if (p.key_padding_mask != nullptr) {
+      kpm = p.key_padding_mask + b * p.kpm_s[0];
+      kpm_stride = p.kpm_s[1];
+    }
+    if (kind != MaskKind::kNone) {
+      const int64_t off = b * p.attn_mask.s[0] + h * p.attn_mask.s[1];
+      mask = kind == MaskKind::kBool
+                 ? static_cast<const void*>(static_cast<const bool*>(p.attn_mask.ptr) + off)
+                 : static_cast<const void*>(static_cast<const float*>(p.attn_mask.ptr) + off);
+      mask_si = p.attn_mask.s[2];
+      mask_sj = p.attn_mask.s[3];
+    }
+  }
+
+  // Exclusive end of the keys any of the queries [i0, i0 + bm) can see.
+  int64_t key_end(int64_t i0, int64_t bm, int64_t Nk) const {
+    if (!causal) return Nk;
+    return std::clamp<int64_t>(i0 + bm + offset, 0, Nk);
+  }
+
+  bool tile_needs_mask(int64_t i0, int64_t j0, int64_t bn) const {
+    return kpm != nullptr || kind != MaskKind::kNone || (causal && j0 + bn - 1 > i0 + offset);
+  }
+
+  // S holds base-2 scores, so an additive mask is scaled by log2(e).
+  void apply(float* S, int64_t ld, int64_t i0, int64_t bm, int64_t j0, int64_t bn) const {
+    for (int64_t r = 0; r < bm; ++r) {
+      const int64_t i = i0 + r;
+      float* s = S + r * ld;
+      if (causal) {
+        const int64_t first_hidden = std::max<int64_t>(i + offset + 1 - j0, 0);
+        for (int64_t c = first_hidden; c < bn; ++c) s[c] = kNegInf;
+      }
+      if (kpm != nullptr) {
+        for (int64_t c = 0; c < bn; ++c)
+          if (!kpm[(j0 + c) * kpm_stride]) s[c] = kNegInf;
+      }
+      if (kind == MaskKind::kBool) {
+        const bool* m = static_cast<const bool*>(mask) + i * mask_si + j0 * mask_sj;
+        for (int64_t c = 0; c < bn; ++c)
+          if (!m[c * mask_sj]) s[c] = kNegInf;
+      } else if (kind == MaskKind::kFloat) {
+        const float* m = static_cast<const float*>(mask) + i * mask_si + j0 * mask_sj;
+        for (int64_t c = 0; c < bn; ++c) s[c] += m[c * mask_sj] * kLog2e;
+      }
+    }
+  }
+};
+
+// One step of the online softmax over a [bm, bn] tile of base-2 scores. Turns S into the
+// unnormalised probabilities and rescales the running row max m, sum l and output acc.
+void online_softmax_step(float* S, int64_t ldS, int64_t bm, int64_t bn, float* m, float* l,
+                         float* acc, int64_t D) {
+  for (int64_t r = 0; r < bm; ++r) {
+    float* s = S + r * ldS;
+    float mx = m[r];
+#pragma omp simd reduction(max : mx)
+    for (int64_t c = 0; c < bn; ++c) mx = std::max(mx, s[c]);
+    if (mx == kNegInf) {  // nothing visible in this row yet
+      std::fill(s, s + bn, 0.f);
+      continue;
+    }
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < bn; ++c) {
+      const float e = fast_exp2(s[c] - mx);
+      s[c] = e;
+      sum += e;
+    }
+    const float alpha = fast_exp2(m[r] - mx);
+    l[r] = l[r] * alpha + sum;
+    m[r] = mx;
+    if (alpha != 1.f) {
+      float* a = acc + r * D;
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) a[c] *= alpha;
+    }
+  }
+}
+
+template <typename T>
+void forward_impl(const FwdParams& p) {
+  const int64_t D = p.D, group = p.Hq / p.Hkv;
+  const int64_t n_qblocks = ceil_div(p.Nq, kBlockM);
+  const float qk_scale = p.scale * kLog2e;
+  const T* q = static_cast<const T*>(p.q.ptr);
+  const T* k = static_cast<const T*>(p.k.ptr);
+  const T* v = static_cast<const T*>(p.v.ptr);
+  const T* pk = static_cast<const T*>(p.prefix_k.ptr);
+  const T* pv = static_cast<const T*>(p.prefix_v.ptr);
+  T* out = static_cast<T*>(p.out.ptr);
+
+  at::parallel_for(0, p.B * p.Hq * n_qblocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qbuf(kBlockM * D), kbuf(kBlockN * D), vbuf(kBlockN * D);
+    std::vector<float> S(kBlockM * kBlockN), acc(kBlockM * D), m(kBlockM), l(kBlockM);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qb = task % n_qblocks, bh = task / n_qblocks;
+      const int64_t b = bh / p.Hq, h = bh % p.Hq, g = h / group;
+      const int64_t i0 = qb * kBlockM, bm = std::min(kBlockM, p.Nq - i0);
+      int64_t ldq, ldk, ldv;
+      const float* Q = rows_as_float(q + b * p.q.s[0] + h * p.q.s[1] + i0 * p.q.s[2], p.q.s[2],
+                                     p.q.s[3], bm, D, qbuf.data(), &ldq);
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
+
+      auto attend = [&](const float* K, const float* V, int64_t bn, const SeqMask* mask,
+                        int64_t j0) {
+        gemm(false, true, bm, bn, D, qk_scale, Q, ldq, K, ldk, 0.f, S.data(), kBlockN);
+        if (mask != nullptr) mask->apply(S.data(), kBlockN, i0, bm, j0, bn);
+        online_softmax_step(S.data(), kBlockN, bm, bn, m.data(), l.data(), acc.data(), D);
+        gemm(false, false, bm, D, bn, 1.f, S.data(), kBlockN, V, ldv, 1.f, acc.data(), D);
+      };
+
+      if (p.P > 0) {
+        const int64_t e = p.prefix_entry(b);
+        const T* pkb = pk + e * p.prefix_k.s[0] + g * p.prefix_k.s[1];
+        const T* pvb = pv + e * p.prefix_v.s[0] + g * p.prefix_v.s[1];
+        for (int64_t j0 = 0; j0 < p.P; j0 += kBlockN) {
+          const int64_t bn = std::min(kBlockN, p.P - j0);
+          const float* K = rows_as_float(pkb + j0 * p.prefix_k.s[2], p.prefix_k.s[2],
+                                         p.prefix_k.s[3], bn, D, kbuf.data(), &ldk);
+          const float* V = rows_as_float(pvb + j0 * p.prefix_v.s[2], p.prefix_v.s[2],
+                                         p.prefix_v.s[3], bn, D, vbuf.data(), &ldv);
+          attend(K, V, bn, nullptr, j0);
+        }
+      }
+
+      const SeqMask mask(p, b, h);
+      const T* kb = k + b * p.k.s[0] + g * p.k.s[1];
+      const T* vb = v + b * p.v.s[0] + g * p.v.s[1];
+      const int64_t j_end = mask.key_end(i0, bm, p.Nk);
+      for (int64_t j0 = 0; j0 < j_end; j0 += kBlockN) {
+        const int64_t bn = std::min(kBlockN, j_end - j0);
+        const float* K =
+            rows_as_float(kb + j0 * p.k.s[2], p.k.s[2], p.k.s[3], bn, D, kbuf.data(), &ldk);
+        const float* V =
+            rows_as_float(vb + j0 * p.v.s[2], p.v.s[2], p.v.s[3], bn, D, vbuf.data(), &ldv);
+        attend(K, V, bn, mask.tile_needs_mask(i0, j0, bn) ? &mask : nullptr, j0);
+      }
+
+      T* o = out + b * p.out.s[0] + h * p.out.s[1] + i0 * p.out.s[2];
+      float* lse = p.lse + (b * p.Hq + h) * p.Nq + i0;
+      for (int64_t r = 0; r < bm; ++r) {
+        // l == 0 only when no key was visible (possible only with P == 0): out 0, lse -inf.
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        store_rows(acc.data() + r * D, D, 1, D, inv, o + r * p.out.s[2], p.out.s[2], p.out.s[3]);
+        lse[r] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : kNegInf;
+      }
+    }
+  });
+}
+
+// Per-row quantities the backward needs: lse in base 2, and Delta = rowsum(dout * out) - dlse
+// (the dlse term carries a gradient flowing into the returned lse: d lse / d s_j = p_j).
+template <typename T>
+void backward_row_stats(const BwdParams& p, std::vector<float>& lse2, std::vector<float>& delta) {
+  const int64_t rows = p.B * p.Hq * p.Nq, D = p.D;
+  lse2.resize(rows);
+  delta.resize(rows);
+  const T* dout = static_cast<const T*>(p.dout.ptr);
+  const T* out = static_cast<const T*>(p.out_fwd.ptr);
+  at::parallel_for(0, p.B * p.Hq, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.Hq, h = bh % p.Hq;
+      for (int64_t i = 0; i < p.Nq; ++i) {
+        const int64_t row = bh * p.Nq + i;
+        const T* dor = dout + b * p.dout.s[0] + h * p.dout.s[1] + i * p.dout.s[2];
+        const T* orow = out + b * p.out_fwd.s[0] + h * p.out_fwd.s[1] + i * p.out_fwd.s[2];
+        float acc = 0.f;
+        for (int64_t c = 0; c < D; ++c)
+          acc += static_cast<float>(dor[c * p.dout.s[3]]) * static_cast<float>(orow[c * p.out_fwd.s[3]]);
+        delta[row] = acc - (p.dlse != nullptr ? p.dlse[row] : 0.f);
+        lse2[row] = p.lse_fwd[row] * kLog2e;
+      }
+    }
+  });
+}
+
+// Probabilities and score gradients of one [bm, bn] tile, in place:
+//   S  <- P  = 2^(S - lse2)                      (S: base-2 scores, masked entries -inf)
+//   dP <- dS = P * (dP - Delta)                  (dP: dout @ V^T)
+// Rows with lse = -inf saw no key at all; their P is 0.
+void probs_and_dscores(float* S, float* dP, int64_t ld, int64_t bm, int64_t bn,
+                       const float* lse2, const float* delta) {
+  for (int64_t r = 0; r < bm; ++r) {
+    float* s = S + r * ld;
+    float* dp = dP + r * ld;
+    const float L = lse2[r], dl = delta[r];
+    if (L == kNegInf) {
+      std::fill(s, s + bn, 0.f);
+      std::fill(dp, dp + bn, 0.f);
+      continue;
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < bn; ++c) {
+      const float pr = fast_exp2(s[c] - L);
+      s[c] = pr;
+      dp[c] = pr * (dp[c] - dl);
+    }
+  }
+}
+
+// Pass 1: dq, dk, dv. One task per (b, kv head g).
+template <typename T>
+void backward_sequence(const BwdParams& p, const std::vector<float>& lse2,
+                       const std::vector<float>& delta) {
+  const int64_t D = p.D, group = p.Hq / p.Hkv, Nk = p.Nk;
+  const float qk_scale = p.scale * kLog2e;
+  const T* q = static_cast<const T*>(p.q.ptr);
+  const T* k = static_cast<const T*>(p.k.ptr);
+  const T* v = static_cast<const T*>(p.v.ptr);
+  const T* pk = static_cast<const T*>(p.prefix_k.ptr);
+  const T* pv = static_cast<const T*>(p.prefix_v.ptr);
+  const T* dout = static_cast<const T*>(p.dout.ptr);
+  const bool prefix_dq = p.need_dq && p.P > 0;
+
+  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kall(Nk * D), vall(Nk * D), pkall, pvall;
+    std::vector<float> dkacc, dvacc;
+    if (p.need_dkv) {
+      dkacc.resize(Nk * D);
+      dvacc.resize(Nk * D);
+    }
+    if (prefix_dq) {
+      pkall.resize(p.P * D);
+      pvall.resize(p.P * D);
+    }
+    std::vector<float> qbuf(kBlockM * D), dobuf(kBlockM * D), dqacc(kBlockM * D);
+    std::vector<float> S(kBlockM * kBlockN), dP(kBlockM * kBlockN);
+
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / p.Hkv, g = task % p.Hkv;
+      int64_t ldk, ldv, ldpk = D, ldpv = D, ldq, lddo;
+      const float* K = rows_as_float(k + b * p.k.s[0] + g * p.k.s[1], p.k.s[2], p.k.s[3], Nk, D,
+                                     kall.data(), &ldk);
+      const float* V = rows_as_float(v + b * p.v.s[0] + g * p.v.s[1], p.v.s[2], p.v.s[3], Nk, D,
+                                     vall.data(), &ldv);
+      const float *PK = nullptr, *PV = nullptr;
+      if (prefix_dq) {
+        const int64_t e = p.prefix_entry(b);
+        PK = rows_as_float(pk + e * p.prefix_k.s[0] + g * p.prefix_k.s[1], p.prefix_k.s[2],
+                           p.prefix_k.s[3], p.P, D, pkall.data(), &ldpk);
+        PV = rows_as_float(pv + e * p.prefix_v.s[0] + g * p.prefix_v.s[1], p.prefix_v.s[2],
+                           p.prefix_v.s[3], p.P, D, pvall.data(), &ldpv);
+      }
+      if (p.need_dkv) {
+        std::fill(dkacc.begin(), dkacc.end(), 0.f);
+        std::fill(dvacc.begin(), dvacc.end(), 0.f);
+      }
+
+      for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+        const SeqMask mask(p, b, h);
+        for (int64_t i0 = 0; i0 < p.Nq; i0 += kBlockM) {
+          const int64_t bm = std::min(kBlockM, p.Nq - i0);
+          const int64_t j_end = mask.key_end(i0, bm, Nk);
+          if (!p.need_dq && j_end == 0) continue;  // no key: no dk / dv contribution
+          const int64_t row0 = (b * p.Hq + h) * p.Nq + i0;
+          const float* Q = rows_as_float(q + b * p.q.s[0] + h * p.q.s[1] + i0 * p.q.s[2],
+                                         p.q.s[2], p.q.s[3], bm, D, qbuf.data(), &ldq);
+          const float* dO =
+              rows_as_float(dout + b * p.dout.s[0] + h * p.dout.s[1] + i0 * p.dout.s[2],
+                            p.dout.s[2], p.dout.s[3], bm, D, dobuf.data(), &lddo);
+          if (p.need_dq) std::fill(dqacc.begin(), dqacc.end(), 0.f);
+
+          // The prefix keys' share of dq. Their own gradient is pass 2's job.
+          if (prefix_dq) {
+            for (int64_t j0 = 0; j0 < p.P; j0 += kBlockN) {
+              const int64_t bn = std::min(kBlockN, p.P - j0);
+              gemm(false, true, bm, bn, D, qk_scale, Q, ldq, PK + j0 * ldpk, ldpk, 0.f,
+                   S.data(), kBlockN);
+              gemm(false, true, bm, bn, D, 1.f, dO, lddo, PV + j0 * ldpv, ldpv, 0.f, dP.data(),
+                   kBlockN);
+              probs_and_dscores(S.data(), dP.data(), kBlockN, bm, bn, lse2.data() + row0,
+                                delta.data() + row0);
+              gemm(false, false, bm, D, bn, 1.f, dP.data(), kBlockN, PK + j0 * ldpk, ldpk, 1.f,
+                   dqacc.data(), D);
+            }
+          }
+
+          for (int64_t j0 = 0; j0 < j_end; j0 += kBlockN) {
+            const int64_t bn = std::min(kBlockN, j_end - j0);
+            gemm(false, true, bm, bn, D, qk_scale, Q, ldq, K + j0 * ldk, ldk, 0.f, S.data(),
+                 kBlockN);
+            if (mask.tile_needs_mask(i0, j0, bn)) mask.apply(S.data(), kBlockN, i0, bm, j0, bn);
+            gemm(false, true, bm, bn, D, 1.f, dO, lddo, V + j0 * ldv, ldv, 0.f, dP.data(),
+                 kBlockN);
+            probs_and_dscores(S.data(), dP.data(), kBlockN, bm, bn, lse2.data() + row0,
+                              delta.data() + row0);
+            if (p.need_dkv) {
+              gemm(true, false, bn, D, bm, 1.f, S.data(), kBlockN, dO, lddo, 1.f,
+                   dvacc.data() + j0 * D, D);
+              gemm(true, false, bn, D, bm, 1.f, dP.data(), kBlockN, Q, ldq, 1.f,
+                   dkacc.data() + j0 * D, D);
+            }
+            if (p.need_dq) {
+              gemm(false, false, bm, D, bn, 1.f, dP.data(), kBlockN, K + j0 * ldk, ldk, 1.f,
+                   dqacc.data(), D);
+            }
+          }
+
+          if (p.need_dq) {
+            store_rows(dqacc.data(), D, bm, D, p.scale,
+                       static_cast<T*>(p.dq.ptr) + b * p.dq.s[0] + h * p.dq.s[1] + i0 * p.dq.s[2],
+                       p.dq.s[2], p.dq.s[3]);
+          }
+        }
+      }
+
+      if (p.need_dkv) {
+        store_rows(dkacc.data(), D, Nk, D, p.scale,
+                   static_cast<T*>(p.dk.ptr) + b * p.dk.s[0] + g * p.dk.s[1], p.dk.s[2], p.dk.s[3]);
+        store_rows(dvacc.data(), D, Nk, D, 1.f,
+                   static_cast<T*>(p.dv.ptr) + b * p.dv.s[0] + g * p.dv.s[1], p.dv.s[2], p.dv.s[3]);
+      }
+    }
+  });
+}
+
+// Pass 2: dprefix_k, dprefix_v, summed over the rows using each bank entry and over the query
+// heads of each KV group. One task per (entry t, kv head g, prefix block, row chunk).
+template <typename T>
+void backward_prefix(const BwdParams& p, const std::vector<float>& lse2,
+                     const std::vector<float>& delta) {
+  const int64_t D = p.D, group = p.Hq / p.Hkv, T_ = p.T, P = p.P;
+  const float qk_scale = p.scale * kLog2e;
+
+  // Rows grouped by the entry they use (a stable counting sort: fixed order, run to run).
+  std::vector<int64_t> start(T_ + 1, 0), rows(p.B);
+  for (int64_t b = 0; b < p.B; ++b) ++start[p.prefix_entry(b) + 1];
+  for (int64_t t = 0; t < T_; ++t) start[t + 1] += start[t];
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t b = 0; b < p.B; ++b) rows[fill[p.prefix_entry(b)]++] = b;
+  }
+  int64_t max_rows = 0;
+  for (int64_t t = 0; t < T_; ++t) max_rows = std::max(max_rows, start[t + 1] - start[t]);
+
+  // A shared prefix has few (entry, head, block) tasks; split its rows into chunks so every
+  // thread has work, and add the chunks' float32 partials afterwards in chunk order. The
+  // partials are [chunks, T, Hkv, P, D], bounded by the thread count, never by B.
+  const int64_t n_pblocks = ceil_div(P, kBlockN);
+  const int64_t base_tasks = T_ * p.Hkv * n_pblocks;
+  const int64_t want = ceil_div(2 * at::get_num_threads(), std::max<int64_t>(base_tasks, 1));
+  int64_t chunks = std::clamp<int64_t>(want, 1, std::max<int64_t>(max_rows, 1));
+  if (chunks * T_ * p.Hkv * P * D > (int64_t{1} << 26)) chunks = 1;
+  std::vector<float> partial_k, partial_v;
+  if (chunks > 1) {
+    partial_k.resize(chunks * T_ * p.Hkv * P * D);
+    partial_v.resize(partial_k.size());
+  }
+
+  const T* q = static_cast<const T*>(p.q.ptr);
+  const T* dout = static_cast<const T*>(p.dout.ptr);
+  const T* pk = static_cast<const T*>(p.prefix_k.ptr);
+  const T* pv = static_cast<const T*>(p.prefix_v.ptr);
+  T* dpk = static_cast<T*>(p.dprefix_k.ptr);
+  T* dpv = static_cast<T*>(p.dprefix_v.ptr);
+
+  at::parallel_for(0, base_tasks * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kbuf(kBlockN * D), vbuf(kBlockN * D), qbuf(kBlockM * D), dobuf(kBlockM * D);
+    std::vector<float> S(kBlockM * kBlockN), dP(kBlockM * kBlockN);
+    std::vector<float> dk(kBlockN * D), dv(kBlockN * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task % chunks;
+      const int64_t pb = (task / chunks) % n_pblocks;
+      const int64_t g = (task / chunks / n_pblocks) % p.Hkv;
+      const int64_t t = task / chunks / n_pblocks / p.Hkv;
+      const int64_t j0 = pb * kBlockN, bn = std::min(kBlockN, P - j0);
+      const int64_t n_rows = start[t + 1] - start[t];
+      const int64_t r_begin = start[t] + c * n_rows / chunks;
+      const int64_t r_end = start[t] + (c + 1) * n_rows / chunks;
+
+      int64_t ldk, ldv, ldq, lddo;
+      const float* K = rows_as_float(pk + t * p.prefix_k.s[0] + g * p.prefix_k.s[1] + j0 * p.prefix_k.s[2],
+                                     p.prefix_k.s[2], p.prefix_k.s[3], bn, D, kbuf.data(), &ldk);
+      const float* V = rows_as_float(pv + t * p.prefix_v.s[0] + g * p.prefix_v.s[1] + j0 * p.prefix_v.s[2],
+                                     p.prefix_v.s[2], p.prefix_v.s[3], bn, D, vbuf.data(), &ldv);
+      std::fill(dk.begin(), dk.end(), 0.f);
+      std::fill(dv.begin(), dv.end(), 0.f);
+
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        const int64_t b = rows[r];
+        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+          for (int64_t i0 = 0; i0 < p.Nq; i0 += kBlockM) {
+            const int64_t bm = std::min(kBlockM, p.Nq - i0);
+            const int64_t row0 = (b * p.Hq + h) * p.Nq + i0;
+            const float* Q = rows_as_float(q + b * p.q.s[0] + h * p.q.s[1] + i0 * p.q.s[2],
+                                           p.q.s[2], p.q.s[3], bm, D, qbuf.data(), &ldq);
+            const float* dO =
+                rows_as_float(dout + b * p.dout.s[0] + h * p.dout.s[1] + i0 * p.dout.s[2],
+                              p.dout.s[2], p.dout.s[3], bm, D, dobuf.data(), &lddo);
+            gemm(false, true, bm, bn, D, qk_scale, Q, ldq, K, ldk, 0.f, S.data(), kBlockN);
+            gemm(false, true, bm, bn, D, 1.f, dO, lddo, V, ldv, 0.f, dP.data(), kBlockN);
+            probs_and_dscores(S.data(), dP.data(), kBlockN, bm, bn, lse2.data() + row0,
+                              delta.data() + row0);
+            gemm(true, false, bn, D, bm, 1.f, S.data(), kBlockN, dO, lddo, 1.f, dv.data(), D);
+            gemm(true, false, bn, D, bm, 1.f, dP.data(), kBlockN, Q, ldq, 1.f, dk.data(), D);
+          }
+        }
+      }
+
+      if (chunks == 1) {
+        store_rows(dk.data(), D, bn, D, p.scale,
+                   dpk + t * p.dprefix_k.s[0] + g * p.dprefix_k.s[1] + j0 * p.dprefix_k.s[2],
+                   p.dprefix_k.s[2], p.dprefix_k.s[3]);
+        store_rows(dv.data(), D, bn, D, 1.f,
+                   dpv + t * p.dprefix_v.s[0] + g * p.dprefix_v.s[1] + j0 * p.dprefix_v.s[2],
+                   p.dprefix_v.s[2], p.dprefix_v.s[3]);
+      } else {
+        const int64_t off = (((c * T_ + t) * p.Hkv + g) * P + j0) * D;
+        std::copy(dk.begin(), dk.begin() + bn * D, partial_k.begin() + off);
+        std::copy(dv.begin(), dv.begin() + bn * D, partial_v.begin() + off);
+      }
+    }
+  });
+
+  if (chunks == 1) return;
+  const int64_t slab = T_ * p.Hkv * P * D;
+  at::parallel_for(0, T_ * p.Hkv * P, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sk(D), sv(D);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t j = row % P, g = (row / P) % p.Hkv, t = row / P / p.Hkv;
+      std::fill(sk.begin(), sk.end(), 0.f);
+      std::fill(sv.begin(), sv.end(), 0.f);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* a = partial_k.data() + c * slab + row * D;
+        const float* bb = partial_v.data() + c * slab + row * D;
+        for (int64_t d = 0; d < D; ++d) {
+          sk[d] += a[d];
+          sv[d] += bb[d];
+        }
+      }
+      store_rows(sk.data(), D, 1, D, p.scale,
+                 dpk + t * p.dprefix_k.s[0] + g * p.dprefix_k.s[1] + j * p.dprefix_k.s[2],
+                 p.dprefix_k.s[2], p.dprefix_k.s[3]);
+      store_rows(sv.data(), D, 1, D, 1.f,
+                 dpv + t * p.dprefix_v.s[0] + g * p.dprefix_v.s[1] + j * p.dprefix_v.s[2],
+                 p.dprefix_v.s[2], p.dprefix_v.s[3]);
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const BwdParams& p) {
+  std::vector<float> lse2, delta;
+  backward_row_stats<T>(p, lse2, delta);
+  if (p.need_dq || p.need_dkv) backward_sequence<T>(p, lse2, delta);
+  if (p.need_dprefix && p.P > 0) backward_prefix<T>(p, lse2, delta);
+}
+
+template <typename F>
+void dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(float{}); break;
+    case DType::kFloat16: f(c10::Half{}); break;
+    case DType::kBFloat16: f(c10::BFloat16{}); break;
+  }
+}
+
+}  // namespace
+
+void forward(const FwdParams& params) {
+  if (params.B * params.Hq * params.Nq == 0) return;
+  dispatch_dtype(params.dtype, [&](auto tag) { forward_impl<decltype(tag)>(params); });
+}
+
+void backward(const BwdParams& params) {
+  if (params.B * params.Hq * params.Nq == 0) return;  // gradients were zero-filled by the caller
+  dispatch_dtype(params.dtype, [&](auto tag) { backward_impl<decltype(tag)>(params); });
+}
+
+}  // namespace prefix_attn::cpu

@@ -1,0 +1,177 @@
+"""Checking and normalising the arguments of prefix_attention.
+
+Every backend receives the same normalised form, `AttnInputs`:
+  - the prefix is always 4-D, [T, Hkv, P, D]: a shared [Hkv, P, D] prefix becomes a view
+    [1, Hkv, P, D]; row b uses entry prefix_index[b], or entry 0 when T == 1, or entry b;
+  - prefix_index is int64 [B] or None;
+  - key_padding_mask is bool [B, Nk] or None;
+  - attn_mask is bool or float32, expanded (a view, no copy) to [B, Hq, Nq, Nk], or None;
+  - scale is a float.
+Errors name the argument and the shapes it got.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class AttnInputs:
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    prefix_k: Optional[Tensor]
+    prefix_v: Optional[Tensor]
+    prefix_index: Optional[Tensor]
+    key_padding_mask: Optional[Tensor]
+    attn_mask: Optional[Tensor]
+    scale: float
+    causal: bool
+
+    @property
+    def num_prefix(self) -> int:
+        return 0 if self.prefix_k is None else self.prefix_k.shape[2]
+
+
+def _shape(t: Tensor) -> str:
+    return str(list(t.shape))
+
+
+def _require_tensor(x, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"prefix_attn: {name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _same_device(t: Tensor, name: str, q: Tensor) -> None:
+    if t.device != q.device:
+        raise ValueError(f"prefix_attn: {name} is on {t.device} but q is on {q.device}")
+
+
+def check_inputs(q, k, v, prefix_k=None, prefix_v=None, *, causal=False, softmax_scale=None,
+                 key_padding_mask=None, attn_mask=None, prefix_index=None) -> AttnInputs:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _require_tensor(t, name)
+    if q.dim() != 4:
+        raise ValueError(f"prefix_attn: q must be 4-D [B, Hq, Nq, D], got shape {_shape(q)}")
+    if k.dim() != 4:
+        raise ValueError(f"prefix_attn: k must be 4-D [B, Hkv, Nk, D], got shape {_shape(k)}")
+    if v.shape != k.shape:
+        raise ValueError(f"prefix_attn: v must have k's shape {_shape(k)}, got {_shape(v)}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"prefix_attn: q must be a floating tensor (float16, bfloat16, float32), got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"prefix_attn: {name} has dtype {t.dtype} but q has {q.dtype}; all inputs must match")
+        _same_device(t, name, q)
+    B, Hq, Nq, D = q.shape
+    _, Hkv, Nk, _ = k.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(
+            f"prefix_attn: k must be [B, Hkv, Nk, D] with q's B={B} and D={D}; q has shape {_shape(q)}, "
+            f"k has shape {_shape(k)}")
+    if D < 1:
+        raise ValueError(f"prefix_attn: head dim must be at least 1, q has shape {_shape(q)}")
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(
+            f"prefix_attn: q's head count must be a multiple of k's (MHA, GQA, MQA); q has shape {_shape(q)}, "
+            f"k has shape {_shape(k)}")
+
+    if softmax_scale is None:
+        scale = 1.0 / math.sqrt(D)
+    else:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+            raise TypeError(f"prefix_attn: softmax_scale must be a number or None, got {type(softmax_scale).__name__}")
+        scale = float(softmax_scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"prefix_attn: softmax_scale must be finite, got {scale}")
+
+    pk, pv, index = _check_prefix(prefix_k, prefix_v, prefix_index, q, B, Hkv, D)
+    kpm = _check_key_padding_mask(key_padding_mask, q, B, Nk)
+    mask = _check_attn_mask(attn_mask, q, B, Hq, Nq, Nk)
+    return AttnInputs(q, k, v, pk, pv, index, kpm, mask, scale, bool(causal))
+
+
+def _check_prefix(prefix_k, prefix_v, prefix_index, q, B, Hkv, D):
+    if (prefix_k is None) != (prefix_v is None):
+        raise ValueError("prefix_attn: give both prefix_k and prefix_v, or neither")
+    if prefix_k is None:
+        if prefix_index is not None:
+            raise ValueError("prefix_attn: prefix_index was given without a prefix")
+        return None, None, None
+    _require_tensor(prefix_k, "prefix_k")
+    _require_tensor(prefix_v, "prefix_v")
+    if prefix_v.shape != prefix_k.shape:
+        raise ValueError(f"prefix_attn: prefix_v must have prefix_k's shape {_shape(prefix_k)}, got {_shape(prefix_v)}")
+    for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"prefix_attn: {name} has dtype {t.dtype} but q has {q.dtype}; all inputs must match")
+        _same_device(t, name, q)
+    if prefix_k.dim() not in (3, 4) or prefix_k.shape[-3] != Hkv or prefix_k.shape[-1] != D:
+        raise ValueError(
+            f"prefix_attn: prefix_k must be [Hkv, P, D] (shared), [B, Hkv, P, D] (one per row) or "
+            f"[T, Hkv, P, D] (a bank, with prefix_index) with Hkv={Hkv}, D={D}; got shape {_shape(prefix_k)}")
+    if prefix_k.dim() == 3:
+        if prefix_index is not None:
+            raise ValueError(
+                f"prefix_attn: prefix_index needs a bank [T, Hkv, P, D]; prefix_k is shared, shape {_shape(prefix_k)}")
+        return prefix_k.unsqueeze(0), prefix_v.unsqueeze(0), None
+
+    T = prefix_k.shape[0]
+    if prefix_index is None:
+        if T != B:
+            raise ValueError(
+                f"prefix_attn: a 4-D prefix without prefix_index is one prefix per row and must have B={B} "
+                f"entries; prefix_k has shape {_shape(prefix_k)} (pass prefix_index to use it as a bank)")
+        return prefix_k, prefix_v, None
+    _require_tensor(prefix_index, "prefix_index")
+    if prefix_index.dtype.is_floating_point or prefix_index.dtype.is_complex or prefix_index.dtype == torch.bool:
+        raise TypeError(f"prefix_attn: prefix_index must be an integer tensor, got {prefix_index.dtype}")
+    if prefix_index.shape != (B,):
+        raise ValueError(f"prefix_attn: prefix_index must have shape [B] = [{B}], got {_shape(prefix_index)}")
+    _same_device(prefix_index, "prefix_index", q)
+    if B > 0:
+        lo, hi = int(prefix_index.min()), int(prefix_index.max())
+        if lo < 0 or hi >= T:
+            raise ValueError(
+                f"prefix_attn: prefix_index values must lie in [0, {T}) for a bank of shape {_shape(prefix_k)}, "
+                f"got values in [{lo}, {hi}]")
+    return prefix_k, prefix_v, prefix_index.to(torch.int64)
+
+
+def _check_key_padding_mask(mask, q, B, Nk):
+    if mask is None:
+        return None
+    _require_tensor(mask, "key_padding_mask")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise TypeError(
+            f"prefix_attn: key_padding_mask must be bool or an integer 0/1 tensor (True / 1 = attend), got "
+            f"{mask.dtype}: a float mask is ambiguous (additive or multiplicative?)")
+    if mask.shape != (B, Nk):
+        raise ValueError(f"prefix_attn: key_padding_mask must be [B, Nk] = [{B}, {Nk}], got {_shape(mask)}")
+    _same_device(mask, "key_padding_mask", q)
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _check_attn_mask(mask, q, B, Hq, Nq, Nk):
+    if mask is None:
+        return None
+    _require_tensor(mask, "attn_mask")
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise TypeError(f"prefix_attn: attn_mask must be bool (True = attend) or floating (additive), got {mask.dtype}")
+    target = (B, Hq, Nq, Nk)
+    if mask.dim() > 4 or any(s not in (1, t) for s, t in zip(mask.shape[::-1], target[::-1])):
+        raise ValueError(
+            f"prefix_attn: attn_mask must broadcast to [B, Hq, Nq, Nk] = {list(target)} (sequence keys only; "
+            f"the prefix is always visible), got shape {_shape(mask)}")
+    _same_device(mask, "attn_mask", q)
+    if mask.dtype != torch.bool:
+        if mask.requires_grad:
+            raise NotImplementedError("prefix_attn: gradients with respect to a float attn_mask are not supported")
+        mask = mask.to(torch.float32)
+    return mask.expand(target)
