@@ -527,3 +527,32 @@ class OpLog(TorchDispatchMode):
 
     def named(self, op_name: str):
         return [bound for name, bound, _ in self.calls if name.startswith(op_name)]
+
+
+# --------------------------------------------------------------------------- raw ops
+
+
+def op_kwargs(op, **given):
+    """Keyword arguments for a raw op (torch.ops.prefix_attn.*), by schema name, so the
+    tests do not depend on argument order: optional tensors default to None, scale to
+    0.25, need_* flags to True and other flags to False."""
+    kwargs = {}
+    for arg in op._schema.arguments:
+        if arg.name in given:
+            kwargs[arg.name] = given[arg.name]
+        elif str(arg.type).startswith("Optional"):
+            kwargs[arg.name] = None
+        elif arg.name == "scale":
+            kwargs[arg.name] = 0.25
+        elif str(arg.type) == "bool":
+            kwargs[arg.name] = arg.name.startswith("need_")
+        else:
+            raise KeyError(f"no value for {arg.name} ({arg.type})")
+    unknown = set(given) - {arg.name for arg in op._schema.arguments}
+    assert not unknown, f"{op} has no argument(s) {sorted(unknown)}"
+    return kwargs
+
+
+def op_args(op, **given):
+    """The same, as a positional tuple in schema order."""
+    return tuple(op_kwargs(op, **given).values())

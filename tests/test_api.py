@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import prefix_attn
-from conftest import FLOOR_REL, OpLog, assert_within_ref_tol, kernel_backends
+from conftest import OpLog, assert_within_ref_tol, kernel_backends, op_kwargs
 
 # --------------------------------------------------------------------------- helpers
 
@@ -351,23 +351,6 @@ def test_double_backward_not_supported(backend):
 # --------------------------------------------------------------------------- the raw ops validate too
 
 
-def _op_kwargs(op, **given):
-    """Keyword arguments for a raw op, by schema name: optional tensors default to None."""
-    kwargs = {}
-    for arg in op._schema.arguments:
-        if arg.name in given:
-            kwargs[arg.name] = given[arg.name]
-        elif str(arg.type).startswith("Optional"):
-            kwargs[arg.name] = None
-        elif arg.name == "scale":
-            kwargs[arg.name] = 0.25
-        elif str(arg.type) == "bool":
-            kwargs[arg.name] = arg.name.startswith("need_")
-        else:
-            raise KeyError(f"no value for {arg.name} ({arg.type})")
-    return kwargs
-
-
 def _op_base():
     x = base_inputs()
     return dict(q=x["q"], k=x["k"], v=x["v"], prefix_k=x["prefix_k"].unsqueeze(0), prefix_v=x["prefix_v"].unsqueeze(0))
@@ -415,14 +398,14 @@ def test_raw_fwd_op_validates(name):
     overrides, names = RAW_FWD_ERRORS[name]
     op = torch.ops.prefix_attn.fwd.default
     with pytest.raises(_RAW_EXC) as excinfo:
-        op(**_op_kwargs(op, **dict(_op_base(), **overrides)))
+        op(**op_kwargs(op, **dict(_op_base(), **overrides)))
     assert_error_message(excinfo, names)
 
 
 def _bwd_good():
     x = _op_base()
     fwd = torch.ops.prefix_attn.fwd.default
-    out, lse = fwd(**_op_kwargs(fwd, **x))
+    out, lse = fwd(**op_kwargs(fwd, **x))
     return dict(x, dout=torch.ones_like(out), out=out, lse=lse)
 
 
@@ -444,7 +427,7 @@ def test_raw_bwd_op_validates(name):
     good = _bwd_good()
     op = torch.ops.prefix_attn.bwd.default
     with pytest.raises(_RAW_EXC) as excinfo:
-        op(**_op_kwargs(op, **dict(good, **make(good))))
+        op(**op_kwargs(op, **dict(good, **make(good))))
     assert_error_message(excinfo, names)
 
 
@@ -453,7 +436,7 @@ def test_raw_ops_accept_the_good_arguments():
     """The error tests above start from arguments that work."""
     good = _bwd_good()
     op = torch.ops.prefix_attn.bwd.default
-    grads = op(**_op_kwargs(op, **good))
+    grads = op(**op_kwargs(op, **good))
     assert [tuple(g.shape) for g in grads] == [
         tuple(good[n].shape) for n in ("q", "k", "v", "prefix_k", "prefix_v")
     ]
@@ -463,7 +446,7 @@ def test_raw_ops_accept_the_good_arguments():
 def test_raw_bwd_returns_empty_for_grads_not_asked():
     good = _bwd_good()
     op = torch.ops.prefix_attn.bwd.default
-    kwargs = _op_kwargs(op, **good)
+    kwargs = op_kwargs(op, **good)
     kwargs.update(need_dq=False, need_dkv=False, need_dprefix=True)
     dq, dk, dv, dpk, dpv = op(**kwargs)
     assert dq.numel() == dk.numel() == dv.numel() == 0

@@ -32,34 +32,57 @@
 namespace prefix_attn::cpu {
 namespace {
 
-constexpr int64_t kBlockM = 64;   // queries per tile
-constexpr int64_t kBlockN = 128;  // keys per tile
+constexpr int64_t kBlockM = 128;  // queries per tile   // queries per tile   // queries per tile   // queries per tile   // queries per tile
+constexpr int64_t kBlockN = 256;  // keys per tile  // keys per tile  // keys per tile  // keys per tile  // keys per tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// 2^x for x < 128, with 2^x = 0 below -126 (so -inf gives exactly 0). Straight-line arithmetic,
-// so the loops calling it vectorize: reduce to [0, 1), a degree-6 polynomial (relative error
-// 2e-9 before float rounding), then add the integer part into the exponent bits.
-inline float fast_exp2(float x) {
-  const float xc = std::max(x, -127.f);
-  const float xi = std::floor(xc);
-  const float f = xc - xi;
-  float p = 2.161380834877491e-4f;
+// 16-float vectors through GCC/Clang vector extensions: the compiler maps them to AVX-512, to
+// two AVX2 registers, or to NEON, whatever -march allows, with no intrinsics here.
+typedef float vfloat __attribute__((vector_size(64)));
+typedef int32_t vint __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+static_assert(kBlockN % kLanes == 0, "tiles must hold whole vectors");
+
+inline vfloat vload(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+inline vfloat vsplat(float x) { return x - vfloat{}; }
+inline int64_t round_up_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// 2^x for x < 128, with 2^x = 0 below -126 (so -inf gives exactly 0): reduce to [0, 1), a
+// degree-6 polynomial (relative error 2e-9 before float rounding), then add the integer part
+// into the exponent bits.
+inline vfloat vexp2(vfloat x) {
+  const vfloat lo = vsplat(-127.f);
+  x = x < lo ? lo : x;
+  vint i = __builtin_convertvector(x, vint);               // truncates toward zero
+  i += (__builtin_convertvector(i, vfloat) > x);           // -1 where that rounded up: floor
+  const vfloat f = x - __builtin_convertvector(i, vfloat);
+  vfloat p = vsplat(2.161380834877491e-4f);
   p = p * f + 1.2467376654967666e-3f;
   p = p * f + 9.675532579421997e-3f;
   p = p * f + 5.548521876335144e-2f;
   p = p * f + 2.4022932350635529e-1f;
   p = p * f + 6.931470632553101e-1f;
   p = p * f + 1.f;
-  int32_t bits;
-  std::memcpy(&bits, &p, sizeof bits);
-  bits += static_cast<int32_t>(xi) * (1 << 23);
-  float r;
-  std::memcpy(&r, &bits, sizeof r);
-  return xc < -126.f ? 0.f : r;
+  const vfloat r = reinterpret_cast<vfloat>(reinterpret_cast<vint>(p) + i * (1 << 23));
+  return x < -126.f ? vfloat{} : r;
+}
+
+inline float fast_exp2(float x) { return vexp2(vsplat(x))[0]; }
+
+// Columns [n, round_up_lanes(n)) of each row get `value`, so the vector loops below can run
+// whole vectors past a ragged tile edge: -inf scores give 0 probabilities.
+inline void pad_columns(float* S, int64_t ld, int64_t rows, int64_t n, float value) {
+  const int64_t n_up = round_up_lanes(n);
+  for (int64_t r = 0; r < rows; ++r) std::fill(S + r * ld + n, S + r * ld + n_up, value);
 }
 
 // BLAS sgemm, as exported by libtorch_cpu (MKL in the x86 wheels). cpublas's own float gemm
@@ -104,15 +127,24 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
   }
 }
 
+// Whether rows_as_float must copy: GEMM reads float32 rows with unit column stride in place.
+template <typename T>
+bool rows_need_copy(int64_t row_stride, int64_t col_stride, int64_t n, int64_t D) {
+  if constexpr (std::is_same_v<T, float>) {
+    return !(col_stride == 1 && ((row_stride >= D && row_stride <= INT_MAX) || n <= 1));
+  }
+  return true;
+}
+
 // Rows [0, n) of a strided [n, D] slab as float32 with leading dimension *ld: the slab itself
-// when it already is float32 with unit column stride, else a converted copy in `scratch`.
+// when GEMM can read it in place, else a converted copy in `scratch`.
 template <typename T>
 const float* rows_as_float(const T* src, int64_t row_stride, int64_t col_stride, int64_t n,
                            int64_t D, float* scratch, int64_t* ld) {
   if constexpr (std::is_same_v<T, float>) {
-    if (col_stride == 1 && ((row_stride >= D && row_stride <= INT_MAX) || n == 1)) {
-      *ld = n == 1 ? D : row_stride;
-      return src;
+    if (!rows_need_copy<T>(row_stride, col_stride, n, D)) {
+      *ld = n <= 1 ? D : row_stride;
+      return reinterpret_cast<const float*>(src);
     }
   }
   for (int64_t r = 0; r < n; ++r) {
@@ -200,32 +232,38 @@ struct SeqMask {
   }
 };
 
-// One step of the online softmax over a [bm, bn] tile of base-2 scores. Turns S into the
-// unnormalised probabilities and rescales the running row max m, sum l and output acc.
+// One step of the online softmax over a [bm, bn] tile of base-2 scores (columns padded with
+// -inf to whole vectors). Turns S into unnormalised probabilities and rescales the running row
+// max m, sum l and output acc.
 void online_softmax_step(float* S, int64_t ldS, int64_t bm, int64_t bn, float* m, float* l,
                          float* acc, int64_t D) {
+  const int64_t n_up = round_up_lanes(bn);
   for (int64_t r = 0; r < bm; ++r) {
     float* s = S + r * ldS;
+    vfloat vmax = vsplat(kNegInf);
+    for (int64_t c = 0; c < n_up; c += kLanes) {
+      const vfloat x = vload(s + c);
+      vmax = x > vmax ? x : vmax;
+    }
     float mx = m[r];
-#pragma omp simd reduction(max : mx)
-    for (int64_t c = 0; c < bn; ++c) mx = std::max(mx, s[c]);
+    for (int64_t c = 0; c < kLanes; ++c) mx = std::max(mx, vmax[c]);
     if (mx == kNegInf) {  // nothing visible in this row yet
-      std::fill(s, s + bn, 0.f);
+      std::fill(s, s + n_up, 0.f);
       continue;
     }
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < bn; ++c) {
-      const float e = fast_exp2(s[c] - mx);
-      s[c] = e;
-      sum += e;
+    vfloat vsum{};
+    for (int64_t c = 0; c < n_up; c += kLanes) {
+      const vfloat e = vexp2(vload(s + c) - mx);
+      vstore(s + c, e);
+      vsum += e;
     }
+    float sum = 0.f;
+    for (int64_t c = 0; c < kLanes; ++c) sum += vsum[c];
     const float alpha = fast_exp2(m[r] - mx);
     l[r] = l[r] * alpha + sum;
     m[r] = mx;
     if (alpha != 1.f) {
       float* a = acc + r * D;
-#pragma omp simd
       for (int64_t c = 0; c < D; ++c) a[c] *= alpha;
     }
   }
@@ -261,6 +299,7 @@ void forward_impl(const FwdParams& p) {
                         int64_t j0) {
         gemm(false, true, bm, bn, D, qk_scale, Q, ldq, K, ldk, 0.f, S.data(), kBlockN);
         if (mask != nullptr) mask->apply(S.data(), kBlockN, i0, bm, j0, bn);
+        pad_columns(S.data(), kBlockN, bm, bn, kNegInf);
         online_softmax_step(S.data(), kBlockN, bm, bn, m.data(), l.data(), acc.data(), D);
         gemm(false, false, bm, D, bn, 1.f, S.data(), kBlockN, V, ldv, 1.f, acc.data(), D);
       };
@@ -333,23 +372,25 @@ void backward_row_stats(const BwdParams& p, std::vector<float>& lse2, std::vecto
 // Probabilities and score gradients of one [bm, bn] tile, in place:
 //   S  <- P  = 2^(S - lse2)                      (S: base-2 scores, masked entries -inf)
 //   dP <- dS = P * (dP - Delta)                  (dP: dout @ V^T)
-// Rows with lse = -inf saw no key at all; their P is 0.
+// Rows with lse = -inf saw no key at all; their P is 0. Columns past bn are padded first.
 void probs_and_dscores(float* S, float* dP, int64_t ld, int64_t bm, int64_t bn,
                        const float* lse2, const float* delta) {
+  pad_columns(S, ld, bm, bn, kNegInf);
+  pad_columns(dP, ld, bm, bn, 0.f);
+  const int64_t n_up = round_up_lanes(bn);
   for (int64_t r = 0; r < bm; ++r) {
     float* s = S + r * ld;
     float* dp = dP + r * ld;
     const float L = lse2[r], dl = delta[r];
     if (L == kNegInf) {
-      std::fill(s, s + bn, 0.f);
-      std::fill(dp, dp + bn, 0.f);
+      std::fill(s, s + n_up, 0.f);
+      std::fill(dp, dp + n_up, 0.f);
       continue;
     }
-#pragma omp simd
-    for (int64_t c = 0; c < bn; ++c) {
-      const float pr = fast_exp2(s[c] - L);
-      s[c] = pr;
-      dp[c] = pr * (dp[c] - dl);
+    for (int64_t c = 0; c < n_up; c += kLanes) {
+      const vfloat pr = vexp2(vload(s + c) - L);
+      vstore(s + c, pr);
+      vstore(dp + c, pr * (vload(dp + c) - dl));
     }
   }
 }
@@ -369,16 +410,18 @@ void backward_sequence(const BwdParams& p, const std::vector<float>& lse2,
   const bool prefix_dq = p.need_dq && p.P > 0;
 
   at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kall(Nk * D), vall(Nk * D), pkall, pvall;
-    std::vector<float> dkacc, dvacc;
+    // Whole-sequence K / V copies only when GEMM cannot read them in place.
+    std::vector<float> kall, vall, pkall, pvall, dkacc, dvacc;
+    if (rows_need_copy<T>(p.k.s[2], p.k.s[3], Nk, D)) kall.resize(Nk * D);
+    if (rows_need_copy<T>(p.v.s[2], p.v.s[3], Nk, D)) vall.resize(Nk * D);
     if (p.need_dkv) {
       dkacc.resize(Nk * D);
       dvacc.resize(Nk * D);
     }
-    if (prefix_dq) {
+    if (prefix_dq && rows_need_copy<T>(p.prefix_k.s[2], p.prefix_k.s[3], p.P, D))
       pkall.resize(p.P * D);
+    if (prefix_dq && rows_need_copy<T>(p.prefix_v.s[2], p.prefix_v.s[3], p.P, D))
       pvall.resize(p.P * D);
-    }
     std::vector<float> qbuf(kBlockM * D), dobuf(kBlockM * D), dqacc(kBlockM * D);
     std::vector<float> S(kBlockM * kBlockN), dP(kBlockM * kBlockN);
 
