@@ -7,6 +7,7 @@ for which implementation runs.
 """
 from .backends import available_backends, select_backend
 from .functional import prefix_attention, scaled_dot_product_attention
+from .prefix_encoder import PrefixEncoder
 
 __version__ = "0.1.0"
 

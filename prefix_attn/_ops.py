@@ -42,39 +42,39 @@ def _bwd_fake(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
             like(prefix_k, need_dprefix), like(prefix_v, need_dprefix))
 
 
-def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask, scale, causal, deterministic = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask, out, lse)
-    ctx.scale, ctx.causal, ctx.deterministic = scale, causal, deterministic
+def register_attention_op(fwd, bwd) -> None:
+    """Gives a (fwd, bwd) op pair with the schemas above its fake kernels and autograd. Used for
+    the compiled ops here and for the Triton ops in triton_impl.py."""
 
+    def setup_context(ctx, inputs, output):
+        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask, scale, causal, deterministic = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask, out, lse)
+        ctx.scale, ctx.causal, ctx.deterministic = scale, causal, deterministic
 
-def _fwd_backward(ctx, dout, dlse):
-    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask, out, lse = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    need_dq, need_dkv, need_dprefix = needs[0], needs[1] or needs[2], needs[3] or needs[4]
-    if not (need_dq or need_dkv or need_dprefix):
-        return (None,) * 11
-    dq, dk, dv, dpk, dpv = torch.ops.prefix_attn.bwd(
-        dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask, out, lse, dlse,
-        ctx.scale, ctx.causal, ctx.deterministic, need_dq, need_dkv, need_dprefix)
-    return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
-            dpk if needs[3] else None, dpv if needs[4] else None) + (None,) * 6
+    def backward(ctx, dout, dlse):
+        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask, out, lse = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        need_dq, need_dkv, need_dprefix = needs[0], needs[1] or needs[2], needs[3] or needs[4]
+        if not (need_dq or need_dkv or need_dprefix):
+            return (None,) * 11
+        dq, dk, dv, dpk, dpv = bwd(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask,
+                                   out, lse, dlse, ctx.scale, ctx.causal, ctx.deterministic, need_dq, need_dkv,
+                                   need_dprefix)
+        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+                dpk if needs[3] else None, dpv if needs[4] else None) + (None,) * 6
 
+    def no_double_backward(ctx, *grads):
+        raise NotImplementedError("prefix_attn: double backward (gradients of gradients) is not supported")
 
-def _bwd_backward(ctx, *grads):
-    raise NotImplementedError("prefix_attn: double backward (gradients of gradients) is not supported")
-
-
-def _bwd_setup_context(ctx, inputs, output):
-    pass
+    torch.library.register_fake(fwd)(_fwd_fake)
+    torch.library.register_fake(bwd)(_bwd_fake)
+    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+    torch.library.register_autograd(bwd, no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 if HAS_EXTENSION:
-    torch.library.register_fake("prefix_attn::fwd")(_fwd_fake)
-    torch.library.register_fake("prefix_attn::bwd")(_bwd_fake)
-    torch.library.register_autograd("prefix_attn::fwd", _fwd_backward, setup_context=_fwd_setup_context)
-    torch.library.register_autograd("prefix_attn::bwd", _bwd_backward, setup_context=_bwd_setup_context)
+    register_attention_op(torch.ops.prefix_attn.fwd.default, torch.ops.prefix_attn.bwd.default)
 
 
 def set_poison_outputs(on: bool) -> None:

@@ -16,6 +16,7 @@ supports the call; the environment variable PREFIX_ATTN_BACKEND overrides it. La
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ class Backend:
     # Why this backend cannot run these inputs (beyond device and dtype), or None when it can.
     unsupported: Callable[[AttnInputs], Optional[str]]
     run: Callable[[AttnInputs, bool], Tuple[Tensor, Tensor]]  # (inputs, deterministic)
+
+    # Devices on which "auto" may pick it (the Triton interpreter runs on CPU, but slowly).
+    auto_device_types: Optional[Tuple[str, ...]] = None
 
     def why_not(self, q: Tensor, inputs: Optional[AttnInputs]) -> Optional[str]:
         if self.device_types and q.device.type not in self.device_types:
@@ -84,8 +88,10 @@ def _resolve(q: Tensor, backend: str, inputs: Optional[AttnInputs]) -> Backend:
             raise NotImplementedError(f"prefix_attn: backend {backend!r} cannot run this call: {reason}")
         return chosen
     for name in available_backends():
-        if _REGISTRY[name].why_not(q, inputs) is None:
-            return _REGISTRY[name]
+        candidate = _REGISTRY[name]
+        auto_ok = candidate.auto_device_types is None or q.device.type in candidate.auto_device_types
+        if auto_ok and candidate.why_not(q, inputs) is None:
+            return candidate
     raise NotImplementedError(f"prefix_attn: no backend runs {q.dtype} on {q.device}")
 
 
@@ -130,6 +136,20 @@ def _run_reference(inputs: AttnInputs, deterministic: bool) -> Tuple[Tensor, Ten
                              inputs.key_padding_mask, inputs.attn_mask, inputs.scale, inputs.causal)
 
 
+def _triton_available() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or _TRITON_INTERPRET
+
+
+def _run_triton(inputs: AttnInputs, deterministic: bool) -> Tuple[Tensor, Tensor]:
+    from . import triton_impl  # imports triton: only when the backend is used
+
+    return triton_impl.triton_fwd(
+        inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v, inputs.prefix_index,
+        inputs.key_padding_mask, inputs.attn_mask, inputs.scale, inputs.causal, deterministic)
+
+
 def _cuda_kernels_built() -> bool:
     return _ops.HAS_EXTENSION and _ops._C._has_cuda_kernels() and torch.cuda.is_available()
 
@@ -138,4 +158,7 @@ register_backend(Backend("cpu", ("cpu",), _KERNEL_DTYPES, 10, lambda: _ops.HAS_E
                          _extension_unsupported, _run_extension))
 register_backend(Backend("cuda", ("cuda",), _KERNEL_DTYPES, 20, _cuda_kernels_built,
                          _extension_unsupported, _run_extension))
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+register_backend(Backend("triton", ("cuda", "cpu") if _TRITON_INTERPRET else ("cuda",), _KERNEL_DTYPES, 30,
+                         _triton_available, _extension_unsupported, _run_triton, auto_device_types=("cuda",)))
 register_backend(Backend("reference", (), (), 0, lambda: True, lambda inputs: None, _run_reference))

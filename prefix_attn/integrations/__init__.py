@@ -1,0 +1,6 @@
+"""Integrations of prefix_attn with other libraries, one module each, imported on demand.
+
+    from prefix_attn.integrations.transformers import add_prefix_tuning   # needs `transformers`
+
+Importing this package imports nothing beyond it; `import prefix_attn` never needs transformers.
+"""

@@ -1,0 +1,555 @@
+"""Prefix tuning for Hugging Face transformers models, with attention run by prefix_attn.
+
+    from prefix_attn.integrations.transformers import add_prefix_tuning
+    model = add_prefix_tuning(model, num_virtual_tokens=64)   # same model, modified in place
+    loss = model(input_ids, attention_mask=mask, labels=labels).loss   # only the prefix trains
+    model.generate(input_ids, attention_mask=mask, max_new_tokens=32)
+
+How it plugs in (one generic path for every model that uses transformers' AttentionInterface):
+
+- The model's `config._attn_implementation` becomes "prefix_attn", a name registered in
+  transformers' `AttentionInterface` (the attention function) and `AttentionMaskInterface`
+  (the mask function; without one, transformers hands a custom attention attention_mask=None
+  and padding would be lost).
+- A forward pre-hook on the decoder (`model.base_model`) runs the PrefixEncoder once per
+  forward call and passes the per-layer prefixes down as an attention kwarg, `prefix_attn_kv`;
+  transformers forwards such kwargs to every attention call. The hook also checks and forwards
+  `prefix_index` (multi-task batches) and shifts the positions (`position_offset`).
+- The attention function calls `prefix_attn.prefix_attention` with the layer's prefix: the
+  prefix is never expanded over the batch, never concatenated, never stored in the KV cache.
+  Decoding attends to [prefix ; cache] in the kernel: causal masking there is bottom-right
+  aligned, which is what a KV cache needs.
+- The mask function hands over the 2-D padding mask [B, Nk] when the mask is the plain causal
+  one over a cache that starts at 0 (the usual case), and otherwise the full boolean mask
+  (sliding windows, static caches, packed sequences), in which case causal is off.
+
+Everything here is undone by `remove_prefix_tuning(model)`. The only global change is the
+registration of the new name "prefix_attn" with the two interfaces; it is removed again when
+no model uses it. Positions: with position_offset=True (the default) the real tokens take
+positions P, P+1, ... as in PEFT (whose prefix sits in the KV cache as P past tokens), so
+adapters trained with PEFT give the same logits; with position_offset=False they start at 0.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask, sdpa_mask
+
+from .. import __version__
+from ..backends import select_backend
+from ..functional import prefix_attention
+from ..prefix_encoder import PrefixEncoder
+
+__all__ = [
+    "ATTN_IMPLEMENTATION", "add_prefix_tuning", "remove_prefix_tuning", "get_prefix_encoder",
+    "save_prefix", "load_prefix", "load_peft_prefix", "prefix_attention_forward", "prefix_attention_mask",
+]
+
+#: The name registered in transformers' AttentionInterface and AttentionMaskInterface.
+ATTN_IMPLEMENTATION = "prefix_attn"
+#: The attention kwarg that carries the per-layer prefixes from the decoder's hook to attention.
+PREFIX_KWARG = "prefix_attn_kv"
+
+CONFIG_NAME = "prefix_config.json"
+WEIGHTS_NAME = "prefix_model.safetensors"
+FORMAT_NAME = "prefix_attn.prefix_tuning"
+FORMAT_VERSION = 1
+
+# Attention kwargs some models pass that change the math and that the kernel does not implement.
+_UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks")
+
+
+# ----------------------------------------------------------------------------------------------
+# The attention function and the mask function
+
+
+def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                             attention_mask: Optional[Tensor], scaling: Optional[float] = None,
+                             dropout: float = 0.0, **kwargs):
+    """transformers AttentionInterface function: attention over [prefix ; key/value].
+
+    query [B, Hq, Nq, D], key / value [B, Hkv, Nk, D] (the KV cache included, the prefix not);
+    attention_mask is what `prefix_attention_mask` made: None, a bool padding mask [B, Nk]
+    (causal attention over it) or a full mask [B, 1 or Hq, Nq, Nk] (bool or additive float).
+    The layer's prefix comes from kwargs[PREFIX_KWARG][module.layer_idx], the task ids from
+    kwargs["prefix_index"]. Returns (out [B, Nq, Hq, D], None): no attention weights.
+    """
+    layers = kwargs.get(PREFIX_KWARG)
+    if layers is None:
+        raise RuntimeError(
+            f"prefix_attn: the attention of {type(module).__name__} ran without its prefix. Attention "
+            f"implementation {ATTN_IMPLEMENTATION!r} is set by add_prefix_tuning, whose hook on the decoder passes "
+            f"the prefix as the attention kwarg {PREFIX_KWARG!r}; this model did not forward it to its attention")
+    layer_idx = getattr(module, "layer_idx", None)
+    if layer_idx is None or not 0 <= layer_idx < len(layers):
+        raise RuntimeError(f"prefix_attn: {type(module).__name__} has layer_idx={layer_idx!r}, but the prefix has "
+                           f"{len(layers)} layers")
+    for name in _UNSUPPORTED_ATTENTION_KWARGS:
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"prefix_attn: attention with {name}={kwargs[name]!r} is not supported")
+    if dropout:
+        raise NotImplementedError(f"prefix_attn: attention dropout ({dropout}) is not supported; set the model "
+                                  "config's attention_dropout to 0.0")
+    prefix_k, prefix_v = layers[layer_idx]
+    if prefix_k.dtype != query.dtype:  # e.g. a float32 prefix in a bfloat16 model
+        prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
+
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
+    key_padding_mask = attn_mask = None
+    if attention_mask is not None:
+        if attention_mask.dim() == 2:
+            key_padding_mask = attention_mask
+        else:
+            # A full mask already holds the causal structure (and sliding windows etc.).
+            attn_mask = attention_mask[..., : key.shape[-2]]
+            causal = False
+    backend = _compiled_backend(query.device.type, query.dtype) if torch.compiler.is_compiling() else "auto"
+    out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, softmax_scale=scaling,
+                           key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                           prefix_index=kwargs.get("prefix_index"), backend=backend)
+    return out.transpose(1, 2), None
+
+
+@torch._dynamo.assume_constant_result
+def _compiled_backend(device_type: str, dtype: torch.dtype) -> str:
+    # backend="auto" probes the compiled extension (a pybind call dynamo cannot trace); under
+    # torch.compile the choice is made once, at trace time, and baked into the graph.
+    return select_backend(torch.empty(0, device=device_type, dtype=dtype))
+
+
+def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+                          mask_function=causal_mask_function, attention_mask: Optional[Tensor] = None, **kwargs):
+    """transformers AttentionMaskInterface function for "prefix_attn".
+
+    The plain causal mask over keys 0 .. kv_length-1, with the queries the last q_length of
+    them (a dynamic cache, or no cache): the kernel's bottom-right aligned causal mask is exactly
+    that, so only the padding is needed: None, or the bool padding mask [B, kv_length].
+    Anything else (sliding windows, static caches, packed sequences, bidirectional masks, custom
+    mask functions): the full bool mask [B, 1, q_length, kv_length] from transformers' sdpa_mask.
+    """
+    if (mask_function is causal_mask_function and not isinstance(q_offset, Tensor)
+            and not isinstance(kv_offset, Tensor) and kv_offset == 0 and q_offset + q_length == kv_length):
+        if attention_mask is None:
+            return None
+        return prepare_padding_mask(attention_mask, kv_length, 0)[:, :kv_length]
+    kwargs.pop("allow_is_causal_skip", None)
+    kwargs.pop("allow_is_bidirectional_skip", None)
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                     allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs)
+
+
+_users = 0  # models using the registered name
+
+
+def _register() -> None:
+    global _users
+    AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, prefix_attention_mask)
+    _users += 1
+
+
+def _unregister() -> None:
+    global _users
+    _users = max(0, _users - 1)
+    if _users == 0:
+        AttentionInterface._global_mapping.pop(ATTN_IMPLEMENTATION, None)
+        AttentionMaskInterface._global_mapping.pop(ATTN_IMPLEMENTATION, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model geometry
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    model_type: str
+
+
+def _text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _geometry(model: nn.Module) -> _Geometry:
+    """Layers, KV heads and head dim of the model's attention, from its config, checked against
+    its attention modules (GQA and head_dim != hidden / heads are the usual traps)."""
+    config = _text_config(model)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    geometry = _Geometry(config.num_hidden_layers, kv_heads, head_dim, getattr(config, "model_type", ""))
+    seen = set()
+    for name, module in model.named_modules():
+        k_proj = getattr(module, "k_proj", None)
+        layer_idx = getattr(module, "layer_idx", None)
+        if not isinstance(k_proj, nn.Linear) or layer_idx is None:
+            continue
+        seen.add(layer_idx)
+        module_dim = getattr(module, "head_dim", head_dim)
+        if module_dim != head_dim or k_proj.out_features != kv_heads * head_dim:
+            raise ValueError(
+                f"prefix_attn: {name} has head_dim {module_dim} and k_proj out_features {k_proj.out_features}, but "
+                f"the config says {kv_heads} KV heads of dim {head_dim}; layers of different shapes are not supported")
+    if seen and seen != set(range(geometry.num_layers)):
+        raise ValueError(f"prefix_attn: the model's attention layers have layer_idx {sorted(seen)}, expected "
+                         f"0 .. {geometry.num_layers - 1}")
+    return geometry
+
+
+# ----------------------------------------------------------------------------------------------
+# Attaching and removing
+
+
+@dataclass
+class _PrefixTuning:
+    """What add_prefix_tuning changed on a model, so remove_prefix_tuning can undo it."""
+    encoder: PrefixEncoder
+    position_offset: bool
+    geometry: _Geometry
+    previous_attn_implementation: Optional[str]
+    previous_requires_grad: Dict[str, bool]
+    hook: Any = None
+    generate_index: Optional[Tensor] = None  # prefix_index of the running model.generate
+    wrapped_generate: bool = False
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+_STATE_ATTR = "_prefix_attn_tuning"
+
+
+def _state(model: nn.Module) -> Optional[_PrefixTuning]:
+    return model.__dict__.get(_STATE_ATTR)
+
+
+def get_prefix_encoder(model: nn.Module) -> Optional[PrefixEncoder]:
+    """The PrefixEncoder add_prefix_tuning attached to model, or None."""
+    state = _state(model)
+    return None if state is None else state.encoder
+
+
+def _set_attn_implementation(model: nn.Module, name: str) -> None:
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        try:
+            setter(name)
+        except (ValueError, KeyError, ImportError) as exc:
+            raise ValueError(f"prefix_attn: {type(model).__name__} refused attention implementation {name!r}: {exc}")
+    if model.config._attn_implementation != name:  # older models, or no setter
+        model.config._attn_implementation = name
+    text_config = _text_config(model)
+    if text_config is not model.config and text_config._attn_implementation != name:
+        text_config._attn_implementation = name
+
+
+def _as_prefix_index(index, num_tasks: int, batch: int, device: torch.device) -> Optional[Tensor]:
+    """Checks prefix_index against the bank and the batch; an int means every row."""
+    if num_tasks == 1:
+        if index is not None:
+            raise ValueError("prefix_attn: prefix_index was given, but the prefix has a single task (num_tasks=1); "
+                             "use add_prefix_tuning(..., num_tasks=T) for one prefix per task")
+        return None
+    if index is None:
+        raise ValueError(f"prefix_attn: prefix_index is required: the prefix is a bank of num_tasks={num_tasks} "
+                         "prefixes; pass model(..., prefix_index=task_ids) (or model.generate(..., "
+                         "prefix_index=task_ids)) with one task id per row")
+    if not isinstance(index, Tensor):
+        index = torch.as_tensor(index)
+    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        raise ValueError(f"prefix_attn: prefix_index must hold integer task ids, got dtype {index.dtype}")
+    if index.dim() == 0:
+        index = index.expand(batch)
+    if index.dim() != 1 or (index.shape[0] != batch and batch % max(index.shape[0], 1) != 0):
+        raise ValueError(f"prefix_attn: prefix_index must have shape [B] = [{batch}] (one task id per row), got "
+                         f"{list(index.shape)}")
+    if index.shape[0] != batch:
+        # generate() expands each input row into num_beams * num_return_sequences adjacent rows.
+        index = index.repeat_interleave(batch // index.shape[0])
+    index = index.to(device=device, dtype=torch.int64)
+    if not torch.compiler.is_compiling() and batch > 0:  # compiled, the kernel's own check raises
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= num_tasks:
+            raise ValueError(f"prefix_attn: prefix_index values must lie in [0, {num_tasks}) (num_tasks={num_tasks}), "
+                             f"got values in [{lo}, {hi}]")
+    return index
+
+
+def _decoder_pre_hook(state: _PrefixTuning, module: nn.Module, args, kwargs):
+    if args:  # bind positional arguments to their names so they can be read and replaced
+        names = [n for n, p in inspect.signature(module.forward).parameters.items()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        kwargs = {**dict(zip(names, args)), **kwargs}
+        args = ()
+    inputs = kwargs.get("input_ids")
+    if inputs is None:
+        inputs = kwargs.get("inputs_embeds")
+    if inputs is None:
+        raise ValueError("prefix_attn: the decoder got neither input_ids nor inputs_embeds")
+    batch, length = inputs.shape[0], inputs.shape[1]
+
+    index = kwargs.pop("prefix_index", None)
+    if index is None:
+        index = state.generate_index
+    index = _as_prefix_index(index, state.encoder.num_tasks, batch, inputs.device)
+    if index is not None:
+        kwargs["prefix_index"] = index
+    kwargs[PREFIX_KWARG] = state.encoder()
+
+    if state.position_offset:
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + length, device=inputs.device).unsqueeze(0)
+        # PEFT's prefix is P tokens already in the cache, so its real tokens sit at P, P+1, ...
+        kwargs["position_ids"] = position_ids + state.encoder.num_virtual_tokens
+    return args, kwargs
+
+
+def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, prefix_projection: bool = False,
+                      encoder_hidden_size: Optional[int] = None, num_tasks: int = 1,
+                      position_offset: bool = True, dropout: float = 0.0) -> nn.Module:
+    """Prefix-tune a transformers model with prefix_attn; returns the same model, modified in place.
+
+    - Every existing parameter is frozen; a trainable `PrefixEncoder` is attached as
+      `model.prefix_encoder` (P = num_virtual_tokens prefix keys/values for every layer and KV
+      head; see PrefixEncoder for prefix_projection, encoder_hidden_size, num_tasks, dropout).
+    - Attention runs through prefix_attn (config._attn_implementation = "prefix_attn").
+    - num_tasks > 1: each row picks its prefix: `model(..., prefix_index=task_ids)`,
+      `model.generate(..., prefix_index=task_ids)` (an int tensor [B], or one int for all rows).
+    - position_offset=True: real tokens take positions P, P+1, ... as with PEFT prefix tuning
+      (PEFT adapters loaded with `load_peft_prefix` give PEFT's logits); False: 0, 1, ...
+
+    Works with model.generate (the prefix stays out of the KV cache), gradient checkpointing
+    (non-reentrant, transformers' default), torch.compile, the HF Trainer and DDP. Multi-task
+    training with the Trainer needs remove_unused_columns=False so prefix_index reaches the
+    model. Undo with `remove_prefix_tuning(model)`.
+    """
+    if _state(model) is not None:
+        raise ValueError("prefix_attn: this model already has prefix tuning; call remove_prefix_tuning(model) first")
+    if not hasattr(model, "config") or not hasattr(model.config, "_attn_implementation"):
+        raise TypeError(f"prefix_attn: add_prefix_tuning needs a transformers PreTrainedModel, got {type(model).__name__}")
+    if hasattr(model, "prefix_encoder"):
+        raise ValueError(f"prefix_attn: {type(model).__name__} already has an attribute 'prefix_encoder'")
+    geometry = _geometry(model)
+    decoder = getattr(model, "base_model", model)
+
+    reference = next(model.parameters(), None)
+    device = reference.device if reference is not None else None
+    dtype = reference.dtype if reference is not None and reference.dtype.is_floating_point else torch.float32
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32  # train the prefix in float32; attention casts it to the model's dtype
+    encoder = PrefixEncoder(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, num_virtual_tokens,
+                            prefix_projection=prefix_projection, encoder_hidden_size=encoder_hidden_size,
+                            num_tasks=num_tasks, dropout=dropout, device=device, dtype=dtype)
+
+    previous = {name: p.requires_grad for name, p in model.named_parameters()}
+    _register()
+    try:
+        state = _PrefixTuning(encoder, bool(position_offset), geometry, model.config._attn_implementation, previous)
+        _set_attn_implementation(model, ATTN_IMPLEMENTATION)
+    except Exception:
+        _unregister()
+        raise
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.prefix_encoder = encoder  # a submodule: .to(), state_dict, DDP and optimizers see it
+    state.hook = decoder.register_forward_pre_hook(functools.partial(_decoder_pre_hook, state), with_kwargs=True)
+    model.__dict__[_STATE_ATTR] = state
+
+    original_generate = getattr(model, "generate", None)
+    if original_generate is not None:
+        # generate() rejects kwargs its model's forward does not name, so prefix_index goes around it.
+        @functools.wraps(original_generate)
+        def generate(*args, prefix_index=None, **kwargs):
+            state.generate_index = prefix_index
+            try:
+                return original_generate(*args, **kwargs)
+            finally:
+                state.generate_index = None
+
+        model.generate = generate
+        state.wrapped_generate = True
+    return model
+
+
+def remove_prefix_tuning(model: nn.Module) -> PrefixEncoder:
+    """Undo add_prefix_tuning: the previous attention implementation, requires_grad flags and
+    generate; the hook and `model.prefix_encoder` go. Returns the detached PrefixEncoder."""
+    state = _state(model)
+    if state is None:
+        raise ValueError("prefix_attn: this model has no prefix tuning to remove")
+    state.hook.remove()
+    if state.wrapped_generate:
+        model.__dict__.pop("generate", None)
+    del model.prefix_encoder
+    previous = state.previous_attn_implementation
+    if previous is not None:
+        _set_attn_implementation(model, previous)
+    for name, p in model.named_parameters():
+        p.requires_grad_(state.previous_requires_grad.get(name, p.requires_grad))
+    del model.__dict__[_STATE_ATTR]
+    _unregister()
+    return state.encoder
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+def _mismatch_error(what: str, path: str, mismatches) -> ValueError:
+    lines = "\n".join(f"  {name}: file has {got}, model has {want}" for name, got, want in mismatches)
+    return ValueError(f"prefix_attn: {what} at {path} does not fit this model:\n{lines}")
+
+
+def _check_geometry(geometry: _Geometry, num_layers, num_kv_heads, head_dim, what: str, path: str) -> None:
+    mismatches = [(name, got, want) for name, got, want in (
+        ("num_layers", num_layers, geometry.num_layers),
+        ("num_kv_heads", num_kv_heads, geometry.num_kv_heads),
+        ("head_dim", head_dim, geometry.head_dim)) if got != want]
+    if mismatches:
+        raise _mismatch_error(what, path, mismatches)
+
+
+def save_prefix(model: nn.Module, path: str) -> None:
+    """Save the prefix of a prefix-tuned model to the directory `path`: prefix_model.safetensors
+    (the PrefixEncoder's tensors, MLP included, so training can resume) and prefix_config.json."""
+    from safetensors.torch import save_file
+
+    state = _state(model)
+    if state is None:
+        raise ValueError("prefix_attn: save_prefix needs a model prepared with add_prefix_tuning")
+    os.makedirs(path, exist_ok=True)
+    config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "prefix_attn_version": __version__,
+              "model_type": state.geometry.model_type, "position_offset": state.position_offset,
+              "encoder": state.encoder.config()}
+    tensors = {name: t.detach().contiguous().cpu() for name, t in state.encoder.state_dict().items()}
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def load_prefix(model: nn.Module, path: str) -> nn.Module:
+    """Load a prefix saved by save_prefix into model; returns the model.
+
+    A model without prefix tuning gets it (add_prefix_tuning with the saved settings); a model
+    that has it must have the same settings. Shapes are checked against the model first, and a
+    mismatch raises a ValueError that lists every field that does not fit.
+    """
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        config = json.load(f)
+    if config.get("format") != FORMAT_NAME:
+        raise ValueError(f"prefix_attn: {os.path.join(path, CONFIG_NAME)} is not a prefix_attn prefix "
+                         f"(format {config.get('format')!r}); for a PEFT adapter use load_peft_prefix")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"prefix_attn: {path} has format version {config['format_version']}; this prefix_attn "
+                         f"reads up to {FORMAT_VERSION}")
+    saved = config["encoder"]
+    _check_geometry(_geometry(model), saved["num_layers"], saved["num_kv_heads"], saved["head_dim"],
+                    "the prefix", path)
+    state = _state(model)
+    if state is None:
+        add_prefix_tuning(model, saved["num_virtual_tokens"], prefix_projection=saved["prefix_projection"],
+                          encoder_hidden_size=saved["encoder_hidden_size"], num_tasks=saved["num_tasks"],
+                          position_offset=config.get("position_offset", True), dropout=saved.get("dropout", 0.0))
+        state = _state(model)
+    else:
+        current = {**state.encoder.config(), "position_offset": state.position_offset}
+        wanted = {**saved, "position_offset": config.get("position_offset", True)}
+        mismatches = [(k, wanted[k], current[k]) for k in ("num_virtual_tokens", "num_tasks", "prefix_projection",
+                                                         "encoder_hidden_size", "position_offset")
+                      if wanted.get(k) != current.get(k) and not (k == "encoder_hidden_size" and
+                                                                  not wanted["prefix_projection"])]
+        if mismatches:
+            raise _mismatch_error("the prefix", path, mismatches)
+
+    tensors = load_file(os.path.join(path, WEIGHTS_NAME))
+    expected = {name: tuple(t.shape) for name, t in state.encoder.state_dict().items()}
+    got = {name: tuple(t.shape) for name, t in tensors.items()}
+    if got != expected:
+        mismatches = [(name, list(got[name]) if name in got else "nothing",
+                       list(expected[name]) if name in expected else "nothing")
+                      for name in sorted(set(got) | set(expected)) if got.get(name) != expected.get(name)]
+        raise _mismatch_error("the prefix tensors", path, mismatches)
+    state.encoder.load_state_dict(tensors)
+    return model
+
+
+def load_peft_prefix(model: nn.Module, path: str, *, task: Optional[int] = None) -> nn.Module:
+    """Load a PEFT prefix-tuning adapter (a directory with adapter_config.json and
+    adapter_model.safetensors) into model; returns the model.
+
+    PEFT stores `prompt_embeddings` [P, L * 2 * Hkv * D], each virtual token's vector laid out
+    [L, 2 (key, value), Hkv, D], already projected when PEFT trained with prefix_projection.
+    A model without prefix tuning gets add_prefix_tuning(model, P) (position_offset=True, as
+    PEFT); one with a plain-table prefix of length P gets it loaded; with num_tasks > 1, `task`
+    says which bank entry receives it (so several PEFT adapters can serve one batch).
+    """
+    from safetensors.torch import load_file
+
+    config_file = os.path.join(path, "adapter_config.json")
+    weights_file = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(weights_file):
+        if os.path.isfile(os.path.join(path, "adapter_model.bin")):
+            raise ValueError(f"prefix_attn: {path} holds adapter_model.bin, a pickle, which prefix_attn does not "
+                             "load; re-save the adapter with safe_serialization=True")
+        raise FileNotFoundError(f"prefix_attn: no adapter_model.safetensors in {path}")
+    with open(config_file) as f:
+        config = json.load(f)
+    if config.get("peft_type") != "PREFIX_TUNING":
+        raise ValueError(f"prefix_attn: {config_file} is a {config.get('peft_type')!r} adapter, not PREFIX_TUNING")
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise ValueError(f"prefix_attn: {config_file} has num_transformer_submodules="
+                         f"{config['num_transformer_submodules']} (an encoder-decoder adapter); only decoder-only "
+                         "models are supported")
+    geometry = _geometry(model)
+    kv_heads = config.get("num_attention_heads")
+    head_dim = config["token_dim"] // kv_heads if kv_heads else None
+    _check_geometry(geometry, config.get("num_layers"), kv_heads, head_dim, "the PEFT adapter", path)
+
+    tensors = load_file(weights_file)
+    if "prompt_embeddings" not in tensors:
+        raise ValueError(f"prefix_attn: {weights_file} has no 'prompt_embeddings' tensor (found {sorted(tensors)})")
+    embeddings = tensors["prompt_embeddings"]
+    P = config["num_virtual_tokens"]
+    L, H, D = geometry.num_layers, geometry.num_kv_heads, geometry.head_dim
+    if tuple(embeddings.shape) != (P, L * 2 * H * D):
+        raise _mismatch_error("the PEFT adapter", path,
+                              [("prompt_embeddings", list(embeddings.shape), [P, L * 2 * H * D])])
+
+    state = _state(model)
+    if state is None:
+        add_prefix_tuning(model, P)
+        state = _state(model)
+    else:
+        encoder = state.encoder
+        if encoder.prefix_projection:
+            raise ValueError("prefix_attn: the model's prefix uses prefix_projection; a PEFT adapter is a plain "
+                             "table (merge the encoder with model.prefix_encoder.merge() first)")
+        if encoder.num_virtual_tokens != P:
+            raise _mismatch_error("the PEFT adapter", path, [("num_virtual_tokens", P, encoder.num_virtual_tokens)])
+        if encoder.num_tasks > 1 and task is None:
+            raise ValueError(f"prefix_attn: the model's prefix is a bank of {encoder.num_tasks} tasks; pass task= to "
+                             "say which entry the adapter goes into")
+        if not state.position_offset:
+            warnings.warn("prefix_attn: the model uses position_offset=False, while PEFT's prefix shifts positions by "
+                          "P; its outputs will differ from PEFT's", stacklevel=2)
+    table = embeddings.view(P, L, 2, H, D).permute(1, 2, 3, 0, 4)  # [L, 2, Hkv, P, D]
+    weight = state.encoder.weight
+    state.encoder.load_table(table.to(device=weight.device, dtype=weight.dtype), task=task)
+    return model

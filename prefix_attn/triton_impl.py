@@ -1,0 +1,620 @@
+"""The Triton backend: fused forward and backward kernels for attention over [prefix ; sequence].
+
+Name ladder, as in the rest of the package:
+    _fwd_kernel, _bwd_preprocess_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel, _bwd_dprefix_kernel
+        -> triton_forward / triton_backward   (launchers: checks done, strides passed through)
+        -> torch.ops.prefix_attn.triton_fwd / triton_bwd   (torch.library ops, same schema as
+           the compiled fwd / bwd, with the same fake kernels and autograd from _ops.py)
+
+Forward: one program per (query block, batch row x query head). Prefix tiles first, with no
+mask at all; then the sequence, split into tiles wholly below the causal diagonal (no causal
+mask) and tiles crossing it. Online softmax in base 2, scale folded into one constant.
+
+Backward: Delta = rowsum(dO * O) - dlse; then dQ (one program per query block), dK / dV for the
+sequence (one program per key block and KV head, looping over the group's query heads: no
+atomics), and dprefix (one program per prefix block, bank entry x KV head and row chunk,
+looping over the rows using the entry and the group's heads). Chunk partials are float32 and
+summed in a fixed order, so gradients are bit-identical run to run.
+
+Runs on CUDA, and on CPU tensors under TRITON_INTERPRET=1 (tests only; there tl.dot works in
+float32 because the interpreter's bf16 dot is wrong).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+from . import _ops
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _seq_scores(s, i, j, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h,
+                stride_mask_m, stride_mask_n, APPLY_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                MASK_KIND: tl.constexpr):
+    """Masks base-2 scores s of sequence keys j for queries i (i, j broadcast to s's shape).
+    Hidden keys get -inf; an additive float mask is added (scaled by log2 e)."""
+    visible = (j < Nk) & (i < Nq)
+    if APPLY_CAUSAL:
+        visible = visible & (j <= i + (Nk - Nq))
+    if HAS_KPM:
+        keep = tl.load(KPM + b * stride_kpm_b + j * stride_kpm_n, mask=j < Nk, other=0)
+        visible = visible & (keep != 0)
+    if MASK_KIND == 1:
+        keep = tl.load(MASK + b * stride_mask_b + h * stride_mask_h + i * stride_mask_m + j * stride_mask_n,
+                       mask=(i < Nq) & (j < Nk), other=0)
+        visible = visible & (keep != 0)
+    if MASK_KIND == 2:
+        bias = tl.load(MASK + b * stride_mask_b + h * stride_mask_h + i * stride_mask_m + j * stride_mask_n,
+                       mask=(i < Nq) & (j < Nk), other=0.0)
+        s = s + bias * 1.4426950408889634
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, K, V, start, n_keys, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n,
+              offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK, stride_mask_b,
+              stride_mask_h, stride_mask_m, stride_mask_n, IS_SEQ: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
+              HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr,
+              PRECISION: tl.constexpr):
+    j = start + offs_n
+    kT = tl.load(K + j[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                 mask=(j[None, :] < n_keys) & (offs_d[:, None] < D), other=0.0)
+    v = tl.load(V + j[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=(j[:, None] < n_keys) & (offs_d[None, :] < D), other=0.0)
+    if DOT_F32:
+        kT = kT.to(tl.float32)
+    s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+    if IS_SEQ:
+        s = _seq_scores(s, offs_m[:, None], j[None, :], b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK,
+                        stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, APPLY_CAUSAL, HAS_KPM,
+                        MASK_KIND)
+    else:
+        s = tl.where(j[None, :] < n_keys, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DOT_F32:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _prefix_entry(IDX, b, HAS_INDEX: tl.constexpr, PER_ROW: tl.constexpr):
+    if HAS_INDEX:
+        return tl.load(IDX + b)
+    elif PER_ROW:
+        return b
+    else:
+        return 0
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, Out, Lse,
+                stride_qb, stride_qh, stride_qm, stride_qd,
+                stride_kb, stride_kh, stride_kn, stride_kd,
+                stride_vb, stride_vh, stride_vn, stride_vd,
+                stride_pkt, stride_pkh, stride_pkn, stride_pkd,
+                stride_pvt, stride_pvh, stride_pvn, stride_pvd,
+                stride_kpm_b, stride_kpm_n,
+                stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
+                stride_ob, stride_oh, stride_om, stride_od,
+                Hq, Nq, Nk, P, D, group, qk_scale,
+                HAS_PREFIX: tl.constexpr, HAS_INDEX: tl.constexpr, PER_ROW: tl.constexpr,
+                HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    g = h // group
+    i0 = pid_m * BLOCK_M
+    offs_m = i0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if HAS_PREFIX:
+        e = _prefix_entry(IDX, b, HAS_INDEX, PER_ROW)
+        pk = PK + e * stride_pkt + g * stride_pkh
+        pv = PV + e * stride_pvt + g * stride_pvh
+        for start in range(0, P, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, pk, pv, start, P, stride_pkn, stride_pkd, stride_pvn,
+                                      stride_pvd, offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM,
+                                      stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h,
+                                      stride_mask_m, stride_mask_n, False, False, HAS_KPM, MASK_KIND, DOT_F32,
+                                      PRECISION)
+
+    kb = K + b * stride_kb + g * stride_kh
+    vb = V + b * stride_vb + g * stride_vh
+    if CAUSAL:
+        # keys past `hi` are hidden from every query of the block; tiles before `full` are
+        # wholly below the diagonal and need no causal mask
+        hi = tl.minimum(tl.maximum(i0 + BLOCK_M + Nk - Nq, 0), Nk)
+        full = tl.minimum(tl.maximum((i0 + Nk - Nq + 1) // BLOCK_N * BLOCK_N, 0), hi)
+    else:
+        hi = Nk
+        full = Nk
+    for start in range(0, full, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kb, vb, start, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
+                                  offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b,
+                                  stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
+                                  True, False, HAS_KPM, MASK_KIND, DOT_F32, PRECISION)
+    for start in range(full, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kb, vb, start, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
+                                  offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b,
+                                  stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
+                                  True, True, HAS_KPM, MASK_KIND, DOT_F32, PRECISION)
+
+    # l == 0 only when no key was visible (P == 0): out 0, lse -inf
+    has_any = l_i > 0
+    out = acc / tl.where(has_any, l_i, 1.0)[:, None]
+    lse = tl.where(has_any, (m_i + tl.log2(tl.where(has_any, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D))
+    tl.store(Lse + pid_bh * Nq + offs_m, lse, mask=offs_m < Nq)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(Out, DOut, DLse, Lse, Delta, Lse2,
+                           stride_ob, stride_oh, stride_om, stride_od,
+                           stride_dob, stride_doh, stride_dom, stride_dod,
+                           Hq, Nq, D, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Delta = rowsum(dO * O) - dlse, and lse in base 2 with -inf rows turned to +inf (so that
+    2^(s - lse2) is 0 there)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < Nq) & (offs_d[None, :] < D)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLse + pid_bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    lse = tl.load(Lse + pid_bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    tl.store(Delta + pid_bh * Nq + offs_m, delta, mask=offs_m < Nq)
+    tl.store(Lse2 + pid_bh * Nq + offs_m, lse2, mask=offs_m < Nq)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, K, V, start, n_keys, stride_kn, stride_kd, stride_vn, stride_vd, offs_m,
+             offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK, stride_mask_b,
+             stride_mask_h, stride_mask_m, stride_mask_n, IS_SEQ: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
+             HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    j = start + offs_n
+    kT = tl.load(K + j[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                 mask=(j[None, :] < n_keys) & (offs_d[:, None] < D), other=0.0)
+    vT = tl.load(V + j[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+                 mask=(j[None, :] < n_keys) & (offs_d[:, None] < D), other=0.0)
+    if DOT_F32:
+        kT = kT.to(tl.float32)
+        vT = vT.to(tl.float32)
+    s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+    if IS_SEQ:
+        s = _seq_scores(s, offs_m[:, None], j[None, :], b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK,
+                        stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, APPLY_CAUSAL, HAS_KPM,
+                        MASK_KIND)
+    else:
+        s = tl.where(j[None, :] < n_keys, s, float("-inf"))
+    p = tl.exp2(s - lse2[:, None])
+    dp = tl.dot(do, vT, input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, DOut, Lse2, Delta, DQ,
+                   stride_qb, stride_qh, stride_qm, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_pkt, stride_pkh, stride_pkn, stride_pkd,
+                   stride_pvt, stride_pvh, stride_pvn, stride_pvd,
+                   stride_kpm_b, stride_kpm_n,
+                   stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
+                   stride_dob, stride_doh, stride_dom, stride_dod,
+                   stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                   Hq, Nq, Nk, P, D, group, qk_scale, scale,
+                   HAS_PREFIX: tl.constexpr, HAS_INDEX: tl.constexpr, PER_ROW: tl.constexpr,
+                   HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    g = h // group
+    i0 = pid_m * BLOCK_M
+    offs_m = i0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = (offs_m[:, None] < Nq) & (offs_d[None, :] < D)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_mask, other=0.0)
+    do = tl.load(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=row_mask, other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse2 = tl.load(Lse2 + pid_bh * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
+    delta = tl.load(Delta + pid_bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if HAS_PREFIX:
+        e = _prefix_entry(IDX, b, HAS_INDEX, PER_ROW)
+        pk = PK + e * stride_pkt + g * stride_pkh
+        pv = PV + e * stride_pvt + g * stride_pvh
+        for start in range(0, P, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse2, delta, pk, pv, start, P, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+                          offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK,
+                          stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, False, False, HAS_KPM,
+                          MASK_KIND, DOT_F32, PRECISION)
+
+    kb = K + b * stride_kb + g * stride_kh
+    vb = V + b * stride_vb + g * stride_vh
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(i0 + BLOCK_M + Nk - Nq, 0), Nk)
+        full = tl.minimum(tl.maximum((i0 + Nk - Nq + 1) // BLOCK_N * BLOCK_N, 0), hi)
+    else:
+        hi = Nk
+        full = Nk
+    for start in range(0, full, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, delta, kb, vb, start, Nk, stride_kn, stride_kd, stride_vn, stride_vd, offs_m,
+                      offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK, stride_mask_b,
+                      stride_mask_h, stride_mask_m, stride_mask_n, True, False, HAS_KPM, MASK_KIND, DOT_F32,
+                      PRECISION)
+    for start in range(full, hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, delta, kb, vb, start, Nk, stride_kn, stride_kd, stride_vn, stride_vd, offs_m,
+                      offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK, stride_mask_b,
+                      stride_mask_h, stride_mask_m, stride_mask_n, True, True, HAS_KPM, MASK_KIND, DOT_F32,
+                      PRECISION)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, Q, DO, Lse2, Delta, row_base, m0, offs_m, offs_n, offs_d, j, n_keys, D, qk_scale,
+               stride_qm, stride_qd, stride_dom, stride_dod, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK,
+               stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, IS_SEQ: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """Adds one query block's share to the key block's dk (unscaled) and dv, in transposed form:
+    sT [keys, queries]."""
+    i = m0 + offs_m
+    qT = tl.load(Q + i[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                 mask=(i[None, :] < Nq) & (offs_d[:, None] < D), other=0.0)
+    do = tl.load(DO + i[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=(i[:, None] < Nq) & (offs_d[None, :] < D), other=0.0)
+    if DOT_F32:
+        qT = qT.to(tl.float32)
+        do = do.to(tl.float32)
+    lse2 = tl.load(Lse2 + row_base + i, mask=i < Nq, other=float("inf"))
+    delta = tl.load(Delta + row_base + i, mask=i < Nq, other=0.0)
+    sT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale
+    if IS_SEQ:
+        sT = _seq_scores(sT, i[None, :], j[:, None], b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK,
+                         stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, CAUSAL, HAS_KPM, MASK_KIND)
+    else:
+        sT = tl.where(j[:, None] < n_keys, sT, float("-inf"))
+    pT = tl.exp2(sT - lse2[None, :])
+    dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
+    dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dsT = pT * (dpT - delta[None, :])
+    dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, KPM, MASK, DOut, Lse2, Delta, DK, DV,
+                     stride_qb, stride_qh, stride_qm, stride_qd,
+                     stride_kb, stride_kh, stride_kn, stride_kd,
+                     stride_vb, stride_vh, stride_vn, stride_vd,
+                     stride_kpm_b, stride_kpm_n,
+                     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
+                     stride_dob, stride_doh, stride_dom, stride_dod,
+                     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                     Hq, Hkv, Nq, Nk, D, group, qk_scale, scale,
+                     HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // Hkv
+    g = pid_bg % Hkv
+    j0 = pid_n * BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    j = j0 + offs_n
+    key_mask = (j[:, None] < Nk) & (offs_d[None, :] < D)
+    k = tl.load(K + b * stride_kb + g * stride_kh + j[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=key_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + g * stride_vh + j[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=key_mask, other=0.0)
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        # the first query that sees key j0 is i = j0 - (Nk - Nq); query blocks whose last row
+        # is below the key block's last key + (Nq - Nk) see every key of it
+        lo = tl.maximum(j0 - (Nk - Nq), 0) // BLOCK_M * BLOCK_M
+        full = tl.minimum(tl.maximum(j0 + BLOCK_N - 1 - (Nk - Nq) + BLOCK_M - 1, 0) // BLOCK_M * BLOCK_M, Nq)
+        full = tl.maximum(full, lo)
+    else:
+        lo = 0
+        full = Nq
+    for h in range(g * group, (g + 1) * group):
+        qh = Q + b * stride_qb + h * stride_qh
+        doh = DOut + b * stride_dob + h * stride_doh
+        row_base = (b * Hq + h) * Nq
+        for m0 in range(lo, full, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, qh, doh, Lse2, Delta, row_base, m0, offs_m, offs_n, offs_d, j, Nk, D,
+                                qk_scale, stride_qm, stride_qd, stride_dom, stride_dod, b, h, Nq, Nk, KPM,
+                                stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m,
+                                stride_mask_n, True, CAUSAL, HAS_KPM, MASK_KIND, DOT_F32, PRECISION)
+        for m0 in range(full, Nq, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, qh, doh, Lse2, Delta, row_base, m0, offs_m, offs_n, offs_d, j, Nk, D,
+                                qk_scale, stride_qm, stride_qd, stride_dom, stride_dod, b, h, Nq, Nk, KPM,
+                                stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m,
+                                stride_mask_n, True, False, HAS_KPM, MASK_KIND, DOT_F32, PRECISION)
+    tl.store(DK + b * stride_dkb + g * stride_dkh + j[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             (dk * scale).to(DK.dtype.element_ty), mask=key_mask)
+    tl.store(DV + b * stride_dvb + g * stride_dvh + j[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=key_mask)
+
+
+@triton.jit
+def _bwd_dprefix_kernel(Q, PK, PV, Rows, RowStart, DOut, Lse2, Delta, DPK, DPV,
+                        stride_qb, stride_qh, stride_qm, stride_qd,
+                        stride_pkt, stride_pkh, stride_pkn, stride_pkd,
+                        stride_pvt, stride_pvh, stride_pvn, stride_pvd,
+                        stride_dob, stride_doh, stride_dom, stride_dod,
+                        stride_dpc, stride_dpt, stride_dph, stride_dpn, stride_dpd,
+                        Hq, Hkv, Nq, P, D, group, chunks, qk_scale, scale,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """dprefix for keys [j0, j0 + BLOCK_N) of entry t, KV head g, from the rows of chunk c of
+    the rows using t. Writes float32 partials DPK/DPV[c, t, g]; the host sums the chunks."""
+    pid_n = tl.program_id(0)
+    pid_tg = tl.program_id(1)
+    c = tl.program_id(2)
+    t = pid_tg // Hkv
+    g = pid_tg % Hkv
+    j0 = pid_n * BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    j = j0 + offs_n
+    key_mask = (j[:, None] < P) & (offs_d[None, :] < D)
+    k = tl.load(PK + t * stride_pkt + g * stride_pkh + j[:, None] * stride_pkn + offs_d[None, :] * stride_pkd,
+                mask=key_mask, other=0.0)
+    v = tl.load(PV + t * stride_pvt + g * stride_pvh + j[:, None] * stride_pvn + offs_d[None, :] * stride_pvd,
+                mask=key_mask, other=0.0)
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    first = tl.load(RowStart + t)
+    n_rows = tl.load(RowStart + t + 1) - first
+    r_begin = first + c * n_rows // chunks
+    r_end = first + (c + 1) * n_rows // chunks
+    for r in range(r_begin, r_end):
+        b = tl.load(Rows + r)
+        for h in range(g * group, (g + 1) * group):
+            qh = Q + b * stride_qb + h * stride_qh
+            doh = DOut + b * stride_dob + h * stride_doh
+            row_base = (b * Hq + h) * Nq
+            for m0 in range(0, Nq, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, qh, doh, Lse2, Delta, row_base, m0, offs_m, offs_n, offs_d, j, P, D,
+                                    qk_scale, stride_qm, stride_qd, stride_dom, stride_dod, b, h, Nq, P, Rows, 0, 0,
+                                    Rows, 0, 0, 0, 0, False, False, False, 0, DOT_F32, PRECISION)
+    base = c * stride_dpc + t * stride_dpt + g * stride_dph + j[:, None] * stride_dpn + offs_d[None, :] * stride_dpd
+    tl.store(DPK + base, (dk * scale).to(DPK.dtype.element_ty), mask=key_mask)
+    tl.store(DPV + base, dv.to(DPV.dtype.element_ty), mask=key_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _blocks(D: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). One config: the interpreter cannot autotune."""
+    block_d = max(16, triton.next_power_of_2(D))
+    if INTERPRET:
+        return 32, 32, block_d, 4
+    if block_d <= 64:
+        return 128, 64, block_d, 4
+    if block_d <= 128:
+        return 128, 64, block_d, 8
+    return 64, 32, block_d, 8
+
+
+def _dot_args(dtype: torch.dtype):
+    # float32 inputs must not silently drop to TF32; the interpreter's bf16 dot is wrong, so it
+    # multiplies in float32 too
+    f32 = INTERPRET or dtype == torch.float32
+    return dict(DOT_F32=f32, PRECISION="ieee" if f32 else "tf32")
+
+
+def _optional(t: Optional[Tensor], fallback: Tensor, ndim: int):
+    if t is None:
+        return fallback, (0,) * ndim
+    return t, tuple(t.stride())
+
+
+def _as_bytes(mask: Optional[Tensor]) -> Optional[Tensor]:
+    return mask.view(torch.uint8) if mask is not None and mask.dtype == torch.bool else mask
+
+
+def _mask_kind(attn_mask: Optional[Tensor]) -> int:
+    if attn_mask is None:
+        return 0
+    return 1 if attn_mask.dtype == torch.bool else 2
+
+
+def triton_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask, scale, causal):
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    P = 0 if prefix_k is None else prefix_k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    BM, BN, BD, warps = _blocks(D)
+    pk, spk = _optional(prefix_k, q, 4)
+    pv, spv = _optional(prefix_v, q, 4)
+    kpm, skpm = _optional(_as_bytes(key_padding_mask), q, 2)
+    mask, smask = _optional(_as_bytes(attn_mask), q, 4)
+    idx = prefix_index if prefix_index is not None else q
+    grid = (triton.cdiv(Nq, BM), B * Hq)
+    _fwd_kernel[grid](
+        q, k, v, pk, pv, idx, kpm, mask, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *spk, *spv, *skpm, *smask, *out.stride(),
+        Hq, Nq, Nk, P, D, Hq // Hkv, scale * LOG2E,
+        HAS_PREFIX=P > 0, HAS_INDEX=prefix_index is not None,
+        PER_ROW=prefix_k is not None and prefix_index is None and prefix_k.shape[0] > 1,
+        HAS_KPM=key_padding_mask is not None, MASK_KIND=_mask_kind(attn_mask), CAUSAL=bool(causal),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, **_dot_args(q.dtype))
+    return out, lse
+
+
+def _rows_by_entry(prefix_index: Optional[Tensor], T: int, B: int, device) -> Tuple[Tensor, Tensor]:
+    """Rows grouped by the bank entry they use (stable: a fixed order), and each entry's start."""
+    if prefix_index is None:
+        rows = torch.arange(B, device=device, dtype=torch.int64)
+        if T == 1:
+            return rows, torch.tensor([0, B], device=device, dtype=torch.int64)
+        return rows, torch.arange(B + 1, device=device, dtype=torch.int64)
+    rows = torch.sort(prefix_index, stable=True).indices
+    counts = torch.bincount(prefix_index, minlength=T)
+    start = torch.zeros(T + 1, device=device, dtype=torch.int64)
+    start[1:] = torch.cumsum(counts, 0)
+    return rows, start
+
+
+def _num_chunks(B: int, T: int, Hkv: int, p_blocks: int, per_row: bool, device) -> int:
+    """Row chunks for dprefix: enough programs to fill the device, one chunk per row at most."""
+    if per_row or B <= 1:
+        return 1
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 2
+    return max(1, min(B, -(-target // max(1, T * Hkv * p_blocks))))
+
+
+def triton_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask, out, lse, dlse,
+                    scale, causal, deterministic, need_dq, need_dkv, need_dprefix):
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    P = 0 if prefix_k is None else prefix_k.shape[2]
+    need_dprefix = need_dprefix and prefix_k is not None
+    def like(t, needed):  # gradients not asked for are distinct empty tensors
+        return torch.empty_like(t) if needed else q.new_empty(0)
+
+    dq, dk, dv = like(q, need_dq), like(k, need_dkv), like(v, need_dkv)
+    dpk, dpv = like(prefix_k, need_dprefix), like(prefix_v, need_dprefix)
+    if B * Hq * Nq == 0:
+        for t in (dq, dk, dv, dpk, dpv):
+            t.zero_()
+        return dq, dk, dv, dpk, dpv
+
+    BM, BN, BD, warps = _blocks(D)
+    dot = _dot_args(q.dtype)
+    delta = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
+    lse2 = torch.empty_like(delta)
+    _bwd_preprocess_kernel[(triton.cdiv(Nq, BM), B * Hq)](
+        out, dout, dlse if dlse is not None else lse, lse, delta, lse2, *out.stride(), *dout.stride(), Hq, Nq, D,
+        HAS_DLSE=dlse is not None, BLOCK_M=BM, BLOCK_D=BD, num_warps=warps)
+
+    pk, spk = _optional(prefix_k, q, 4)
+    pv, spv = _optional(prefix_v, q, 4)
+    kpm, skpm = _optional(_as_bytes(key_padding_mask), q, 2)
+    mask, smask = _optional(_as_bytes(attn_mask), q, 4)
+    flags = dict(HAS_KPM=key_padding_mask is not None, MASK_KIND=_mask_kind(attn_mask), CAUSAL=bool(causal),
+                 BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, **dot)
+    per_row = prefix_k is not None and prefix_index is None and prefix_k.shape[0] > 1
+    if need_dq:
+        _bwd_dq_kernel[(triton.cdiv(Nq, BM), B * Hq)](
+            q, k, v, pk, pv, prefix_index if prefix_index is not None else q, kpm, mask, dout, lse2, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *spk, *spv, *skpm, *smask, *dout.stride(), *dq.stride(),
+            Hq, Nq, Nk, P, D, Hq // Hkv, scale * LOG2E, scale,
+            HAS_PREFIX=P > 0, HAS_INDEX=prefix_index is not None, PER_ROW=per_row, **flags)
+    if need_dkv and Nk > 0:
+        _bwd_dkdv_kernel[(triton.cdiv(Nk, BN), B * Hkv)](
+            q, k, v, kpm, mask, dout, lse2, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *skpm, *smask, *dout.stride(), *dk.stride(), *dv.stride(),
+            Hq, Hkv, Nq, Nk, D, Hq // Hkv, scale * LOG2E, scale, **flags)
+    if need_dprefix and P > 0:
+        T = prefix_k.shape[0]
+        rows, start = _rows_by_entry(prefix_index, T, B, q.device)
+        p_blocks = triton.cdiv(P, BN)
+        chunks = _num_chunks(B, T, Hkv, p_blocks, per_row, q.device)
+        if chunks == 1:
+            tk, tv = dpk.unsqueeze(0), dpv.unsqueeze(0)  # written in place, in the prefix dtype
+        else:
+            tk = torch.empty(chunks, *prefix_k.shape, device=q.device, dtype=torch.float32)
+            tv = torch.empty_like(tk)
+        _bwd_dprefix_kernel[(p_blocks, T * Hkv, chunks)](
+            q, prefix_k, prefix_v, rows, start, dout, lse2, delta, tk, tv,
+            *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(), *tk.stride(),
+            Hq, Hkv, Nq, P, D, Hq // Hkv, chunks, scale * LOG2E, scale,
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, **dot)
+        if chunks > 1:
+            dpk.copy_(tk.sum(0))  # a fixed-order reduction: deterministic
+            dpv.copy_(tv.sum(0))
+    return dq, dk, dv, dpk, dpv
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops: the same schema, fake kernels and autograd as the compiled fwd / bwd
+
+
+@torch.library.custom_op("prefix_attn::triton_fwd", mutates_args=())
+def triton_fwd(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
+               prefix_index: Optional[Tensor], key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
+               scale: float, causal: bool, deterministic: bool) -> Tuple[Tensor, Tensor]:
+    return triton_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask, scale, causal)
+
+
+@torch.library.custom_op("prefix_attn::triton_bwd", mutates_args=())
+def triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor],
+               prefix_v: Optional[Tensor], prefix_index: Optional[Tensor], key_padding_mask: Optional[Tensor],
+               attn_mask: Optional[Tensor], out: Tensor, lse: Tensor, dlse: Optional[Tensor], scale: float,
+               causal: bool, deterministic: bool, need_dq: bool, need_dkv: bool,
+               need_dprefix: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return triton_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask, out, lse,
+                           dlse, scale, causal, deterministic, need_dq, need_dkv, need_dprefix)
+
+
+_ops.register_attention_op(triton_fwd, triton_bwd)
