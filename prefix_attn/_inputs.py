@@ -135,7 +135,8 @@ def _check_prefix(prefix_k, prefix_v, prefix_index, q, B, Hkv, D):
     if prefix_index.shape != (B,):
         raise ValueError(f"prefix_attn: prefix_index must have shape [B] = [{B}], got {_shape(prefix_index)}")
     _same_device(prefix_index, "prefix_index", q)
-    if B > 0:
+    # Under torch.compile the values are data the graph cannot see; the ops check them again.
+    if B > 0 and not torch.compiler.is_compiling():
         lo, hi = int(prefix_index.min()), int(prefix_index.max())
         if lo < 0 or hi >= T:
             raise ValueError(

@@ -76,11 +76,16 @@ def _get(name: str) -> Backend:
     return backend
 
 
-def _resolve(q: Tensor, backend: str, inputs: Optional[AttnInputs]) -> Backend:
+def _requested(backend: str) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"prefix_attn: backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
-        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+        return os.environ.get(ENV_VAR, "auto") or "auto"
+    return backend
+
+
+def _resolve(q: Tensor, backend: str, inputs: Optional[AttnInputs]) -> Backend:
+    backend = _requested(backend)
     if backend != "auto":
         chosen = _get(backend)
         reason = chosen.why_not(q, inputs)
@@ -104,7 +109,7 @@ def select_backend(q: Tensor, backend: str = "auto") -> str:
 def run(inputs: AttnInputs, backend: str, deterministic: bool) -> Tuple[Tensor, Tensor]:
     global _warned_reference
     chosen = _resolve(inputs.q, backend, inputs)
-    if chosen.name == "reference" and backend == "auto" and not _warned_reference:
+    if chosen.name == "reference" and _requested(backend) == "auto" and not _warned_reference:
         _warned_reference = True
         warnings.warn(
             f"prefix_attn: no fused backend runs this call (q: {inputs.q.dtype} on {inputs.q.device}, "

@@ -8,7 +8,8 @@ Name ladder, as in the rest of the package:
 
 Forward: one program per (query block, batch row x query head). Prefix tiles first, with no
 mask at all; then the sequence, split into tiles wholly below the causal diagonal (no causal
-mask) and tiles crossing it. Online softmax in base 2, scale folded into one constant.
+mask) and tiles crossing it. Online softmax in base 2, scale folded into one constant (natural
+units when an additive float mask is given; see _score_units).
 
 Backward: Delta = rowsum(dO * O) - dlse; then dQ (one program per query block), dK / dV for the
 sequence (one program per key block and KV head, looping over the group's query heads: no
@@ -41,8 +42,8 @@ LOG2E = 1.4426950408889634
 def _seq_scores(s, i, j, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h,
                 stride_mask_m, stride_mask_n, APPLY_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                 MASK_KIND: tl.constexpr):
-    """Masks base-2 scores s of sequence keys j for queries i (i, j broadcast to s's shape).
-    Hidden keys get -inf; an additive float mask is added (scaled by log2 e)."""
+    """Masks scores s of sequence keys j for queries i (i, j broadcast to s's shape). Hidden
+    keys get -inf; an additive float mask is added (scores are in natural units then)."""
     visible = (j < Nk) & (i < Nq)
     if APPLY_CAUSAL:
         visible = visible & (j <= i + (Nk - Nq))
@@ -56,7 +57,7 @@ def _seq_scores(s, i, j, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK, st
     if MASK_KIND == 2:
         bias = tl.load(MASK + b * stride_mask_b + h * stride_mask_h + i * stride_mask_m + j * stride_mask_n,
                        mask=(i < Nq) & (j < Nk), other=0.0)
-        s = s + bias * 1.4426950408889634
+        s = s + bias
     return tl.where(visible, s, float("-inf"))
 
 
@@ -65,7 +66,7 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, start, n_keys, stride_kn, stride_kd, strid
               offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK, stride_mask_b,
               stride_mask_h, stride_mask_m, stride_mask_n, IS_SEQ: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
               HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr,
-              PRECISION: tl.constexpr):
+              PRECISION: tl.constexpr, EXP_MUL: tl.constexpr):
     j = start + offs_n
     kT = tl.load(K + j[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                  mask=(j[None, :] < n_keys) & (offs_d[:, None] < D), other=0.0)
@@ -82,8 +83,8 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, start, n_keys, stride_kn, stride_kd, strid
         s = tl.where(j[None, :] < n_keys, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2((s - m_safe[:, None]) * EXP_MUL)
+    alpha = tl.exp2((m_i - m_safe) * EXP_MUL)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DOT_F32:
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
@@ -116,7 +117,7 @@ def _fwd_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, Out, Lse,
                 HAS_PREFIX: tl.constexpr, HAS_INDEX: tl.constexpr, PER_ROW: tl.constexpr,
                 HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EXP_MUL: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
@@ -144,7 +145,7 @@ def _fwd_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, Out, Lse,
                                       stride_pvd, offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM,
                                       stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h,
                                       stride_mask_m, stride_mask_n, False, False, HAS_KPM, MASK_KIND, DOT_F32,
-                                      PRECISION)
+                                      PRECISION, EXP_MUL)
 
     kb = K + b * stride_kb + g * stride_kh
     vb = V + b * stride_vb + g * stride_vh
@@ -160,17 +161,18 @@ def _fwd_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, Out, Lse,
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kb, vb, start, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
                                   offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b,
                                   stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
-                                  True, False, HAS_KPM, MASK_KIND, DOT_F32, PRECISION)
+                                  True, False, HAS_KPM, MASK_KIND, DOT_F32, PRECISION, EXP_MUL)
     for start in range(full, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kb, vb, start, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
                                   offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b,
                                   stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
-                                  True, True, HAS_KPM, MASK_KIND, DOT_F32, PRECISION)
+                                  True, True, HAS_KPM, MASK_KIND, DOT_F32, PRECISION, EXP_MUL)
 
     # l == 0 only when no key was visible (P == 0): out 0, lse -inf
     has_any = l_i > 0
     out = acc / tl.where(has_any, l_i, 1.0)[:, None]
-    lse = tl.where(has_any, (m_i + tl.log2(tl.where(has_any, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(has_any, m_i * (0.6931471805599453 * EXP_MUL) + tl.log2(tl.where(has_any, l_i, 1.0)) * 0.6931471805599453,
+                   float("-inf"))
     tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D))
     tl.store(Lse + pid_bh * Nq + offs_m, lse, mask=offs_m < Nq)
@@ -180,9 +182,10 @@ def _fwd_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, Out, Lse,
 def _bwd_preprocess_kernel(Out, DOut, DLse, Lse, Delta, Lse2,
                            stride_ob, stride_oh, stride_om, stride_od,
                            stride_dob, stride_doh, stride_dom, stride_dod,
-                           Hq, Nq, D, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Delta = rowsum(dO * O) - dlse, and lse in base 2 with -inf rows turned to +inf (so that
-    2^(s - lse2) is 0 there)."""
+                           Hq, Nq, D, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                           EXP_MUL: tl.constexpr):
+    """Delta = rowsum(dO * O) - dlse, and lse in the scores' units (base 2, or natural with a
+    float mask) with -inf rows turned to +inf, so that their probabilities come out 0."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
@@ -198,7 +201,7 @@ def _bwd_preprocess_kernel(Out, DOut, DLse, Lse, Delta, Lse2,
     if HAS_DLSE:
         delta -= tl.load(DLse + pid_bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
     lse = tl.load(Lse + pid_bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * (1.4426950408889634 / EXP_MUL))
     tl.store(Delta + pid_bh * Nq + offs_m, delta, mask=offs_m < Nq)
     tl.store(Lse2 + pid_bh * Nq + offs_m, lse2, mask=offs_m < Nq)
 
@@ -207,7 +210,8 @@ def _bwd_preprocess_kernel(Out, DOut, DLse, Lse, Delta, Lse2,
 def _dq_tile(dq, q, do, lse2, delta, K, V, start, n_keys, stride_kn, stride_kd, stride_vn, stride_vd, offs_m,
              offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK, stride_mask_b,
              stride_mask_h, stride_mask_m, stride_mask_n, IS_SEQ: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
-             HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+             HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+             EXP_MUL: tl.constexpr):
     j = start + offs_n
     kT = tl.load(K + j[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                  mask=(j[None, :] < n_keys) & (offs_d[:, None] < D), other=0.0)
@@ -223,7 +227,7 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, start, n_keys, stride_kn, stride_kd, 
                         MASK_KIND)
     else:
         s = tl.where(j[None, :] < n_keys, s, float("-inf"))
-    p = tl.exp2(s - lse2[:, None])
+    p = tl.exp2((s - lse2[:, None]) * EXP_MUL)
     dp = tl.dot(do, vT, input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
@@ -244,7 +248,7 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, DOut, Lse2, Delta, DQ,
                    HAS_PREFIX: tl.constexpr, HAS_INDEX: tl.constexpr, PER_ROW: tl.constexpr,
                    HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                   DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EXP_MUL: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
@@ -274,7 +278,7 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, DOut, Lse2, Delta, DQ,
             dq = _dq_tile(dq, q, do, lse2, delta, pk, pv, start, P, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
                           offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK,
                           stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, False, False, HAS_KPM,
-                          MASK_KIND, DOT_F32, PRECISION)
+                          MASK_KIND, DOT_F32, PRECISION, EXP_MUL)
 
     kb = K + b * stride_kb + g * stride_kh
     vb = V + b * stride_vb + g * stride_vh
@@ -288,12 +292,12 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, DOut, Lse2, Delta, DQ,
         dq = _dq_tile(dq, q, do, lse2, delta, kb, vb, start, Nk, stride_kn, stride_kd, stride_vn, stride_vd, offs_m,
                       offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK, stride_mask_b,
                       stride_mask_h, stride_mask_m, stride_mask_n, True, False, HAS_KPM, MASK_KIND, DOT_F32,
-                      PRECISION)
+                      PRECISION, EXP_MUL)
     for start in range(full, hi, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, kb, vb, start, Nk, stride_kn, stride_kd, stride_vn, stride_vd, offs_m,
                       offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK, stride_mask_b,
                       stride_mask_h, stride_mask_m, stride_mask_n, True, True, HAS_KPM, MASK_KIND, DOT_F32,
-                      PRECISION)
+                      PRECISION, EXP_MUL)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
 
@@ -303,7 +307,7 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, Lse2, Delta, row_base, m0, offs_m, offs_n, o
                stride_qm, stride_qd, stride_dom, stride_dod, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK,
                stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, IS_SEQ: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, DOT_F32: tl.constexpr,
-               PRECISION: tl.constexpr):
+               PRECISION: tl.constexpr, EXP_MUL: tl.constexpr):
     """Adds one query block's share to the key block's dk (unscaled) and dv, in transposed form:
     sT [keys, queries]."""
     i = m0 + offs_m
@@ -322,7 +326,7 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, Lse2, Delta, row_base, m0, offs_m, offs_n, o
                          stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, CAUSAL, HAS_KPM, MASK_KIND)
     else:
         sT = tl.where(j[:, None] < n_keys, sT, float("-inf"))
-    pT = tl.exp2(sT - lse2[None, :])
+    pT = tl.exp2((sT - lse2[None, :]) * EXP_MUL)
     dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     dsT = pT * (dpT - delta[None, :])
@@ -343,7 +347,7 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, MASK, DOut, Lse2, Delta, DK, DV,
                      Hq, Hkv, Nq, Nk, D, group, qk_scale, scale,
                      HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EXP_MUL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = pid_bg // Hkv
@@ -380,12 +384,12 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, MASK, DOut, Lse2, Delta, DK, DV,
             dk, dv = _dkdv_tile(dk, dv, k, v, qh, doh, Lse2, Delta, row_base, m0, offs_m, offs_n, offs_d, j, Nk, D,
                                 qk_scale, stride_qm, stride_qd, stride_dom, stride_dod, b, h, Nq, Nk, KPM,
                                 stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m,
-                                stride_mask_n, True, CAUSAL, HAS_KPM, MASK_KIND, DOT_F32, PRECISION)
+                                stride_mask_n, True, CAUSAL, HAS_KPM, MASK_KIND, DOT_F32, PRECISION, EXP_MUL)
         for m0 in range(full, Nq, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, qh, doh, Lse2, Delta, row_base, m0, offs_m, offs_n, offs_d, j, Nk, D,
                                 qk_scale, stride_qm, stride_qd, stride_dom, stride_dod, b, h, Nq, Nk, KPM,
                                 stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m,
-                                stride_mask_n, True, False, HAS_KPM, MASK_KIND, DOT_F32, PRECISION)
+                                stride_mask_n, True, False, HAS_KPM, MASK_KIND, DOT_F32, PRECISION, EXP_MUL)
     tl.store(DK + b * stride_dkb + g * stride_dkh + j[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              (dk * scale).to(DK.dtype.element_ty), mask=key_mask)
     tl.store(DV + b * stride_dvb + g * stride_dvh + j[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
@@ -401,7 +405,7 @@ def _bwd_dprefix_kernel(Q, PK, PV, Rows, RowStart, DOut, Lse2, Delta, DPK, DPV,
                         stride_dpc, stride_dpt, stride_dph, stride_dpn, stride_dpd,
                         Hq, Hkv, Nq, P, D, group, chunks, qk_scale, scale,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                        DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EXP_MUL: tl.constexpr):
     """dprefix for keys [j0, j0 + BLOCK_N) of entry t, KV head g, from the rows of chunk c of
     the rows using t. Writes float32 partials DPK/DPV[c, t, g]; the host sums the chunks."""
     pid_n = tl.program_id(0)
@@ -437,7 +441,7 @@ def _bwd_dprefix_kernel(Q, PK, PV, Rows, RowStart, DOut, Lse2, Delta, DPK, DPV,
             for m0 in range(0, Nq, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, qh, doh, Lse2, Delta, row_base, m0, offs_m, offs_n, offs_d, j, P, D,
                                     qk_scale, stride_qm, stride_qd, stride_dom, stride_dod, b, h, Nq, P, Rows, 0, 0,
-                                    Rows, 0, 0, 0, 0, False, False, False, 0, DOT_F32, PRECISION)
+                                    Rows, 0, 0, 0, 0, False, False, False, 0, DOT_F32, PRECISION, EXP_MUL)
     base = c * stride_dpc + t * stride_dpt + g * stride_dph + j[:, None] * stride_dpn + offs_d[None, :] * stride_dpd
     tl.store(DPK + base, (dk * scale).to(DPK.dtype.element_ty), mask=key_mask)
     tl.store(DPV + base, dv.to(DPV.dtype.element_ty), mask=key_mask)
@@ -482,6 +486,15 @@ def _mask_kind(attn_mask: Optional[Tensor]) -> int:
     return 1 if attn_mask.dtype == torch.bool else 2
 
 
+def _score_units(attn_mask: Optional[Tensor], scale: float) -> Tuple[float, float]:
+    """(score multiplier, EXP_MUL). Scores are base 2 (the scale times log2 e folded into one
+    constant, exp2 taken directly) unless an additive float mask is given: Hugging Face masks
+    hold finfo.min, which times log2 e overflows to -inf, so scores stay natural then."""
+    if _mask_kind(attn_mask) == 2:
+        return scale, LOG2E
+    return scale * LOG2E, 1.0
+
+
 def triton_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask, scale, causal):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -490,21 +503,28 @@ def triton_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, 
     lse = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
+    if prefix_index is not None and B > 0:
+        # the kernel would read out of bounds; _inputs checks this too, except under torch.compile
+        lo, hi = int(prefix_index.min()), int(prefix_index.max())
+        if lo < 0 or hi >= prefix_k.shape[0]:
+            raise ValueError(f"prefix_attn: prefix_index values must lie in [0, {prefix_k.shape[0]}), "
+                             f"got values in [{lo}, {hi}]")
     BM, BN, BD, warps = _blocks(D)
     pk, spk = _optional(prefix_k, q, 4)
     pv, spv = _optional(prefix_v, q, 4)
     kpm, skpm = _optional(_as_bytes(key_padding_mask), q, 2)
     mask, smask = _optional(_as_bytes(attn_mask), q, 4)
     idx = prefix_index if prefix_index is not None else q
+    qk_scale, exp_mul = _score_units(attn_mask, scale)
     grid = (triton.cdiv(Nq, BM), B * Hq)
     _fwd_kernel[grid](
         q, k, v, pk, pv, idx, kpm, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *spk, *spv, *skpm, *smask, *out.stride(),
-        Hq, Nq, Nk, P, D, Hq // Hkv, scale * LOG2E,
+        Hq, Nq, Nk, P, D, Hq // Hkv, qk_scale,
         HAS_PREFIX=P > 0, HAS_INDEX=prefix_index is not None,
         PER_ROW=prefix_k is not None and prefix_index is None and prefix_k.shape[0] > 1,
         HAS_KPM=key_padding_mask is not None, MASK_KIND=_mask_kind(attn_mask), CAUSAL=bool(causal),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, **_dot_args(q.dtype))
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, EXP_MUL=exp_mul, **_dot_args(q.dtype))
     return out, lse
 
 
@@ -550,12 +570,13 @@ def triton_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding
         return dq, dk, dv, dpk, dpv
 
     BM, BN, BD, warps = _blocks(D)
-    dot = _dot_args(q.dtype)
+    qk_scale, exp_mul = _score_units(attn_mask, scale)
+    dot = dict(EXP_MUL=exp_mul, **_dot_args(q.dtype))
     delta = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
     lse2 = torch.empty_like(delta)
     _bwd_preprocess_kernel[(triton.cdiv(Nq, BM), B * Hq)](
         out, dout, dlse if dlse is not None else lse, lse, delta, lse2, *out.stride(), *dout.stride(), Hq, Nq, D,
-        HAS_DLSE=dlse is not None, BLOCK_M=BM, BLOCK_D=BD, num_warps=warps)
+        HAS_DLSE=dlse is not None, BLOCK_M=BM, BLOCK_D=BD, num_warps=warps, EXP_MUL=exp_mul)
 
     pk, spk = _optional(prefix_k, q, 4)
     pv, spv = _optional(prefix_v, q, 4)
@@ -568,13 +589,13 @@ def triton_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding
         _bwd_dq_kernel[(triton.cdiv(Nq, BM), B * Hq)](
             q, k, v, pk, pv, prefix_index if prefix_index is not None else q, kpm, mask, dout, lse2, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *spk, *spv, *skpm, *smask, *dout.stride(), *dq.stride(),
-            Hq, Nq, Nk, P, D, Hq // Hkv, scale * LOG2E, scale,
+            Hq, Nq, Nk, P, D, Hq // Hkv, qk_scale, scale,
             HAS_PREFIX=P > 0, HAS_INDEX=prefix_index is not None, PER_ROW=per_row, **flags)
     if need_dkv and Nk > 0:
         _bwd_dkdv_kernel[(triton.cdiv(Nk, BN), B * Hkv)](
             q, k, v, kpm, mask, dout, lse2, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *skpm, *smask, *dout.stride(), *dk.stride(), *dv.stride(),
-            Hq, Hkv, Nq, Nk, D, Hq // Hkv, scale * LOG2E, scale, **flags)
+            Hq, Hkv, Nq, Nk, D, Hq // Hkv, qk_scale, scale, **flags)
     if need_dprefix and P > 0:
         T = prefix_k.shape[0]
         rows, start = _rows_by_entry(prefix_index, T, B, q.device)
@@ -588,7 +609,7 @@ def triton_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding
         _bwd_dprefix_kernel[(p_blocks, T * Hkv, chunks)](
             q, prefix_k, prefix_v, rows, start, dout, lse2, delta, tk, tv,
             *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(), *tk.stride(),
-            Hq, Hkv, Nq, P, D, Hq // Hkv, chunks, scale * LOG2E, scale,
+            Hq, Hkv, Nq, P, D, Hq // Hkv, chunks, qk_scale, scale,
             BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, **dot)
         if chunks > 1:
             dpk.copy_(tk.sum(0))  # a fixed-order reduction: deterministic

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import prefix_attn
-from conftest import OpLog, assert_within_ref_tol, kernel_backends, op_kwargs
+from conftest import OpLog, assert_within_ref_tol, device_for, kernel_backends, op_kwargs
 
 # --------------------------------------------------------------------------- helpers
 
@@ -340,12 +340,46 @@ def test_integer_key_padding_mask_is_like_bool(kpm_dtype):
 def test_double_backward_not_supported(backend):
     if backend == "reference":
         pytest.skip("the reference is plain autograd: double backward works there")
-    x = {n: t.requires_grad_() for n, t in base_inputs().items()}
+    x = {n: t.to(device_for(backend)).requires_grad_() for n, t in base_inputs().items()}
     out = prefix_attn.prefix_attention(x["q"], x["k"], x["v"], x["prefix_k"], x["prefix_v"], backend=backend)
     (dq,) = torch.autograd.grad(out.sum(), x["q"], create_graph=True)
     with pytest.raises((NotImplementedError, RuntimeError)) as excinfo:
         dq.sum().backward()
     assert "double backward" in str(excinfo.value)
+
+
+def test_float_attn_mask_requiring_grad_is_refused_or_right():
+    """A trainable additive mask (e.g. a learned bias): either a NotImplementedError that
+    names attn_mask, or the right gradient."""
+    x = base_inputs()
+    bias = _randn(NQ, NK, seed=30).requires_grad_()
+    try:
+        out = prefix_attn.prefix_attention(x["q"], x["k"], x["v"], x["prefix_k"], x["prefix_v"], attn_mask=bias)
+    except NotImplementedError as e:
+        assert "attn_mask" in str(e)
+        return
+    out.sum().backward()
+    bias_ref = bias.detach().double().requires_grad_()
+    xd = {n: t.double() for n, t in x.items()}
+    ref = prefix_attn.prefix_attention(xd["q"], xd["k"], xd["v"], xd["prefix_k"], xd["prefix_v"], attn_mask=bias_ref,
+                                       backend="reference")
+    ref.sum().backward()
+    torch.testing.assert_close(bias.grad.double(), bias_ref.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
+def test_no_grad_and_inference_mode(backend):
+    x = {n: t.to(device_for(backend)).requires_grad_() for n, t in base_inputs().items()}
+    args = (x["q"], x["k"], x["v"], x["prefix_k"], x["prefix_v"])
+    want = prefix_attn.prefix_attention(*args, causal=True, backend=backend).detach()
+    with torch.no_grad():
+        out = prefix_attn.prefix_attention(*args, causal=True, backend=backend)
+    assert not out.requires_grad
+    assert torch.equal(out, want)
+    with torch.inference_mode():
+        plain = [t.detach() for t in args]
+        out = prefix_attn.prefix_attention(*plain, causal=True, backend=backend)
+    assert torch.equal(out, want)
 
 
 # --------------------------------------------------------------------------- the raw ops validate too

@@ -5,20 +5,27 @@ Every output buffer starts as NaN (``nan_poison``), so an element a kernel does 
 write fails the test. The bound is ``err(ours) <= 2 * err(same-precision reference) +
 floor`` (see conftest).
 
-The grid is a covering design, not a cartesian product: HAND_CASES lists cases that each
-combine several hostile features (every P in {0, 1, 63, 257}, every Nq in {1, 17, 113,
-1025}, Nk above and below Nq, head dims 16 to 256, GQA groups 1/2/4, every mask shape,
-every prefix mode, every requires_grad pattern), and PRODUCT_CASES crosses the features
-most likely to interact (prefix mode x causal x padding) at a small shape.
+The grid is a covering design, not a cartesian product:
+
+- HAND_CASES: cases that each combine several hostile features (every P in {0, 1, 63,
+  257}, every Nq in {1, 17, 113, 1025}, Nk above and below Nq, head dims 16 to 256, GQA
+  groups 1/2/4, every mask shape, every prefix mode, every requires_grad pattern);
+- LOW_PRECISION_CASES: fp16 / bf16 on a subset of those;
+- PRODUCT_CASES: the features most likely to interact (prefix mode x causal x padding)
+  crossed in full at a small shape;
+- PAIRWISE_CASES: a pairwise covering of Nq x P x D x group x prefix mode x causal x
+  dtype x masks x layout x requires_grad (every pair of values meets in some case);
+- RANDOM_CASES: seeded random small cases over everything, for breadth.
 """
 
+import dataclasses
 import itertools
 import math
+import random
 
 import pytest
 import torch
 
-import prefix_attn
 from conftest import (
     Case,
     OpLog,
@@ -68,6 +75,9 @@ HAND_CASES = [
     C(B=1, Hq=2, Hkv=1, Nq=50, Nk=7, P=1, D=16, causal=True, prefix="bank"),
     C(B=2, Hq=2, Hkv=1, Nq=17, Nk=1, P=257, D=64, causal=True),
     C(B=2, Hq=4, Hkv=2, Nq=100, Nk=1, P=63, D=64, prefix="bank"),
+    # no sequence keys at all: the prefix alone
+    C(B=2, Hq=4, Hkv=2, Nq=5, Nk=0, P=7, D=32),
+    C(B=2, Hq=4, Hkv=2, Nq=5, Nk=0, P=7, D=32, causal=True, prefix="bank"),
     # block-aligned sizes (the easy path must be right too)
     C(B=2, Hq=4, Hkv=4, Nq=64, Nk=64, P=64, D=64, causal=True, grads="none"),
     C(B=1, Hq=4, Hkv=2, Nq=257, Nk=257, P=63, D=64, causal=True, prefix="bank", mask="bool-1HNqNk"),
@@ -85,6 +95,15 @@ HAND_CASES = [
     C(B=2, Hq=4, Hkv=2, Nq=17, Nk=33, P=63, D=256, causal=True),
     C(B=1, Hq=2, Hkv=1, Nq=17, Nk=33, P=3, D=96),
     C(B=1, Hq=2, Hkv=1, Nq=17, Nk=33, P=3, D=32, prefix="bank", T=1),
+    # large scores (a softmax without a correct running max overflows), small scale
+    C(B=2, Hq=4, Hkv=2, Nq=65, Nk=130, P=17, D=64, causal=True, amp=30),
+    C(B=2, Hq=2, Hkv=1, Nq=65, Nk=130, P=17, D=64, scale=0.01, prefix="per_row"),
+    # Hugging Face style additive masks (finfo.min, not -inf)
+    C(B=2, Hq=4, Hkv=2, Nq=33, Nk=47, P=5, D=64, kpm="left", mask="fmin-B11Nk"),
+    C(B=2, Hq=2, Hkv=1, Nq=20, Nk=20, P=0, D=32, prefix="none", mask="fmin-Nq1"),
+    # strided masks and index (kvslice also makes them non-contiguous, index int32)
+    C(B=3, Hq=4, Hkv=2, Nq=29, Nk=41, P=7, D=64, causal=True, prefix="bank", kpm="right", mask="bool-BHNqNk", layout="kvslice"),
+    C(B=3, Hq=4, Hkv=2, Nq=29, Nk=41, P=7, D=64, prefix="bank", kpm="int_left", mask="float-NqNk", layout="qT+kvslice", grads="prefix"),
     # long sequences
     C(B=1, Hq=1, Hkv=1, Nq=1025, Nk=1025, P=63, D=64, causal=True),
     C(B=1, Hq=2, Hkv=1, Nq=1025, Nk=1100, P=257, D=128, prefix="bank", T=2, kpm="left", grads="prefix"),
@@ -101,6 +120,8 @@ LOW_PRECISION_CASES = [
     C(B=2, Hq=8, Hkv=2, Nq=50, Nk=50, P=15, D=64, causal=True, prefix="bank", kpm="int_right", grads="prefix", dtype="bf16"),
     C(B=1, Hq=2, Hkv=2, Nq=257, Nk=257, P=63, D=96, causal=True, layout="kvslice", dtype="bf16"),
     C(B=2, Hq=4, Hkv=2, Nq=17, Nk=40, P=7, D=256, mask="bool-NqNk", dtype="fp16"),
+    C(B=2, Hq=4, Hkv=1, Nq=40, Nk=70, P=9, D=64, causal=True, prefix="bank", amp=20, dtype="fp16"),
+    C(B=2, Hq=4, Hkv=2, Nq=33, Nk=47, P=5, D=64, kpm="left", mask="fmin-B11Nk", dtype="bf16"),
 ]
 
 _GRAD_CYCLE = ["all", "prefix", "q", "kv", "all", "none", "prefix", "all"]
@@ -118,20 +139,148 @@ PRODUCT_CASES = [
     )
 ]
 
-ALL_CASES = HAND_CASES + LOW_PRECISION_CASES + PRODUCT_CASES
+
+
+SMALL_NQ = [1, 2, 7, 16, 31, 64, 65, 100]
+SMALL_NK = [0, 1, 5, 31, 64, 65, 127]
+MEDIUM_NQ = [1, 63, 129, 255, 300, 511]
+MEDIUM_NK = [1, 64, 200, 257, 513, 700]
+
+
+def _random_cases(n, seed=2024, nq=SMALL_NQ, nk=SMALL_NK):
+    """Seeded random draws from the whole space: breadth beyond the hand list."""
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(n):
+        prefix = rng.choice(["none", "shared", "per_row", "bank"])
+        Nk = rng.choice(nk)
+        grads = rng.choice(["all", "all", "prefix", "q", "kv", "none", "v", "prefix_k"])
+        if prefix == "none" and grads.startswith("prefix"):
+            grads = "all"
+        Hkv = rng.choice([1, 2, 3])
+        cases.append(C(
+            B=rng.choice([1, 2, 3]), Hkv=Hkv, Hq=Hkv * rng.choice([1, 2, 4]),
+            Nq=rng.choice(nq), Nk=Nk,
+            P=rng.choice([0, 1, 3, 16, 33, 64]), D=rng.choice([16, 32, 64, 80, 96, 128]),
+            causal=rng.random() < 0.5, prefix=prefix, T=rng.choice([0, 1, 2, 5]),
+            kpm=rng.choice(["none", "left", "right", "int_left", "allpad"]) if Nk else "none",
+            mask=rng.choice(["none", "none", "bool-NqNk", "float-B1NqNk", "fmin-B11Nk", "bool-HNqNk", "float-1HNqNk"]),
+            layout=rng.choice(["contig", "contig", "qT", "kvslice", "qT+kvslice", "qstride2"]),
+            grads=grads, dtype=rng.choice(["fp32", "fp32", "fp32", "fp16", "bf16"]),
+        ))
+    return cases
+
+
+RANDOM_CASES = _random_cases(250) + _random_cases(30, seed=99, nq=MEDIUM_NQ, nk=MEDIUM_NK)
+#: with --run-slow only
+SLOW_RANDOM_CASES = _random_cases(600, seed=5) + _random_cases(150, seed=6, nq=MEDIUM_NQ, nk=MEDIUM_NK)
+
+#: Factors of the pairwise covering design: every value of every factor meets every
+#: value of every other factor in at least one case.
+PAIRWISE_FACTORS = {
+    "Nq": [1, 17, 113, 1025],
+    "P": [0, 1, 63, 257],
+    "D": [16, 64, 80, 128],
+    "group": [1, 2, 4],
+    "prefix": ["none", "shared", "per_row", "bank"],
+    "causal": [False, True],
+    "dtype": ["fp32", "fp16", "bf16"],
+    "masks": ["none", "kpm_left", "kpm_int_right", "bool-NqNk", "float-B1NqNk", "kpm_right+bool-B11Nk"],
+    "layout": ["contig", "qT", "kvslice"],
+    "grads": ["all", "prefix", "q", "kv", "none"],
+}
+
+
+def _pairwise_rows(factors, seed=7, candidates=60):
+    """Greedy pairwise covering: repeatedly take, of some random candidate rows, the one
+    covering the most value pairs not yet covered."""
+    rng = random.Random(seed)
+    names = list(factors)
+    uncovered = {
+        (a, va, b, vb)
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        for va in range(len(factors[a]))
+        for vb in range(len(factors[b]))
+    }
+    rows = []
+    while uncovered:
+        # seed each candidate with one uncovered pair, so every pick makes progress
+        best, best_gain = None, -1
+        for _ in range(candidates):
+            a, va, b, vb = rng.choice(sorted(uncovered))
+            row = {n: rng.randrange(len(factors[n])) for n in names}
+            row[a], row[b] = va, vb
+            gain = sum(
+                (x, row[x], y, row[y]) in uncovered
+                for i, x in enumerate(names)
+                for y in names[i + 1 :]
+            )
+            if gain > best_gain:
+                best, best_gain = row, gain
+        rows.append(best)
+        uncovered -= {(x, best[x], y, best[y]) for i, x in enumerate(names) for y in names[i + 1 :]}
+    return [{n: factors[n][row[n]] for n in names} for row in rows]
+
+
+def _pairwise_cases():
+    rng = random.Random(11)
+    cases = []
+    for row in _pairwise_rows(PAIRWISE_FACTORS):
+        big = row["Nq"] > 200
+        Hkv = 1 if big else rng.choice([1, 2])
+        Nq = row["Nq"]
+        # Nk >= Nq mostly; causal rows sometimes get Nk < Nq (queries before Nq - Nk see
+        # only the prefix)
+        if row["causal"] and Nq > 1 and rng.random() < 0.3:
+            Nk = rng.randrange(1, Nq)
+        else:
+            Nk = Nq + rng.choice([0, 1, 37, 90])
+        kpm, mask = "none", "none"
+        for part in row["masks"].split("+"):
+            if part.startswith("kpm_"):
+                kpm = part[4:]
+            elif part != "none":
+                mask = part
+        prefix, grads = row["prefix"], row["grads"]
+        if prefix == "none" and grads == "prefix":
+            grads = "all"
+        cases.append(C(
+            B=1 if big else 2, Hq=Hkv * row["group"], Hkv=Hkv, Nq=Nq, Nk=Nk, P=row["P"], D=row["D"],
+            causal=row["causal"], prefix=prefix, kpm=kpm, mask=mask, layout=row["layout"], grads=grads,
+            dtype=row["dtype"],
+        ))
+    return cases
+
+
+PAIRWISE_CASES = _pairwise_cases()
+
+ALL_CASES = HAND_CASES + LOW_PRECISION_CASES + PRODUCT_CASES + PAIRWISE_CASES + RANDOM_CASES
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id()) for c in ALL_CASES])
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, id=c.id()) for c in ALL_CASES]
+    + [pytest.param(c, id=f"slow{i}-{c.id()}", marks=pytest.mark.slow) for i, c in enumerate(SLOW_RANDOM_CASES)],
+)
 def test_matches_reference(case, backend):
     x = make_inputs(case, device=device_for(backend))
+    before = [t.clone() for t in _input_tensors(x)]
     ours = run_attention(x, backend)
+    for old, new in zip(before, _input_tensors(x)):
+        assert torch.equal(old, new), "an input was modified in place"
     lo, hi = reference_pair(x)
     check_against_reference(ours, lo, hi, case)
     if case.kpm != "none":
         _check_padded_key_grads_are_zero(case, ours)
     if case.prefix == "bank":
         _check_unused_bank_entries_are_zero(case, ours)
+
+
+def _input_tensors(x):
+    masks = [x.key_padding_mask, x.attn_mask, x.prefix_index, x.dout_leaf]
+    return [t.detach() for t in list(x.leaves.values()) + masks if t is not None]
 
 
 def _check_padded_key_grads_are_zero(c, ours):
@@ -158,6 +307,33 @@ def _check_unused_bank_entries_are_zero(c, ours):
                 assert torch.count_nonzero(g[t]) == 0, f"d{name}[{t}] nonzero but entry {t} is unused"
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] == "cpu"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_other_thread_counts(threads, backend):
+    """The work split over threads must not change the answer (1 thread: no split; 3
+    threads on 2 cores: an odd split)."""
+    case = C(B=3, Hq=4, Hkv=1, Nq=77, Nk=150, P=40, D=64, causal=True, prefix="bank", kpm="left")
+    x = make_inputs(case, device=device_for(backend))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = run_attention(x, backend)
+        det = run_attention(x.cast(case.torch_dtype), backend, deterministic=True)
+    finally:
+        torch.set_num_threads(saved)
+    lo, hi = reference_pair(x)
+    check_against_reference(ours, lo, hi, case)
+    check_against_reference(det, lo, hi, case, what="deterministic ")
+
+
+def test_nan_poison_fixture_is_active():
+    """The fixture this module relies on: Python-allocated buffers start as NaN."""
+    for t in (torch.empty(5), torch.empty_like(torch.zeros(3, 2)), torch.zeros(2).new_empty(4),
+              torch.empty_strided((2, 3), (1, 2))):
+        assert torch.isnan(t).all()
+    assert not torch.isnan(torch.empty(3, dtype=torch.int64).float()).any()  # ints untouched
+
+
 # --------------------------------------------------------------------------- fully masked rows
 
 MASKED_ROW_CASES = [
@@ -167,6 +343,7 @@ MASKED_ROW_CASES = [
     C(B=3, Hq=2, Hkv=2, Nq=21, Nk=30, P=0, D=64, kpm="allpad"),
     C(B=2, Hq=2, Hkv=1, Nq=30, Nk=30, P=0, D=64, prefix="none", mask="bool-Nq1", dtype="fp16"),
     C(B=2, Hq=2, Hkv=1, Nq=30, Nk=30, P=0, D=64, prefix="none", mask="float-Nq1"),
+    C(B=2, Hq=2, Hkv=1, Nq=5, Nk=0, P=0, D=32, prefix="none"),
 ]
 
 
@@ -187,7 +364,7 @@ def test_fully_masked_rows(case, backend):
     lo, hi = reference_pair(x)
     masked = torch.isneginf(hi.lse)
     assert masked.any(), "test setup: no fully masked row"
-    assert not masked.all(), "test setup: every row masked"
+    assert case.Nk == 0 or not masked.all(), "test setup: every row masked"
     out_masked = ours.out.masked_select(masked.unsqueeze(-1))
     assert torch.equal(out_masked, torch.zeros_like(out_masked)), "out of a fully masked row is not exactly 0"
     assert torch.equal(torch.isneginf(ours.lse), masked), "lse is -inf exactly on the fully masked rows"
@@ -198,6 +375,66 @@ def test_fully_masked_rows(case, backend):
     dq_masked = dq.masked_select(masked.unsqueeze(-1))
     assert torch.count_nonzero(dq_masked) == 0, "dq of a fully masked query is not 0"
     check_against_reference(ours, lo, hi, case)
+
+
+# --------------------------------------------------------------------------- other upstream gradients
+
+LSE_GRAD_CASES = [
+    C(B=2, Hq=4, Hkv=2, Nq=113, Nk=203, P=63, D=80, causal=True, prefix="bank"),
+    C(B=3, Hq=4, Hkv=1, Nq=17, Nk=40, P=1, D=64, kpm="left", mask="float-B1NqNk", layout="qT", grads="prefix"),
+    C(B=2, Hq=2, Hkv=2, Nq=33, Nk=17, P=5, D=64, causal=True, grads="q"),
+    C(B=2, Hq=4, Hkv=2, Nq=31, Nk=47, P=15, D=128, prefix="per_row", dtype="bf16"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id()) for c in LSE_GRAD_CASES])
+def test_lse_gradient(case, backend):
+    """lse is differentiable too (d lse / d s = softmax): a loss on out and lse."""
+    x = make_inputs(case, device=device_for(backend))
+    ours = run_attention(x, backend, lse_grad=True)
+    lo = run_attention(x.cast(case.torch_dtype), "reference", lse_grad=True)
+    hi = run_attention(x.cast(torch.float64), "reference", lse_grad=True)
+    check_against_reference(ours, lo, hi, case)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, id=c.id())
+        for c in [
+            C(B=2, Hq=4, Hkv=2, Nq=37, Nk=45, P=9, D=64, causal=True, prefix="bank"),
+            C(B=2, Hq=4, Hkv=1, Nq=37, Nk=45, P=9, D=64, kpm="right", dtype="fp16"),
+        ]
+    ],
+)
+def test_backward_of_sum(case, backend):
+    """loss = out.sum() hands the backward a dout with all strides 0."""
+    x = make_inputs(case, device=device_for(backend))
+    x.dout_leaf = torch.ones((), dtype=case.torch_dtype, device=x.dout_leaf.device)
+    x.dout_view = lambda t: t.expand(case.B, case.Hq, case.Nq, case.D)
+    ours = run_attention(x, backend)
+    lo, hi = reference_pair(x)
+    check_against_reference(ours, lo, hi, case)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "shape",
+    [dict(B=0), dict(Nq=0), dict(B=0, prefix="bank"), dict(Nq=0, Nk=0, P=0)],
+    ids=["B0", "Nq0", "B0-bank", "Nq0-Nk0-P0"],
+)
+def test_empty_problem(shape, backend):
+    """Zero-size dimensions return zero-size results (and zero gradients), no crash."""
+    c = C(**{**dict(B=2, Hq=4, Hkv=2, Nq=5, Nk=7, P=3, D=32, causal=True), **shape})
+    x = make_inputs(c, device=device_for(backend))
+    ours = run_attention(x, backend)
+    assert ours.out.shape == (c.B, c.Hq, c.Nq, c.D)
+    assert ours.lse.shape == (c.B, c.Hq, c.Nq)
+    for name, g in ours.grads.items():
+        assert g is not None and g.shape == x.tensors()[name].shape
+        assert torch.count_nonzero(g) == 0, f"d{name} not zero"
 
 
 # --------------------------------------------------------------------------- odd head dims and dtypes
@@ -248,7 +485,7 @@ def test_shared_prefix_grad_is_sum_of_per_row_grads(causal, backend):
     per-row gradients summed over the batch (independent of the reference)."""
     c = C(B=3, Hq=4, Hkv=1, Nq=37, Nk=45, P=19, D=64, causal=causal, kpm="left")
     shared = make_inputs(c, device=device_for(backend))
-    rows = dataclasses_replace_prefix(shared, "per_row")
+    rows = as_per_row_prefix(shared, "per_row")
     r_shared, gk_shared, gv_shared = _prefix_grads(shared, backend)
     r_rows, gk_rows, gv_rows = _prefix_grads(rows, backend)
     torch.testing.assert_close(r_shared.out, r_rows.out, rtol=1e-6, atol=1e-6)
@@ -266,7 +503,7 @@ def test_bank_grad_is_scatter_of_per_row_grads(backend):
     bank = make_inputs(c, device=device_for(backend))
     index = torch.tensor([4, 1, 4, 4, 1], device=bank.prefix_index.device)
     bank.prefix_index = index
-    rows = dataclasses_replace_prefix(bank, "per_row", gather=index)
+    rows = as_per_row_prefix(bank, "per_row", gather=index)
     r_bank, gk_bank, gv_bank = _prefix_grads(bank, backend)
     r_rows, gk_rows, gv_rows = _prefix_grads(rows, backend)
     torch.testing.assert_close(r_bank.out, r_rows.out, rtol=1e-6, atol=1e-6)
@@ -278,11 +515,9 @@ def test_bank_grad_is_scatter_of_per_row_grads(backend):
             assert torch.count_nonzero(got[t]) == 0, f"d{name}[{t}] nonzero for an unused entry"
 
 
-def dataclasses_replace_prefix(x, mode, gather=None):
+def as_per_row_prefix(x, mode, gather=None):
     """The same problem with the prefix given one per row: a shared prefix repeated
     B times, or the bank entries each row uses gathered."""
-    import dataclasses
-
     c = dataclasses.replace(x.case, prefix=mode)
     leaves = dict(x.leaves)
     for name in ("prefix_k", "prefix_v"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import prefix_attn
-from conftest import Case, backend_params, device_for, make_inputs, op_args, run_attention
+from conftest import backend_params, device_for, op_args
 
 pytestmark = pytest.mark.skipif(
     "cpu" not in prefix_attn.available_backends(), reason="compiled ops not built"
@@ -16,6 +16,11 @@ pytestmark = pytest.mark.skipif(
 def _t(*shape, seed, requires_grad=False, dtype=torch.float32):
     t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
     return t.requires_grad_(requires_grad)
+
+
+def _on(x, device):
+    """The same leaves on another device (tensors only; requires_grad kept)."""
+    return {n: t.detach().to(device).requires_grad_(t.requires_grad) for n, t in x.items()}
 
 
 B, HQ, HKV, NQ, NK, P, D = 2, 4, 2, 7, 11, 3, 16
@@ -90,7 +95,7 @@ def _eager_and_compiled(fn, x, dout_seed=9, **compile_kwargs):
     for f in (fn, torch.compile(fn, fullgraph=True, **compile_kwargs)):
         leaves = {n: t.detach().clone().requires_grad_(t.requires_grad) for n, t in x.items()}
         out, lse = f(**leaves)
-        dout = _t(*out.shape, seed=dout_seed)
+        dout = _t(*out.shape, seed=dout_seed).to(out.device)
         out.backward(dout)
         grads = {n: t.grad for n, t in leaves.items() if t.requires_grad}
         results.append((out.detach(), lse.detach(), grads))
@@ -111,7 +116,7 @@ def test_compile_fullgraph_shared_prefix(backend, fresh_compile):
     x = dict(q=_t(B, HQ, NQ, D, seed=1, requires_grad=True), k=_t(B, HKV, NK, D, seed=2, requires_grad=True),
              v=_t(B, HKV, NK, D, seed=3, requires_grad=True), prefix_k=_t(HKV, P, D, seed=4, requires_grad=True),
              prefix_v=_t(HKV, P, D, seed=5, requires_grad=True), key_padding_mask=kpm)
-    (eo, el, eg), (co, cl, cg) = _eager_and_compiled(fn, x)
+    (eo, el, eg), (co, cl, cg) = _eager_and_compiled(fn, _on(x, device_for(backend)))
     torch.testing.assert_close(co, eo, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cl, el, rtol=1e-5, atol=1e-6)
     assert set(cg) == set(eg) == {"q", "k", "v", "prefix_k", "prefix_v"}
@@ -131,7 +136,7 @@ def test_compile_fullgraph_bank_prefix_only_trainable(backend, fresh_compile):
     x = dict(q=_t(B, HQ, NQ, D, seed=1), k=_t(B, HKV, NK, D, seed=2), v=_t(B, HKV, NK, D, seed=3),
              prefix_k=_t(4, HKV, P, D, seed=4, requires_grad=True), prefix_v=_t(4, HKV, P, D, seed=5, requires_grad=True),
              prefix_index=torch.tensor([2, 0]), attn_mask=_t(NQ, NK, seed=6))
-    (eo, el, eg), (co, cl, cg) = _eager_and_compiled(fn, x)
+    (eo, el, eg), (co, cl, cg) = _eager_and_compiled(fn, _on(x, device_for(backend)))
     torch.testing.assert_close(co, eo, rtol=1e-5, atol=1e-6)
     assert set(cg) == {"prefix_k", "prefix_v"}
     for n in eg:
@@ -150,6 +155,7 @@ def test_compile_dynamic_shapes(backend, fresh_compile):
         x = dict(q=_t(B, HQ, nq, D, seed=nq, requires_grad=True), k=_t(B, HKV, nk, D, seed=nk, requires_grad=True),
                  v=_t(B, HKV, nk, D, seed=nk + 1, requires_grad=True), prefix_k=_t(HKV, P, D, seed=4, requires_grad=True),
                  prefix_v=_t(HKV, P, D, seed=5, requires_grad=True))
+        x = _on(x, device_for(backend))
         eager_out, eager_lse = fn(**x)
         eager_out.sum().backward()
         eager_grads = {n: t.grad.clone() for n, t in x.items()}

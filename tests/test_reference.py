@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import prefix_attn
 from conftest import Case, make_inputs, max_abs_err, run_attention
 
 C = Case

@@ -1,7 +1,9 @@
 // CPU kernels for attention over [prefix KV ; sequence KV], flash style.
 //
-// Every tile is multiplied with cpublas (MKL sgemm in the PyTorch wheels) in float32; the
-// softmax runs in base 2 with the scale folded into the first GEMM, as in the Triton tutorial.
+// Every tile is multiplied with BLAS sgemm (MKL in the PyTorch wheels) in float32, with the scale
+// folded into the score GEMM. Scores stay in natural units: an additive mask of finfo.min (what
+// Hugging Face uses) must stay finite, and s * log2(e) would overflow. Exponentials are taken
+// as 2^((s - max) * log2 e) by a vectorised polynomial.
 // Nothing of size [B, H, P + N, D] is ever built: prefix tiles are read straight from the
 // prefix (or the bank entry a row uses), then sequence tiles from k / v.
 //
@@ -207,7 +209,6 @@ struct SeqMask {
     return kpm != nullptr || kind != MaskKind::kNone || (causal && j0 + bn - 1 > i0 + offset);
   }
 
-  // S holds base-2 scores, so an additive mask is scaled by log2(e).
   void apply(float* S, int64_t ld, int64_t i0, int64_t bm, int64_t j0, int64_t bn) const {
     for (int64_t r = 0; r < bm; ++r) {
       const int64_t i = i0 + r;
@@ -226,14 +227,14 @@ struct SeqMask {
           if (!m[c * mask_sj]) s[c] = kNegInf;
       } else if (kind == MaskKind::kFloat) {
         const float* m = static_cast<const float*>(mask) + i * mask_si + j0 * mask_sj;
-        for (int64_t c = 0; c < bn; ++c) s[c] += m[c * mask_sj] * kLog2e;
+        for (int64_t c = 0; c < bn; ++c) s[c] += m[c * mask_sj];
       }
     }
   }
 };
 
-// One step of the online softmax over a [bm, bn] tile of base-2 scores (columns padded with
-// -inf to whole vectors). Turns S into unnormalised probabilities and rescales the running row
+// One step of the online softmax over a [bm, bn] tile of scores (columns padded with -inf to
+// whole vectors). Turns S into unnormalised probabilities and rescales the running row
 // max m, sum l and output acc.
 void online_softmax_step(float* S, int64_t ldS, int64_t bm, int64_t bn, float* m, float* l,
                          float* acc, int64_t D) {
@@ -253,13 +254,13 @@ void online_softmax_step(float* S, int64_t ldS, int64_t bm, int64_t bn, float* m
     }
     vfloat vsum{};
     for (int64_t c = 0; c < n_up; c += kLanes) {
-      const vfloat e = vexp2(vload(s + c) - mx);
+      const vfloat e = vexp2((vload(s + c) - mx) * kLog2e);
       vstore(s + c, e);
       vsum += e;
     }
     float sum = 0.f;
     for (int64_t c = 0; c < kLanes; ++c) sum += vsum[c];
-    const float alpha = fast_exp2(m[r] - mx);
+    const float alpha = fast_exp2((m[r] - mx) * kLog2e);
     l[r] = l[r] * alpha + sum;
     m[r] = mx;
     if (alpha != 1.f) {
@@ -273,7 +274,6 @@ template <typename T>
 void forward_impl(const FwdParams& p) {
   const int64_t D = p.D, group = p.Hq / p.Hkv;
   const int64_t n_qblocks = ceil_div(p.Nq, kBlockM);
-  const float qk_scale = p.scale * kLog2e;
   const T* q = static_cast<const T*>(p.q.ptr);
   const T* k = static_cast<const T*>(p.k.ptr);
   const T* v = static_cast<const T*>(p.v.ptr);
@@ -297,7 +297,7 @@ void forward_impl(const FwdParams& p) {
 
       auto attend = [&](const float* K, const float* V, int64_t bn, const SeqMask* mask,
                         int64_t j0) {
-        gemm(false, true, bm, bn, D, qk_scale, Q, ldq, K, ldk, 0.f, S.data(), kBlockN);
+        gemm(false, true, bm, bn, D, p.scale, Q, ldq, K, ldk, 0.f, S.data(), kBlockN);
         if (mask != nullptr) mask->apply(S.data(), kBlockN, i0, bm, j0, bn);
         pad_columns(S.data(), kBlockN, bm, bn, kNegInf);
         online_softmax_step(S.data(), kBlockN, bm, bn, m.data(), l.data(), acc.data(), D);
@@ -337,19 +337,64 @@ void forward_impl(const FwdParams& p) {
         // l == 0 only when no key was visible (possible only with P == 0): out 0, lse -inf.
         const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
         store_rows(acc.data() + r * D, D, 1, D, inv, o + r * p.out.s[2], p.out.s[2], p.out.s[3]);
-        lse[r] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : kNegInf;
+        lse[r] = l[r] > 0.f ? m[r] + std::log2(l[r]) * kLn2 : kNegInf;
       }
     }
   });
 }
 
-// Per-row quantities the backward needs: lse in base 2, and Delta = rowsum(dout * out) - dlse
-// (the dlse term carries a gradient flowing into the returned lse: d lse / d s_j = p_j).
+// Per query row, what the backward needs to rebuild probabilities: P = exp(S - shift - logl),
+// and Delta = rowsum(dout * out) - dlse (the dlse term carries a gradient flowing into the
+// returned lse: d lse / d s_j = p_j).
+//
+// Normally shift = lse and logl = 0. But when a row's scores are huge (an additive mask of
+// finfo.min over every key it sees, as Hugging Face builds them), float32 cannot hold
+// lse = max + log(l) to better than its max: log(l) is rounded away and every probability would
+// come out l times too large. Such rows (rare) get their max and log(l) recomputed exactly.
+struct RowStats {
+  std::vector<float> delta, shift, logl;
+};
+constexpr float kHugeLse = 1048576.f;  // 2^20: float32 spacing there is 1/8, too coarse for log(l)
+
 template <typename T>
-void backward_row_stats(const BwdParams& p, std::vector<float>& lse2, std::vector<float>& delta) {
+void exact_row_stats(const FwdParams& p, int64_t b, int64_t h, int64_t i, float* shift,
+                     float* logl) {
+  const int64_t D = p.D, g = h / (p.Hq / p.Hkv);
+  std::vector<float> qbuf(D), kbuf(kBlockN * D), S(kBlockN);
+  int64_t ldq, ldk;
+  const float* Q = rows_as_float(static_cast<const T*>(p.q.ptr) + b * p.q.s[0] + h * p.q.s[1] +
+                                     i * p.q.s[2],
+                                 p.q.s[2], p.q.s[3], 1, D, qbuf.data(), &ldq);
+  float m = kNegInf, l = 0.f;
+  auto visit = [&](const T* keys, const int64_t* ks, int64_t n, const SeqMask* mask) {
+    for (int64_t j0 = 0; j0 < n; j0 += kBlockN) {
+      const int64_t bn = std::min(kBlockN, n - j0);
+      const float* K = rows_as_float(keys + j0 * ks[2], ks[2], ks[3], bn, D, kbuf.data(), &ldk);
+      gemm(false, true, 1, bn, D, p.scale, Q, ldq, K, ldk, 0.f, S.data(), kBlockN);
+      if (mask != nullptr) mask->apply(S.data(), kBlockN, i, 1, j0, bn);
+      pad_columns(S.data(), kBlockN, 1, bn, kNegInf);
+      online_softmax_step(S.data(), kBlockN, 1, bn, &m, &l, nullptr, 0);
+    }
+  };
+  if (p.P > 0) {
+    const int64_t e = p.prefix_entry(b);
+    visit(static_cast<const T*>(p.prefix_k.ptr) + e * p.prefix_k.s[0] + g * p.prefix_k.s[1],
+          p.prefix_k.s, p.P, nullptr);
+  }
+  const SeqMask mask(p, b, h);
+  visit(static_cast<const T*>(p.k.ptr) + b * p.k.s[0] + g * p.k.s[1], p.k.s,
+        mask.key_end(i, 1, p.Nk), &mask);
+  *shift = m;
+  *logl = l > 0.f ? std::log(l) : 0.f;
+}
+
+template <typename T>
+RowStats backward_row_stats(const BwdParams& p) {
   const int64_t rows = p.B * p.Hq * p.Nq, D = p.D;
-  lse2.resize(rows);
-  delta.resize(rows);
+  RowStats st;
+  st.delta.resize(rows);
+  st.shift.assign(p.lse_fwd, p.lse_fwd + rows);
+  st.logl.assign(rows, 0.f);
   const T* dout = static_cast<const T*>(p.dout.ptr);
   const T* out = static_cast<const T*>(p.out_fwd.ptr);
   at::parallel_for(0, p.B * p.Hq, 1, [&](int64_t begin, int64_t end) {
@@ -362,33 +407,36 @@ void backward_row_stats(const BwdParams& p, std::vector<float>& lse2, std::vecto
         float acc = 0.f;
         for (int64_t c = 0; c < D; ++c)
           acc += static_cast<float>(dor[c * p.dout.s[3]]) * static_cast<float>(orow[c * p.out_fwd.s[3]]);
-        delta[row] = acc - (p.dlse != nullptr ? p.dlse[row] : 0.f);
-        lse2[row] = p.lse_fwd[row] * kLog2e;
+        st.delta[row] = acc - (p.dlse != nullptr ? p.dlse[row] : 0.f);
+        const float lse = p.lse_fwd[row];
+        if (std::isfinite(lse) && std::abs(lse) > kHugeLse)
+          exact_row_stats<T>(p, b, h, i, &st.shift[row], &st.logl[row]);
       }
     }
   });
+  return st;
 }
 
 // Probabilities and score gradients of one [bm, bn] tile, in place:
-//   S  <- P  = 2^(S - lse2)                      (S: base-2 scores, masked entries -inf)
+//   S  <- P  = exp(S - shift - logl)             (S: scores, masked entries -inf)
 //   dP <- dS = P * (dP - Delta)                  (dP: dout @ V^T)
-// Rows with lse = -inf saw no key at all; their P is 0. Columns past bn are padded first.
+// Rows whose shift is -inf saw no key at all; their P is 0. Columns past bn are padded first.
 void probs_and_dscores(float* S, float* dP, int64_t ld, int64_t bm, int64_t bn,
-                       const float* lse2, const float* delta) {
+                       const RowStats& st, int64_t row0) {
   pad_columns(S, ld, bm, bn, kNegInf);
   pad_columns(dP, ld, bm, bn, 0.f);
   const int64_t n_up = round_up_lanes(bn);
   for (int64_t r = 0; r < bm; ++r) {
     float* s = S + r * ld;
     float* dp = dP + r * ld;
-    const float L = lse2[r], dl = delta[r];
+    const float L = st.shift[row0 + r], ll = st.logl[row0 + r], dl = st.delta[row0 + r];
     if (L == kNegInf) {
       std::fill(s, s + n_up, 0.f);
       std::fill(dp, dp + n_up, 0.f);
       continue;
     }
     for (int64_t c = 0; c < n_up; c += kLanes) {
-      const vfloat pr = vexp2(vload(s + c) - L);
+      const vfloat pr = vexp2(((vload(s + c) - L) - ll) * kLog2e);
       vstore(s + c, pr);
       vstore(dp + c, pr * (vload(dp + c) - dl));
     }
@@ -397,10 +445,8 @@ void probs_and_dscores(float* S, float* dP, int64_t ld, int64_t bm, int64_t bn,
 
 // Pass 1: dq, dk, dv. One task per (b, kv head g).
 template <typename T>
-void backward_sequence(const BwdParams& p, const std::vector<float>& lse2,
-                       const std::vector<float>& delta) {
+void backward_sequence(const BwdParams& p, const RowStats& st) {
   const int64_t D = p.D, group = p.Hq / p.Hkv, Nk = p.Nk;
-  const float qk_scale = p.scale * kLog2e;
   const T* q = static_cast<const T*>(p.q.ptr);
   const T* k = static_cast<const T*>(p.k.ptr);
   const T* v = static_cast<const T*>(p.v.ptr);
@@ -463,12 +509,11 @@ void backward_sequence(const BwdParams& p, const std::vector<float>& lse2,
           if (prefix_dq) {
             for (int64_t j0 = 0; j0 < p.P; j0 += kBlockN) {
               const int64_t bn = std::min(kBlockN, p.P - j0);
-              gemm(false, true, bm, bn, D, qk_scale, Q, ldq, PK + j0 * ldpk, ldpk, 0.f,
+              gemm(false, true, bm, bn, D, p.scale, Q, ldq, PK + j0 * ldpk, ldpk, 0.f,
                    S.data(), kBlockN);
               gemm(false, true, bm, bn, D, 1.f, dO, lddo, PV + j0 * ldpv, ldpv, 0.f, dP.data(),
                    kBlockN);
-              probs_and_dscores(S.data(), dP.data(), kBlockN, bm, bn, lse2.data() + row0,
-                                delta.data() + row0);
+              probs_and_dscores(S.data(), dP.data(), kBlockN, bm, bn, st, row0);
               gemm(false, false, bm, D, bn, 1.f, dP.data(), kBlockN, PK + j0 * ldpk, ldpk, 1.f,
                    dqacc.data(), D);
             }
@@ -476,13 +521,12 @@ void backward_sequence(const BwdParams& p, const std::vector<float>& lse2,
 
           for (int64_t j0 = 0; j0 < j_end; j0 += kBlockN) {
             const int64_t bn = std::min(kBlockN, j_end - j0);
-            gemm(false, true, bm, bn, D, qk_scale, Q, ldq, K + j0 * ldk, ldk, 0.f, S.data(),
+            gemm(false, true, bm, bn, D, p.scale, Q, ldq, K + j0 * ldk, ldk, 0.f, S.data(),
                  kBlockN);
             if (mask.tile_needs_mask(i0, j0, bn)) mask.apply(S.data(), kBlockN, i0, bm, j0, bn);
             gemm(false, true, bm, bn, D, 1.f, dO, lddo, V + j0 * ldv, ldv, 0.f, dP.data(),
                  kBlockN);
-            probs_and_dscores(S.data(), dP.data(), kBlockN, bm, bn, lse2.data() + row0,
-                              delta.data() + row0);
+            probs_and_dscores(S.data(), dP.data(), kBlockN, bm, bn, st, row0);
             if (p.need_dkv) {
               gemm(true, false, bn, D, bm, 1.f, S.data(), kBlockN, dO, lddo, 1.f,
                    dvacc.data() + j0 * D, D);
@@ -516,10 +560,8 @@ void backward_sequence(const BwdParams& p, const std::vector<float>& lse2,
 // Pass 2: dprefix_k, dprefix_v, summed over the rows using each bank entry and over the query
 // heads of each KV group. One task per (entry t, kv head g, prefix block, row chunk).
 template <typename T>
-void backward_prefix(const BwdParams& p, const std::vector<float>& lse2,
-                     const std::vector<float>& delta) {
+void backward_prefix(const BwdParams& p, const RowStats& st) {
   const int64_t D = p.D, group = p.Hq / p.Hkv, T_ = p.T, P = p.P;
-  const float qk_scale = p.scale * kLog2e;
 
   // Rows grouped by the entry they use (a stable counting sort: fixed order, run to run).
   std::vector<int64_t> start(T_ + 1, 0), rows(p.B);
@@ -586,10 +628,9 @@ void backward_prefix(const BwdParams& p, const std::vector<float>& lse2,
             const float* dO =
                 rows_as_float(dout + b * p.dout.s[0] + h * p.dout.s[1] + i0 * p.dout.s[2],
                               p.dout.s[2], p.dout.s[3], bm, D, dobuf.data(), &lddo);
-            gemm(false, true, bm, bn, D, qk_scale, Q, ldq, K, ldk, 0.f, S.data(), kBlockN);
+            gemm(false, true, bm, bn, D, p.scale, Q, ldq, K, ldk, 0.f, S.data(), kBlockN);
             gemm(false, true, bm, bn, D, 1.f, dO, lddo, V, ldv, 0.f, dP.data(), kBlockN);
-            probs_and_dscores(S.data(), dP.data(), kBlockN, bm, bn, lse2.data() + row0,
-                              delta.data() + row0);
+            probs_and_dscores(S.data(), dP.data(), kBlockN, bm, bn, st, row0);
             gemm(true, false, bn, D, bm, 1.f, S.data(), kBlockN, dO, lddo, 1.f, dv.data(), D);
             gemm(true, false, bn, D, bm, 1.f, dP.data(), kBlockN, Q, ldq, 1.f, dk.data(), D);
           }
@@ -639,10 +680,9 @@ void backward_prefix(const BwdParams& p, const std::vector<float>& lse2,
 
 template <typename T>
 void backward_impl(const BwdParams& p) {
-  std::vector<float> lse2, delta;
-  backward_row_stats<T>(p, lse2, delta);
-  if (p.need_dq || p.need_dkv) backward_sequence<T>(p, lse2, delta);
-  if (p.need_dprefix && p.P > 0) backward_prefix<T>(p, lse2, delta);
+  const RowStats st = backward_row_stats<T>(p);
+  if (p.need_dq || p.need_dkv) backward_sequence<T>(p, st);
+  if (p.need_dprefix && p.P > 0) backward_prefix<T>(p, st);
 }
 
 template <typename F>
