@@ -17,7 +17,7 @@ install: $(VENV)/.built
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q "setuptools>=64" wheel ninja pybind11 pytest numpy expecttest matplotlib pytest-benchmark
+	$(PIP) install -q "setuptools>=64" wheel ninja pybind11 pytest numpy expecttest matplotlib pytest-benchmark triton
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
@@ -27,8 +27,11 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 demo: install
 	$(PY) benchmarks/demo.py
 
+# The Triton kernels run on CPU only under the interpreter, which must be switched on before
+# Triton is imported: their tests get a process of their own.
 test: install
 	$(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton.py
 
 bench: install
 	$(PY) benchmarks/bench_attention.py

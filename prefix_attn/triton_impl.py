@@ -569,6 +569,13 @@ def triton_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding
             t.zero_()
         return dq, dk, dv, dpk, dpv
 
+    if _mask_kind(attn_mask) == 2 and bool(((lse.abs() > 2.0**20) & lse.isfinite()).any()):
+        # A row whose scores are all near finfo.min (a Hugging Face float mask hiding every
+        # key, P == 0): float32 lse = max + log(l) lost log(l), and the probabilities rebuilt
+        # from it would be wrong. The CPU backend recomputes such rows; this one refuses.
+        raise NotImplementedError(
+            "prefix_attn: the triton backward cannot rebuild rows whose every visible key has an additive "
+            "mask near finfo.min (|lse| > 2^20); use a bool mask or key_padding_mask for padding")
     BM, BN, BD, warps = _blocks(D)
     qk_scale, exp_mul = _score_units(attn_mask, scale)
     dot = dict(EXP_MUL=exp_mul, **_dot_args(q.dtype))

@@ -31,6 +31,7 @@ adapters trained with PEFT give the same logits; with position_offset=False they
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -51,8 +52,9 @@ from ..functional import prefix_attention
 from ..prefix_encoder import PrefixEncoder
 
 __all__ = [
-    "ATTN_IMPLEMENTATION", "add_prefix_tuning", "remove_prefix_tuning", "get_prefix_encoder",
-    "save_prefix", "load_prefix", "load_peft_prefix", "prefix_attention_forward", "prefix_attention_mask",
+    "ATTN_IMPLEMENTATION", "add_prefix_tuning", "remove_prefix_tuning", "get_prefix_encoder", "prefix_disabled",
+    "init_prefix_from_text", "save_prefix", "load_prefix", "load_peft_prefix", "save_peft_prefix",
+    "prefix_attention_forward", "prefix_attention_mask",
 ]
 
 #: The name registered in transformers' AttentionInterface and AttentionMaskInterface.
@@ -90,19 +92,21 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
             f"prefix_attn: the attention of {type(module).__name__} ran without its prefix. Attention "
             f"implementation {ATTN_IMPLEMENTATION!r} is set by add_prefix_tuning, whose hook on the decoder passes "
             f"the prefix as the attention kwarg {PREFIX_KWARG!r}; this model did not forward it to its attention")
-    layer_idx = getattr(module, "layer_idx", None)
-    if layer_idx is None or not 0 <= layer_idx < len(layers):
-        raise RuntimeError(f"prefix_attn: {type(module).__name__} has layer_idx={layer_idx!r}, but the prefix has "
-                           f"{len(layers)} layers")
     for name in _UNSUPPORTED_ATTENTION_KWARGS:
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"prefix_attn: attention with {name}={kwargs[name]!r} is not supported")
     if dropout:
         raise NotImplementedError(f"prefix_attn: attention dropout ({dropout}) is not supported; set the model "
                                   "config's attention_dropout to 0.0")
-    prefix_k, prefix_v = layers[layer_idx]
-    if prefix_k.dtype != query.dtype:  # e.g. a float32 prefix in a bfloat16 model
-        prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
+    prefix_k = prefix_v = None
+    if len(layers):  # an empty tuple: the prefix is switched off (prefix_disabled)
+        layer_idx = getattr(module, "layer_idx", None)
+        if layer_idx is None or not 0 <= layer_idx < len(layers):
+            raise RuntimeError(f"prefix_attn: {type(module).__name__} has layer_idx={layer_idx!r}, but the prefix has "
+                               f"{len(layers)} layers")
+        prefix_k, prefix_v = layers[layer_idx]
+        if prefix_k.dtype != query.dtype:  # e.g. a float32 prefix in a bfloat16 model
+            prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
 
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
     key_padding_mask = attn_mask = None
@@ -222,6 +226,7 @@ class _PrefixTuning:
     previous_attn_implementation: Optional[str]
     previous_requires_grad: Dict[str, bool]
     hook: Any = None
+    enabled: bool = True
     generate_index: Optional[Tensor] = None  # prefix_index of the running model.generate
     wrapped_generate: bool = False
     extra: Dict[str, Any] = field(default_factory=dict)
@@ -234,10 +239,29 @@ def _state(model: nn.Module) -> Optional[_PrefixTuning]:
     return model.__dict__.get(_STATE_ATTR)
 
 
+def _require_state(model: nn.Module, what: str) -> _PrefixTuning:
+    state = _state(model)
+    if state is None:
+        raise ValueError(f"prefix_attn: {what} needs a model prepared with add_prefix_tuning")
+    return state
+
+
 def get_prefix_encoder(model: nn.Module) -> Optional[PrefixEncoder]:
     """The PrefixEncoder add_prefix_tuning attached to model, or None."""
     state = _state(model)
     return None if state is None else state.encoder
+
+
+@contextlib.contextmanager
+def prefix_disabled(model: nn.Module):
+    """Within the block the model runs without its prefix, as the base model (positions from 0),
+    still through prefix_attn's kernels. E.g. to compare generations before and after tuning."""
+    state = _require_state(model, "prefix_disabled")
+    previous, state.enabled = state.enabled, False
+    try:
+        yield model
+    finally:
+        state.enabled = previous
 
 
 def _set_attn_implementation(model: nn.Module, name: str) -> None:
@@ -300,6 +324,9 @@ def _decoder_pre_hook(state: _PrefixTuning, module: nn.Module, args, kwargs):
     batch, length = inputs.shape[0], inputs.shape[1]
 
     index = kwargs.pop("prefix_index", None)
+    if not state.enabled:
+        kwargs[PREFIX_KWARG] = ()
+        return args, kwargs
     if index is None:
         index = state.generate_index
     index = _as_prefix_index(index, state.encoder.num_tasks, batch, inputs.device)
@@ -428,9 +455,7 @@ def save_prefix(model: nn.Module, path: str) -> None:
     (the PrefixEncoder's tensors, MLP included, so training can resume) and prefix_config.json."""
     from safetensors.torch import save_file
 
-    state = _state(model)
-    if state is None:
-        raise ValueError("prefix_attn: save_prefix needs a model prepared with add_prefix_tuning")
+    state = _require_state(model, "save_prefix")
     os.makedirs(path, exist_ok=True)
     config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "prefix_attn_version": __version__,
               "model_type": state.geometry.model_type, "position_offset": state.position_offset,
@@ -553,3 +578,71 @@ def load_peft_prefix(model: nn.Module, path: str, *, task: Optional[int] = None)
     weight = state.encoder.weight
     state.encoder.load_table(table.to(device=weight.device, dtype=weight.dtype), task=task)
     return model
+
+
+def save_peft_prefix(model: nn.Module, path: str, *, task: Optional[int] = None) -> None:
+    """Save the prefix as a PEFT prefix-tuning adapter (adapter_config.json and
+    adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads: PEFT's layout, a
+    plain table (prefix_projection is folded), one task (`task` picks it from a bank).
+    Its outputs equal this model's when position_offset=True (PEFT's positions)."""
+    from safetensors.torch import save_file
+
+    state = _require_state(model, "save_peft_prefix")
+    encoder = state.encoder
+    if encoder.num_tasks > 1 and task is None:
+        raise ValueError(f"prefix_attn: the prefix is a bank of {encoder.num_tasks} tasks; pass task= to choose one "
+                         "(a PEFT prefix-tuning adapter holds one prefix)")
+    task = 0 if task is None else task
+    if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < encoder.num_tasks:
+        raise ValueError(f"prefix_attn: task must be an int in [0, {encoder.num_tasks}), got {task!r}")
+    with torch.no_grad():
+        table = encoder.table()[:, :, task]  # [L, 2, Hkv, P, D]
+    L, _, H, P, D = table.shape
+    embeddings = table.permute(3, 0, 1, 2, 4).reshape(P, L * 2 * H * D)  # PEFT: token-major [P, L, 2, Hkv, D]
+    config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": P,
+              "token_dim": H * D, "num_attention_heads": H, "num_layers": L, "num_transformer_submodules": 1,
+              "encoder_hidden_size": H * D, "prefix_projection": False, "inference_mode": True,
+              "base_model_name_or_path": getattr(_text_config(model), "_name_or_path", None) or None,
+              "revision": None, "modules_to_save": None, "auto_mapping": None}
+    os.makedirs(path, exist_ok=True)
+    save_file({"prompt_embeddings": embeddings.detach().contiguous().cpu()},
+              os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+@torch.no_grad()
+def init_prefix_from_text(model: nn.Module, input_ids, *, task: Optional[int] = None) -> nn.Module:
+    """Initialise the prefix with the keys and values the model itself computes for a text of
+    exactly P tokens (Li & Liang's initialisation from real activations); returns the model.
+
+    input_ids: [P] or [1, P]. The text runs at positions 0 .. P-1, so with position_offset=True
+    the model then behaves exactly as if the text were prepended to every input. With a bank,
+    `task` picks the entry (None: all of them). Needs a plain-table prefix.
+    """
+    state = _require_state(model, "init_prefix_from_text")
+    encoder = state.encoder
+    if encoder.prefix_projection:
+        raise ValueError("prefix_attn: init_prefix_from_text needs a plain-table prefix, not prefix_projection")
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    P = encoder.num_virtual_tokens
+    if tuple(ids.shape) != (1, P):
+        raise ValueError(f"prefix_attn: init_prefix_from_text needs exactly num_virtual_tokens={P} tokens, shape "
+                         f"[{P}] or [1, {P}]; got {list(ids.shape)}")
+    decoder = getattr(model, "base_model", model)
+    with prefix_disabled(model):
+        out = decoder(input_ids=ids.to(_encoder_device(encoder)), use_cache=True)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    table = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+    table = table.to(encoder.weight.dtype)  # [L, 2, Hkv, P, D]
+    if task is None:
+        table = table.unsqueeze(2).expand(-1, -1, encoder.num_tasks, -1, -1, -1)
+    encoder.load_table(table, task=task)
+    return model
+
+
+def _encoder_device(encoder: PrefixEncoder) -> torch.device:
+    return next(encoder.parameters()).device

@@ -1,0 +1,87 @@
+"""The Triton backend against the float64 reference.
+
+On a GPU the whole hostile grid of test_correctness.py runs on Triton as well; this module is
+what CPU-only CI can check: the same kernels under TRITON_INTERPRET=1 (set before Triton is
+imported, so `make test` runs this file in a process of its own), on small shapes, for the
+forward and every backward path, in fp32, fp16 and bf16.
+"""
+import pytest
+import torch
+
+import prefix_attn
+from conftest import Case as C
+from conftest import check_against_reference, make_inputs, reference_pair, run_attention
+
+if "triton" not in prefix_attn.available_backends():
+    pytest.skip("the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 on CPU", allow_module_level=True)
+
+pytestmark = pytest.mark.usefixtures("nan_poison")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+CASES = [
+    # every prefix mode, causal or not, with ragged sizes (not multiples of the 32 blocks)
+    C(B=2, Hq=4, Hkv=2, Nq=37, Nk=50, P=33, D=64, prefix="shared"),
+    C(B=2, Hq=4, Hkv=2, Nq=37, Nk=50, P=33, D=64, causal=True, prefix="per_row"),
+    C(B=3, Hq=4, Hkv=1, Nq=29, Nk=41, P=7, D=32, causal=True, prefix="bank", kpm="right"),
+    C(B=2, Hq=2, Hkv=2, Nq=17, Nk=17, P=0, D=16, causal=True, prefix="none"),
+    # decode, and Nk < Nq (early rows see only the prefix)
+    C(B=2, Hq=4, Hkv=2, Nq=1, Nk=70, P=63, D=64, prefix="bank", kpm="left"),
+    C(B=2, Hq=4, Hkv=2, Nq=33, Nk=17, P=9, D=64, causal=True),
+    C(B=1, Hq=2, Hkv=1, Nq=40, Nk=7, P=0, D=32, causal=True, prefix="none"),
+    # head dims padded to a power of two, strided views
+    C(B=2, Hq=2, Hkv=1, Nq=23, Nk=29, P=5, D=80, layout="qT+kvslice"),
+    C(B=2, Hq=2, Hkv=2, Nq=23, Nk=29, P=5, D=24, layout="qstride2", causal=True),
+    C(B=1, Hq=2, Hkv=1, Nq=17, Nk=33, P=3, D=128, prefix="per_row"),
+    # masks: bool and float, broadcast shapes, combined with padding; fully masked rows
+    C(B=2, Hq=4, Hkv=2, Nq=17, Nk=40, P=1, D=64, causal=True, mask="bool-NqNk"),
+    C(B=2, Hq=4, Hkv=2, Nq=17, Nk=33, P=7, D=64, kpm="left", mask="float-B1NqNk"),
+    C(B=2, Hq=4, Hkv=2, Nq=33, Nk=47, P=5, D=64, kpm="left", mask="fmin-B11Nk"),
+    C(B=2, Hq=4, Hkv=2, Nq=31, Nk=47, P=0, D=16, prefix="none", kpm="allpad"),
+    C(B=3, Hq=4, Hkv=2, Nq=29, Nk=41, P=7, D=64, causal=True, prefix="bank", kpm="right", mask="bool-BHNqNk"),
+    # every requires_grad pattern (prefix only: no dq / dk / dv kernel may run)
+    C(B=3, Hq=4, Hkv=2, Nq=21, Nk=21, P=15, D=32, causal=True, grads="prefix"),
+    C(B=3, Hq=4, Hkv=2, Nq=21, Nk=21, P=15, D=32, causal=True, prefix="bank", grads="prefix"),
+    C(B=2, Hq=4, Hkv=2, Nq=21, Nk=30, P=15, D=32, grads="q"),
+    C(B=2, Hq=4, Hkv=2, Nq=21, Nk=30, P=15, D=32, causal=True, grads="kv"),
+    C(B=2, Hq=4, Hkv=2, Nq=21, Nk=30, P=15, D=32, grads="none"),
+    C(B=2, Hq=8, Hkv=2, Nq=21, Nk=30, P=15, D=32, prefix="bank", grads="prefix_k"),
+    # large scores (a stale running max overflows)
+    C(B=2, Hq=2, Hkv=1, Nq=40, Nk=70, P=17, D=64, causal=True, amp=30),
+    # low precision
+    C(B=2, Hq=4, Hkv=2, Nq=37, Nk=50, P=33, D=64, causal=True, prefix="bank", dtype="fp16"),
+    C(B=2, Hq=4, Hkv=2, Nq=37, Nk=50, P=33, D=64, causal=True, prefix="bank", dtype="bf16"),
+    C(B=2, Hq=2, Hkv=1, Nq=1, Nk=60, P=20, D=80, kpm="left", dtype="bf16", layout="qT"),
+    C(B=2, Hq=4, Hkv=2, Nq=21, Nk=21, P=15, D=32, causal=True, grads="prefix", dtype="fp16"),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id()) for c in CASES])
+def test_triton_matches_reference(case):
+    x = make_inputs(case, device=DEVICE)
+    ours = run_attention(x, "triton")
+    lo, hi = reference_pair(x)
+    check_against_reference(ours, lo, hi, case)
+
+
+def test_triton_deterministic_prefix_grads():
+    case = C(B=5, Hq=4, Hkv=1, Nq=19, Nk=19, P=40, D=32, causal=True, prefix="shared", grads="prefix")
+    x = make_inputs(case, device=DEVICE)
+    first = run_attention(x, "triton", deterministic=True)
+    for _ in range(2):
+        again = run_attention(x, "triton", deterministic=True)
+        for name, g in first.grads.items():
+            if g is not None:
+                assert torch.equal(g, again.grads[name]), f"d{name} changed between runs"
+
+
+def test_triton_fully_fmin_rows_refuse_in_backward():
+    """A row hiding every key behind finfo.min (P == 0) cannot be rebuilt from a float32 lse:
+    the backward must refuse, not return wrong gradients."""
+    q = torch.randn(1, 1, 3, 32, device=DEVICE, requires_grad=True)
+    k = torch.randn(1, 1, 4, 32, device=DEVICE)
+    mask = torch.zeros(3, 1, device=DEVICE)
+    mask[1] = torch.finfo(torch.float32).min
+    out = prefix_attn.prefix_attention(q, k, k, attn_mask=mask, backend="triton")
+    torch.testing.assert_close(out[0, 0, 1], k[0, 0].mean(0))
+    with pytest.raises(NotImplementedError, match="finfo.min"):
+        out.sum().backward()
