@@ -2,6 +2,7 @@
 # which creates .venv, installs torch (the CPU wheel, before anything else can ask for torch),
 # then builds and installs prefix_attn. Stamps keep it quick when nothing changed.
 
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +11,7 @@ TORCH  ?= torch==2.13.0
 
 SOURCES := $(shell find csrc prefix_attn -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench cuda-check clean
 
 install: $(VENV)/.built
 
@@ -35,6 +36,23 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench_attention.py
+
+# Compiles every CUDA kernel source with nvcc, without torch (the kernels include only CUDA
+# headers and our params header), for each architecture, and prints ptxas's register and
+# spill report. Runs wherever nvcc is; no GPU needed.
+NVCC       ?= nvcc
+CUDA_ARCHS ?= 80 90
+cuda-check:
+	@mkdir -p build/cuda-check
+	@for f in $$(find csrc -name '*.cu' | sort); do \
+	  for a in $(CUDA_ARCHS); do \
+	    echo "== $$f: sm_$$a"; \
+	    $(NVCC) -std=c++17 -O3 -Icsrc -gencode arch=compute_$$a,code=sm_$$a -Xptxas -v \
+	      -c $$f -o build/cuda-check/$$(basename $$f .cu).sm_$$a.o 2>&1 \
+	      | grep -E "error|warning|Compiling entry|registers|spill" ; \
+	    test $${PIPESTATUS[0]} -eq 0 || exit 1; \
+	  done; \
+	done; echo "cuda-check: all CUDA sources compiled for sm_$(CUDA_ARCHS)"
 
 clean:
 	rm -rf build *.egg-info prefix_attn/_C*.so $(VENV)/.built

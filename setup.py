@@ -45,7 +45,7 @@ def extension():
         "prefix_attn._C",
         sources,
         define_macros=[("PREFIX_ATTN_WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
     )
 
 

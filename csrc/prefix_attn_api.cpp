@@ -18,7 +18,12 @@
 #include "prefix_attn_params.h"
 
 #ifdef PREFIX_ATTN_WITH_CUDA
-#include "cuda/prefix_attn_cuda.h"
+// csrc/cuda/prefix_attn_cuda_glue.cpp: stream, workspace, and the kernels' own limits.
+namespace prefix_attn::cuda_glue {
+void forward(const FwdParams& p, const at::Tensor& q);
+void backward(const BwdParams& p, const at::Tensor& q, const std::optional<at::Tensor>& prefix_index,
+              const at::Tensor& lse, at::Tensor& dprefix_k, at::Tensor& dprefix_v);
+}  // namespace prefix_attn::cuda_glue
 #endif
 
 namespace prefix_attn {
@@ -235,7 +240,7 @@ std::tuple<Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v
     cpu::forward(p);
   } else {
 #ifdef PREFIX_ATTN_WITH_CUDA
-    cuda::forward(p);
+    cuda_glue::forward(p, q);
 #else
     TORCH_CHECK_NOT_IMPLEMENTED(false, "prefix_attn: this build has no CUDA kernels; q is on ",
                                 q.device());
@@ -308,7 +313,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd(
     cpu::backward(p);
   } else {
 #ifdef PREFIX_ATTN_WITH_CUDA
-    cuda::backward(p);
+    cuda_glue::backward(p, q, prefix_index, lse_c, dpk, dpv);
 #else
     TORCH_CHECK_NOT_IMPLEMENTED(false, "prefix_attn: this build has no CUDA kernels; q is on ",
                                 q.device());

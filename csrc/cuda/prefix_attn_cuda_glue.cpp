@@ -1,0 +1,77 @@
+// Host glue for the CUDA kernels: the device guard and stream, the backward's workspace
+// (allocated through torch's caching allocator), and limits the kernels cannot take. Inputs
+// were validated by prefix_attn_api.cpp, shared with the CPU path. Built only with CUDA.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <optional>
+
+#include "prefix_attn_cuda.h"
+
+namespace prefix_attn::cuda_glue {
+
+namespace {
+constexpr int64_t kMaxHeadDim = 256;  // kMaxPerLane * 32 in the kernels
+
+void check_head_dim(const FwdParams& p, const at::Tensor& q) {
+  TORCH_CHECK_NOT_IMPLEMENTED(p.D <= kMaxHeadDim, "prefix_attn: the cuda backend runs head dims up to ",
+                              kMaxHeadDim, "; q has shape ", q.sizes());
+}
+}  // namespace
+
+void forward(const FwdParams& p, const at::Tensor& q) {
+  check_head_dim(p, q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  cuda::forward(p, at::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void backward(const BwdParams& p, const at::Tensor& q, const std::optional<at::Tensor>& prefix_index,
+              const at::Tensor& lse, at::Tensor& dprefix_k, at::Tensor& dprefix_v) {
+  check_head_dim(p, q);
+  if (p.mask_kind == MaskKind::kFloat) {
+    // A row whose visible scores all sit near finfo.min (a float mask hiding every key, P == 0)
+    // lost log(l) in its float32 lse; the probabilities rebuilt from it would be wrong.
+    const bool huge = (lse.abs().gt(1048576.0) & lse.isfinite()).any().item<bool>();
+    TORCH_CHECK_NOT_IMPLEMENTED(!huge,
+                                "prefix_attn: the cuda backward cannot rebuild rows whose every visible key has an "
+                                "additive mask near finfo.min; use a bool mask or key_padding_mask for padding");
+  }
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto f32 = q.options().dtype(at::kFloat);
+  const auto i64 = q.options().dtype(at::kLong);
+
+  at::Tensor delta = at::empty({p.B * p.Hq * p.Nq}, f32);
+  at::Tensor rows, row_start, partial_k, partial_v;
+  cuda::BwdWorkspace ws;
+  ws.delta = delta.data_ptr<float>();
+  if (p.need_dprefix && p.P > 0) {
+    if (prefix_index.has_value()) {
+      rows = std::get<1>(at::sort(*prefix_index, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+      row_start = at::zeros({p.T + 1}, i64);
+      row_start.slice(0, 1).copy_(at::cumsum(at::bincount(*prefix_index, {}, p.T), 0));
+    } else {
+      rows = at::arange(p.B, i64);
+      row_start = p.T == 1 ? at::tensor({int64_t{0}, p.B}, i64) : at::arange(p.B + 1, i64);
+    }
+    ws.rows = rows.data_ptr<int64_t>();
+    ws.row_start = row_start.data_ptr<int64_t>();
+    ws.chunks = cuda::dprefix_chunks(p, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+    if (ws.chunks > 1) {
+      partial_k = at::empty({ws.chunks, p.T, p.Hkv, p.P, p.D}, f32);
+      partial_v = at::empty_like(partial_k);
+      ws.dprefix_k_partial = partial_k.data_ptr<float>();
+      ws.dprefix_v_partial = partial_v.data_ptr<float>();
+    }
+  }
+  cuda::backward(p, ws, at::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (ws.chunks > 1) {  // chunk partials, summed in a fixed order: deterministic
+    dprefix_k.copy_(partial_k.sum(0));
+    dprefix_v.copy_(partial_v.sum(0));
+  }
+}
+
+}  // namespace prefix_attn::cuda_glue
