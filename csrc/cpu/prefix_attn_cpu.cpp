@@ -96,6 +96,30 @@ extern "C" __attribute__((weak)) void sgemm_(const char* transa, const char* tra
                                              const int* ldb, const float* beta, float* c,
                                              const int* ldc);
 
+// MKL's thread count for the calling thread only. Our parallel loops already use every core;
+// a BLAS call inside them that starts threads of its own oversubscribes the machine (measured:
+// 2-10x slower on 2 cores), so each loop body runs BLAS single-threaded.
+extern "C" __attribute__((weak)) int MKL_Set_Num_Threads_Local(int n);
+
+struct SingleThreadedBlas {
+  int saved = 0;
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) saved = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(saved);
+  }
+};
+
+// at::parallel_for over tasks [0, n), one task at a time per grain, BLAS single-threaded.
+template <typename F>
+void parallel_tasks(int64_t n, const F& body) {
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    const SingleThreadedBlas blas_guard;
+    body(begin, end);
+  });
+}
+
 // Row-major C[M, N] = alpha * op(A)[M, K] @ op(B)[K, N] + beta * C. BLAS is column-major, where
 // the same memory holds the transposes, so we ask it for C^T = op(B)^T op(A)^T.
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
@@ -281,7 +305,7 @@ void forward_impl(const FwdParams& p) {
   const T* pv = static_cast<const T*>(p.prefix_v.ptr);
   T* out = static_cast<T*>(p.out.ptr);
 
-  at::parallel_for(0, p.B * p.Hq * n_qblocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(p.B * p.Hq * n_qblocks, [&](int64_t begin, int64_t end) {
     std::vector<float> qbuf(kBlockM * D), kbuf(kBlockN * D), vbuf(kBlockN * D);
     std::vector<float> S(kBlockM * kBlockN), acc(kBlockM * D), m(kBlockM), l(kBlockM);
     for (int64_t task = begin; task < end; ++task) {
@@ -397,7 +421,7 @@ RowStats backward_row_stats(const BwdParams& p) {
   st.logl.assign(rows, 0.f);
   const T* dout = static_cast<const T*>(p.dout.ptr);
   const T* out = static_cast<const T*>(p.out_fwd.ptr);
-  at::parallel_for(0, p.B * p.Hq, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(p.B * p.Hq, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.Hq, h = bh % p.Hq;
       for (int64_t i = 0; i < p.Nq; ++i) {
@@ -455,7 +479,7 @@ void backward_sequence(const BwdParams& p, const RowStats& st) {
   const T* dout = static_cast<const T*>(p.dout.ptr);
   const bool prefix_dq = p.need_dq && p.P > 0;
 
-  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(p.B * p.Hkv, [&](int64_t begin, int64_t end) {
     // Whole-sequence K / V copies only when GEMM cannot read them in place.
     std::vector<float> kall, vall, pkall, pvall, dkacc, dvacc;
     if (rows_need_copy<T>(p.k.s[2], p.k.s[3], Nk, D)) kall.resize(Nk * D);
@@ -595,7 +619,7 @@ void backward_prefix(const BwdParams& p, const RowStats& st) {
   T* dpk = static_cast<T*>(p.dprefix_k.ptr);
   T* dpv = static_cast<T*>(p.dprefix_v.ptr);
 
-  at::parallel_for(0, base_tasks * chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(base_tasks * chunks, [&](int64_t begin, int64_t end) {
     std::vector<float> kbuf(kBlockN * D), vbuf(kBlockN * D), qbuf(kBlockM * D), dobuf(kBlockM * D);
     std::vector<float> S(kBlockM * kBlockN), dP(kBlockM * kBlockN);
     std::vector<float> dk(kBlockN * D), dv(kBlockN * D);
@@ -654,7 +678,7 @@ void backward_prefix(const BwdParams& p, const RowStats& st) {
 
   if (chunks == 1) return;
   const int64_t slab = T_ * p.Hkv * P * D;
-  at::parallel_for(0, T_ * p.Hkv * P, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(T_ * p.Hkv * P, [&](int64_t begin, int64_t end) {
     std::vector<float> sk(D), sv(D);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t j = row % P, g = (row / P) % p.Hkv, t = row / P / p.Hkv;
