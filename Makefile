@@ -11,7 +11,7 @@ TORCH  ?= torch==2.13.0
 
 SOURCES := $(shell find csrc prefix_attn -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: install demo test bench cuda-check clean
+.PHONY: install demo test bench cuda-check gpu-check clean
 
 install: $(VENV)/.built
 
@@ -53,6 +53,16 @@ cuda-check:
 	    test $${PIPESTATUS[0]} -eq 0 || exit 1; \
 	  done; \
 	done; echo "cuda-check: all CUDA sources compiled for sm_$(CUDA_ARCHS)"
+
+# On a lent GPU machine: no venv and no downloads. Its own python3 (torch with CUDA, Triton,
+# pytest) builds the extension in place, CUDA kernels included, then runs the test suite on
+# CUDA for every backend present and the benchmark suite; results land in
+# benchmarks/results/<gpu-name>/, ready to commit.
+GPU_PYTHON ?= python3
+gpu-check:
+	@$(GPU_PYTHON) -c "import sys, torch; ok = torch.cuda.is_available(); ok or print('gpu-check: no CUDA device (torch.cuda.is_available() is False)', file=sys.stderr); sys.exit(0 if ok else 2)"
+	PREFIX_ATTN_CUDA=1 $(GPU_PYTHON) setup.py build_ext --inplace
+	$(GPU_PYTHON) benchmarks/gpu_suite.py
 
 clean:
 	rm -rf build *.egg-info prefix_attn/_C*.so $(VENV)/.built
