@@ -32,12 +32,14 @@ def want_cuda() -> bool:
 
 def extension():
     cpu_arch = os.environ.get("PREFIX_ATTN_CPU_ARCH", "native")
-    cxx = ["-O3", "-fopenmp-simd", "-fno-math-errno"]
+    # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in PyTorch's OpenMP builds,
+    # so without it our loops run on one thread. libgomp resolves to the copy torch loaded.
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
     if cpu_arch:
         cxx.append(f"-march={cpu_arch}")
     sources = ["csrc/prefix_attn_api.cpp", "csrc/cpu/prefix_attn_cpu.cpp"]
     if not want_cuda():
-        return CppExtension("prefix_attn._C", sources, extra_compile_args={"cxx": cxx})
+        return CppExtension("prefix_attn._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("PREFIX_ATTN_CUDA_ARCHS", "8.0;9.0+PTX"))
     sources += sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
     sources += sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")))
@@ -46,6 +48,7 @@ def extension():
         sources,
         define_macros=[("PREFIX_ATTN_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+        extra_link_args=["-fopenmp"],
     )
 
 

@@ -34,8 +34,8 @@
 namespace prefix_attn::cpu {
 namespace {
 
-constexpr int64_t kBlockM = 128;  // queries per tile   // queries per tile   // queries per tile   // queries per tile   // queries per tile
-constexpr int64_t kBlockN = 256;  // keys per tile  // keys per tile  // keys per tile  // keys per tile  // keys per tile
+constexpr int64_t kBlockM = 128;  // queries per tile  // queries per tile  // queries per tile   // queries per tile   // queries per tile   // queries per tile   // queries per tile
+constexpr int64_t kBlockN = 256;  // keys per tile  // keys per tile  // keys per tile  // keys per tile  // keys per tile  // keys per tile  // keys per tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
