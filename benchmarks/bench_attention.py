@@ -313,7 +313,7 @@ def time_call_ms(fn: Callable[[], Any], device: torch.device) -> float:
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], *, device, warmup: int = 2,
-                     min_reps: int = 5, max_reps: int = 50, budget_s: float = 3.0
+                     min_reps: int = 5, max_reps: int = 50, budget_s: float = 2.0
                      ) -> dict[str, list[float]]:
     """Per-call times in ms, implementations alternated run by run (A, B, A, B, ...).
 
@@ -340,6 +340,60 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], *, device, warmup: int =
         if gc_was_enabled:
             gc.enable()
     return times
+
+
+BUSY_CORES = 0.2  # other processes using more than this many cores: timings are suspect
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds all processes have used since boot (Linux /proc/stat, all cores)."""
+    with open("/proc/stat") as f:
+        vals = [int(x) for x in f.readline().split()[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+    return (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is already in user
+
+
+class CpuMonitor:
+    """Over a with-block: cores' worth of CPU used by *other* processes (``background``), and
+    this process's CPU time over wall time (``own``). None where /proc/stat is missing."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.background = self.own = None
+
+    def __enter__(self):
+        if self.enabled:
+            try:
+                self._start = (_machine_busy_s(), time.process_time(), time.perf_counter())
+            except (OSError, ValueError, IndexError):
+                self.enabled = False
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            busy0, cpu0, wall0 = self._start
+            busy, cpu, wall = _machine_busy_s() - busy0, time.process_time() - cpu0, time.perf_counter() - wall0
+            wall = max(wall, 1e-9)
+            self.own = cpu / wall
+            self.background = max(0.0, busy - cpu) / wall
+        return False
+
+
+def background_cpu(sample_s: float = 0.3) -> float | None:
+    """Cores' worth of CPU other processes use, sampled while we sleep."""
+    with CpuMonitor() as mon:
+        time.sleep(sample_s)
+    return mon.background
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = BUSY_CORES) -> float | None:
+    """Wait (up to max_wait_s) until other processes use under `threshold` cores. Returns the last sample."""
+    load = background_cpu()
+    deadline = time.monotonic() + max_wait_s
+    while load is not None and load > threshold and time.monotonic() < deadline:
+        time.sleep(2.0)
+        load = background_cpu()
+    return load
 
 
 # --- hardware and provenance -----------------------------------------------------------
@@ -422,17 +476,34 @@ def package_info(device, backend: str) -> dict[str, Any]:
 # --- running a sweep --------------------------------------------------------------------------
 
 def bench_one(cfg: Config, mode: str, *, backend, device, dtype, warmup, min_reps, max_reps,
-              budget_s, measure_memory: bool, check: bool = True) -> dict[str, Any]:
+              budget_s, measure_memory: bool, check: bool = True, wait_quiet_s: float = 0.0,
+              retries: int = 0) -> dict[str, Any]:
     dev = torch.device(device)
     # One input set per implementation (not shared: autograd state stays separate).
     fns = {impl: build_step(cfg, impl, mode, backend=backend, device=dev, dtype=dtype) for impl in IMPLS}
-    times = time_interleaved(fns, device=dev, warmup=warmup, min_reps=min_reps,
-                             max_reps=max_reps, budget_s=budget_s)
+    # Other processes on a CPU box slow both sides, and not alike. Measure how much CPU they took
+    # during our timed runs; optionally wait for quiet before, and retry when it was busy.
+    best = None
+    for attempt in range(1 + max(0, retries)):
+        if dev.type == "cpu" and wait_quiet_s > 0:
+            wait_for_quiet(wait_quiet_s)
+        with CpuMonitor(enabled=dev.type == "cpu") as mon:
+            times = time_interleaved(fns, device=dev, warmup=warmup, min_reps=min_reps,
+                                     max_reps=max_reps, budget_s=budget_s)
+        if best is None or (mon.background or 0) < (best[1].background or 0):
+            best = (times, mon, attempt + 1)
+        if (mon.background or 0) <= BUSY_CORES:
+            break
+    times, mon, attempts = best
     del fns
     gc.collect()
     row: dict[str, Any] = {"config": cfg.name, **cfg.to_dict(), "Hkv": cfg.hkv, "Nk": cfg.nk,
                            "mode": mode, "flops": flops(cfg, mode),
-                           "reps": len(times["ours"])}
+                           "reps": len(times["ours"]), "attempts": attempts,
+                           # cores' worth of CPU other processes used while we timed, and our
+                           # own CPU time over wall time (near the thread count when we had the
+                           # cores to ourselves and both implementations parallelize well)
+                           "background_cpu": mon.background, "cpu_per_wall": mon.own}
     for impl in IMPLS:
         med = statistics.median(times[impl])
         row[f"{impl}_ms"] = med
@@ -441,6 +512,8 @@ def bench_one(cfg: Config, mode: str, *, backend, device, dtype, warmup, min_rep
                                  if len(times[impl]) >= 2 else 0.0)
         row[f"{impl}_gflops"] = row["flops"] / (med * 1e-3) / 1e9
     row["speedup"] = row["incumbent_ms"] / row["ours_ms"]
+    # from the fastest run of each: less sensitive to other load on a shared machine
+    row["speedup_min"] = row["incumbent_ms_min"] / row["ours_ms_min"]
     if check:
         diffs = compare(cfg, mode, backend=backend, device=dev, dtype=dtype)
         row["max_abs_diff"] = max(d["max_abs_diff"] for d in diffs.values())
@@ -473,7 +546,8 @@ def target_geomeans(rows: list[dict]) -> dict[str, dict[str, float]]:
         if len(sel) != len(TARGET_SHAPES):
             continue
         key = f"{'causal' if causal else 'noncausal'}_{mode}"
-        out[key] = {"speedup": geomean(r["speedup"] for r in sel), "n": len(sel)}
+        out[key] = {"speedup": geomean(r["speedup"] for r in sel),
+                    "speedup_min": geomean(r["speedup_min"] for r in sel), "n": len(sel)}
         if all("mem_ratio" in r for r in sel):
             out[key]["mem_ratio"] = geomean(r["mem_ratio"] for r in sel)
     return out
@@ -500,12 +574,13 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def geomean_table(gm: dict[str, dict[str, float]]) -> str:
-    lines = ["| target shapes | geomean speedup | geomean memory ratio |", "|---|---|---|"]
+    lines = ["| target shapes | geomean speedup (medians) | from fastest runs | geomean memory ratio |",
+             "|---|---|---|---|"]
     headline = {f"{'causal' if c else 'noncausal'}_{m}" for c, m in HEADLINE}
     for key, v in gm.items():
         star = " **(headline)**" if key in headline else ""
         mem = f"{v['mem_ratio']:.2f}x" if "mem_ratio" in v else "-"
-        lines.append(f"| {key}{star} | {v['speedup']:.2f}x | {mem} |")
+        lines.append(f"| {key}{star} | {v['speedup']:.2f}x | {v['speedup_min']:.2f}x | {mem} |")
     return "\n".join(lines)
 
 
@@ -521,6 +596,7 @@ def plot(rows: list[dict], path: str, title: str) -> bool:
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     by = {(r["config"], r["mode"]): r for r in rows}
     has_mem = any("mem_ratio" in r for r in rows)
+    targets = {c.name for c in target_configs()}
     fig, axes = plt.subplots(2 if has_mem else 1, 1, figsize=(max(8, 0.55 * len(configs) + 3), 9 if has_mem else 5),
                              squeeze=False)
     width = 0.8 / max(1, len(modes))
@@ -538,9 +614,12 @@ def plot(rows: list[dict], path: str, title: str) -> bool:
             ax.bar(xs, ys, width=width, label=mode)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
-        ax.set_ylabel(label)
+        ax.set_ylabel(label + "\n(target shapes in bold)" if key == "speedup" else label)
         ax.set_xticks(range(len(configs)))
         ax.set_xticklabels(configs, rotation=60, ha="right", fontsize=7)
+        for label in ax.get_xticklabels():
+            if label.get_text() in targets:
+                label.set_fontweight("bold")
         ax.grid(axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=8)
     axes[0, 0].set_title(title, fontsize=9)
@@ -574,8 +653,8 @@ def _meta_line(meta) -> str:
 
 
 def run(configs: list[Config], modes: list[str], *, backend="auto", device="cpu", dtype=torch.float32,
-        warmup=2, min_reps=5, max_reps=50, budget_s=3.0, measure_memory=True, check=True,
-        verbose=True) -> list[dict]:
+        warmup=2, min_reps=5, max_reps=50, budget_s=2.0, measure_memory=True, check=True,
+        wait_quiet_s=0.0, retries=0, verbose=True) -> list[dict]:
     rows = []
     # Without a prefix there is nothing to train in prefix_bwd.
     jobs = [(c, m) for c, m in itertools.product(configs, modes) if not (m == "prefix_bwd" and c.P == 0)]
@@ -584,12 +663,16 @@ def run(configs: list[Config], modes: list[str], *, backend="auto", device="cpu"
     for i, (cfg, mode) in enumerate(jobs):
         row = bench_one(cfg, mode, backend=backend, device=device, dtype=dtype, warmup=warmup,
                         min_reps=min_reps, max_reps=max_reps, budget_s=budget_s,
-                        measure_memory=measure_memory, check=check)
+                        measure_memory=measure_memory, check=check, wait_quiet_s=wait_quiet_s,
+                        retries=retries)
         rows.append(row)
         if verbose:
             mem = (f"  mem {row['ours_mem_mb']:.1f} vs {row['incumbent_mem_mb']:.1f} MB"
                    if "ours_mem_mb" in row else "")
             diff = f"  diff {row['max_abs_diff']:.1e}" if "max_abs_diff" in row else ""
+            if row["background_cpu"] is not None:
+                diff += (f"  [others {row['background_cpu']:.1f} cores, us {row['cpu_per_wall']:.1f}"
+                         + (f", {row['attempts']} tries" if row["attempts"] > 1 else "") + "]")
             print(f"[{i + 1}/{n} {time.perf_counter() - t_start:6.0f}s] {cfg.name:<28} {mode:<10} "
                   f"ours {row['ours_ms']:9.2f} ms  cat+SDPA {row['incumbent_ms']:9.2f} ms  "
                   f"{row['speedup']:5.2f}x{mem}{diff}", file=sys.stderr, flush=True)
@@ -616,13 +699,22 @@ def parse_args(argv=None):
     ap.add_argument("--no-targets", action="store_true", help="skip the three target shapes")
     ap.add_argument("--targets-only", action="store_true", help="only the three target shapes")
     ap.add_argument("--quick", action="store_true",
-                    help="target shapes only, 1 warm-up, 3 repeats, fwd and fwd_bwd (about a minute on 2 cores)")
+                    help="1 warm-up, 3 repeats, modes fwd and fwd_bwd (unless --modes); "
+                         "the target shapes only unless a custom sweep is given (~2 minutes on 2 cores)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--min-reps", type=int, default=5)
     ap.add_argument("--max-reps", type=int, default=50)
-    ap.add_argument("--budget", type=float, default=3.0, help="seconds of timed runs per (config, mode)")
+    ap.add_argument("--budget", type=float, default=2.0, help="seconds of timed runs per (config, mode)")
     ap.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    ap.add_argument("--memory-method", choices=["fork", "spawn"], default=None,
+                    help="CPU: how each fresh measuring process starts (memory.py; default fork)")
     ap.add_argument("--no-check", action="store_true", help="skip the max-abs-diff check")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                    help="CPU: before timing each (config, mode) wait up to this long for other "
+                         "processes to use < 0.2 cores (how busy it was is recorded in any case)")
+    ap.add_argument("--retries", type=int, default=0,
+                    help="CPU: time a (config, mode) again, up to this many times, when other processes "
+                         "used > 0.2 cores meanwhile; the least disturbed attempt is kept")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/<hardware-slug>)")
     ap.add_argument("--name", default=None, help="file stem (default attention, attention-quick, attention-custom)")
@@ -633,10 +725,10 @@ def parse_args(argv=None):
 def configs_from_args(args) -> tuple[list[Config], str]:
     custom = any(x is not None for x in (args.batch, args.heads, args.hkv, args.seqlen, args.nk,
                                          args.prefix, args.headdim, args.causal))
-    if args.quick or args.targets_only:
-        return target_configs(), "attention-quick" if args.quick else "attention-targets"
     targets = [] if args.no_targets else target_configs()
     if not custom:
+        if args.quick or args.targets_only:
+            return target_configs(), "attention-quick" if args.quick else "attention-targets"
         return list(dict.fromkeys(targets + default_sweep())), "attention"
     causals = {"both": (True, False), "true": (True,), "false": (False,), None: (True, False)}[args.causal]
     sweep = [Config(B=b, H=h, N=n, P=p, D=d, causal=c, Hkv=hkv, Nk=nk)
@@ -656,6 +748,9 @@ def main(argv=None) -> int:
             args.modes = ["fwd", "fwd_bwd"]
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
+    if args.memory_method:
+        os.environ["PREFIX_ATTN_MEMORY_METHOD"] = args.memory_method
+    memory_method = os.environ.get("PREFIX_ATTN_MEMORY_METHOD", "fork")
     configs, stem = configs_from_args(args)
     stem = args.name or stem
 
@@ -668,8 +763,8 @@ def main(argv=None) -> int:
                        "order": "interleaved ours, cat+SDPA per repeat",
                        "clock": "torch.cuda.Event" if device.type == "cuda" else "time.perf_counter"},
             "memory_method": ("cuda max_memory_allocated - memory_allocated" if device.type == "cuda" else
-                              "fresh subprocess, MALLOC_MMAP_THRESHOLD_=65536 MALLOC_ARENA_MAX=2, "
-                              "VmHWM - VmRSS after clear_refs"),
+                              f"fresh process per measurement ({memory_method}), MALLOC_MMAP_THRESHOLD_=65536 "
+                              "MALLOC_ARENA_MAX=2, VmHWM - VmRSS after clear_refs"),
             "flops_convention": "4*B*Hq*D*visible_pairs fwd; fwd_bwd 3.5x; prefix_bwd fwd + 2.5x prefix-pair fwd",
             "speedup": "incumbent_ms / ours_ms", "mem_ratio": "incumbent_mem / ours_mem",
             "incumbent": "expand+cat prefix, F.scaled_dot_product_attention with bool [Nq,P+Nk] mask "
@@ -684,7 +779,8 @@ def main(argv=None) -> int:
 
     rows = run(configs, args.modes, backend=args.backend, device=device, dtype=dtype, warmup=args.warmup,
                min_reps=args.min_reps, max_reps=args.max_reps, budget_s=args.budget,
-               measure_memory=not args.no_memory, check=not args.no_check)
+               measure_memory=not args.no_memory, check=not args.no_check, wait_quiet_s=args.wait_quiet,
+               retries=args.retries)
     hw["loadavg_at_end"] = _loadavg()
     gm = target_geomeans(rows)
     table = markdown_table(rows)
@@ -692,6 +788,11 @@ def main(argv=None) -> int:
         table += "\n\nGeometric mean over the target shapes " + \
                  ", ".join(f"{b}x{h}x{n} P{p} D{d}" for b, h, n, p, d in TARGET_SHAPES) + \
                  " (speedup = cat+SDPA ms / ours ms; memory ratio = cat+SDPA MB / ours MB):\n\n" + geomean_table(gm)
+    busy = [r for r in rows if (r.get("background_cpu") or 0) > BUSY_CORES]
+    if busy:
+        table += (f"\n\nNote: other processes used up to {max(r['background_cpu'] for r in busy):.1f} cores "
+                  f"while {len(busy)} of {len(rows)} rows were timed ({', '.join(r['config'] + ' ' + r['mode'] for r in busy)}); "
+                  "those timings are less reliable (JSON: background_cpu, cpu_per_wall).")
     print(table)
     if not args.no_save:
         out_dir = args.out or os.path.join(_HERE, "results", hw["slug"])
