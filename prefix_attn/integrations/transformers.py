@@ -36,8 +36,9 @@ import functools
 import inspect
 import json
 import os
+import types
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
@@ -47,7 +48,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask, sdpa_mask
 
 from .. import __version__
-from ..backends import select_backend
+from ..backends import ENV_VAR, select_backend
 from ..functional import prefix_attention
 from ..prefix_encoder import PrefixEncoder
 
@@ -117,18 +118,31 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
             # A full mask already holds the causal structure (and sliding windows etc.).
             attn_mask = attention_mask[..., : key.shape[-2]]
             causal = False
-    backend = _compiled_backend(query.device.type, query.dtype) if torch.compiler.is_compiling() else "auto"
+    if torch.compiler.is_compiling():
+        backend = _compiled_backend(query.device.type, query.dtype)
+    else:
+        backend = _backend_for(query.device.type, query.dtype, os.environ.get(ENV_VAR))
     out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, softmax_scale=scaling,
                            key_padding_mask=key_padding_mask, attn_mask=attn_mask,
                            prefix_index=kwargs.get("prefix_index"), backend=backend)
     return out.transpose(1, 2), None
 
 
+@functools.lru_cache(maxsize=None)
+def _backend_for(device_type: str, dtype: torch.dtype, env_override: Optional[str]) -> str:
+    """The backend "auto" picks for these tensors, looked up once: resolving "auto" probes which
+    backends exist on every call (~60 us, as long as a decode step's attention). The reference
+    stays "auto", so that its fallback warning still fires. env_override (PREFIX_ATTN_BACKEND)
+    is part of the key, so changing the variable changes the choice."""
+    name = select_backend(torch.empty(0, device=device_type, dtype=dtype))
+    return "auto" if name == "reference" else name
+
+
 @torch._dynamo.assume_constant_result
 def _compiled_backend(device_type: str, dtype: torch.dtype) -> str:
-    # backend="auto" probes the compiled extension (a pybind call dynamo cannot trace); under
-    # torch.compile the choice is made once, at trace time, and baked into the graph.
-    return select_backend(torch.empty(0, device=device_type, dtype=dtype))
+    # Resolving "auto" calls into the compiled extension (a pybind function dynamo cannot
+    # trace); under torch.compile the choice is made at trace time and baked into the graph.
+    return _backend_for(device_type, dtype, os.environ.get(ENV_VAR))
 
 
 def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
@@ -137,7 +151,8 @@ def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
 
     The plain causal mask over keys 0 .. kv_length-1, with the queries the last q_length of
     them (a dynamic cache, or no cache): the kernel's bottom-right aligned causal mask is exactly
-    that, so only the padding is needed: None, or the bool padding mask [B, kv_length].
+    that, so only the padding is needed: the bool padding mask [B, kv_length], or None when
+    nothing is padded.
     Anything else (sliding windows, static caches, packed sequences, bidirectional masks, custom
     mask functions): the full bool mask [B, 1, q_length, kv_length] from transformers' sdpa_mask.
     """
@@ -145,7 +160,12 @@ def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
             and not isinstance(kv_offset, Tensor) and kv_offset == 0 and q_offset + q_length == kv_length):
         if attention_mask is None:
             return None
-        return prepare_padding_mask(attention_mask, kv_length, 0)[:, :kv_length]
+        padding = prepare_padding_mask(attention_mask, kv_length, 0)[:, :kv_length]
+        # No padding at all: no mask (the kernels skip the per-key test), as transformers' own sdpa
+        # does; not while compiling, where the check would be a data-dependent branch.
+        if not torch.compiler.is_compiling() and bool(padding.all()):
+            return None
+        return padding
     kwargs.pop("allow_is_causal_skip", None)
     kwargs.pop("allow_is_bidirectional_skip", None)
     return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
@@ -229,7 +249,6 @@ class _PrefixTuning:
     enabled: bool = True
     generate_index: Optional[Tensor] = None  # prefix_index of the running model.generate
     wrapped_generate: bool = False
-    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 _STATE_ATTR = "_prefix_attn_tuning"
@@ -278,8 +297,10 @@ def _set_attn_implementation(model: nn.Module, name: str) -> None:
         text_config._attn_implementation = name
 
 
-def _as_prefix_index(index, num_tasks: int, batch: int, device: torch.device) -> Optional[Tensor]:
-    """Checks prefix_index against the bank and the batch; an int means every row."""
+def _as_prefix_index(index, num_tasks: int, batch: int, device: torch.device,
+                     from_generate: bool = False) -> Optional[Tensor]:
+    """Checks prefix_index against the bank and the batch; an int means every row. from_generate:
+    generate() may have expanded each input row into several adjacent rows (beams, samples)."""
     if num_tasks == 1:
         if index is not None:
             raise ValueError("prefix_attn: prefix_index was given, but the prefix has a single task (num_tasks=1); "
@@ -295,11 +316,11 @@ def _as_prefix_index(index, num_tasks: int, batch: int, device: torch.device) ->
         raise ValueError(f"prefix_attn: prefix_index must hold integer task ids, got dtype {index.dtype}")
     if index.dim() == 0:
         index = index.expand(batch)
-    if index.dim() != 1 or (index.shape[0] != batch and batch % max(index.shape[0], 1) != 0):
+    expanded = from_generate and index.dim() == 1 and 0 < index.shape[0] < batch and batch % index.shape[0] == 0
+    if index.dim() != 1 or (index.shape[0] != batch and not expanded):
         raise ValueError(f"prefix_attn: prefix_index must have shape [B] = [{batch}] (one task id per row), got "
                          f"{list(index.shape)}")
-    if index.shape[0] != batch:
-        # generate() expands each input row into num_beams * num_return_sequences adjacent rows.
+    if expanded:  # num_beams * num_return_sequences adjacent rows per input row
         index = index.repeat_interleave(batch // index.shape[0])
     index = index.to(device=device, dtype=torch.int64)
     if not torch.compiler.is_compiling() and batch > 0:  # compiled, the kernel's own check raises
@@ -327,9 +348,10 @@ def _decoder_pre_hook(state: _PrefixTuning, module: nn.Module, args, kwargs):
     if not state.enabled:
         kwargs[PREFIX_KWARG] = ()
         return args, kwargs
-    if index is None:
+    from_generate = index is None and state.generate_index is not None
+    if from_generate:
         index = state.generate_index
-    index = _as_prefix_index(index, state.encoder.num_tasks, batch, inputs.device)
+    index = _as_prefix_index(index, state.encoder.num_tasks, batch, inputs.device, from_generate)
     if index is not None:
         kwargs["prefix_index"] = index
     kwargs[PREFIX_KWARG] = state.encoder()
@@ -396,20 +418,32 @@ def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, prefix_proje
     state.hook = decoder.register_forward_pre_hook(functools.partial(_decoder_pre_hook, state), with_kwargs=True)
     model.__dict__[_STATE_ATTR] = state
 
-    original_generate = getattr(model, "generate", None)
-    if original_generate is not None:
-        # generate() rejects kwargs its model's forward does not name, so prefix_index goes around it.
-        @functools.wraps(original_generate)
-        def generate(*args, prefix_index=None, **kwargs):
-            state.generate_index = prefix_index
-            try:
-                return original_generate(*args, **kwargs)
-            finally:
-                state.generate_index = None
-
-        model.generate = generate
+    if callable(getattr(type(model), "generate", None)) and "generate" not in model.__dict__:
+        # A bound method (not a closure), so that copy.deepcopy(model) rebinds it to the copy.
+        model.generate = types.MethodType(_generate, model)
         state.wrapped_generate = True
     return model
+
+
+def _generate(self, *args, prefix_index=None, **kwargs):
+    """model.generate, plus prefix_index (one task id per row, for a bank of prefixes).
+
+    transformers' generate rejects kwargs the model's forward does not name, so prefix_index
+    travels around it to the decoder's hook; rows that generate expands (num_beams,
+    num_return_sequences) keep their task."""
+    state = _state(self)
+    if state is None:
+        return type(self).generate(self, *args, **kwargs)
+    inputs = kwargs.get("input_ids", args[0] if args else None)
+    if inputs is None:
+        inputs = kwargs.get("inputs_embeds")
+    if prefix_index is not None and inputs is not None:  # check against the batch given, before any work
+        prefix_index = _as_prefix_index(prefix_index, state.encoder.num_tasks, inputs.shape[0], inputs.device)
+    state.generate_index = prefix_index
+    try:
+        return type(self).generate(self, *args, **kwargs)
+    finally:
+        state.generate_index = None
 
 
 def remove_prefix_tuning(model: nn.Module) -> PrefixEncoder:

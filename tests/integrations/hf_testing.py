@@ -1,0 +1,213 @@
+"""Helpers for the Hugging Face integration tests: tiny models, PEFT twins, an oracle, tolerances.
+
+Tolerance rule (FlashAttention's, as in tests/conftest.py): an output of ours in float32 is
+compared with an oracle run in float64, and must satisfy
+
+    err(ours, fp32) <= 2 * err(reference implementation, fp32) + floor
+
+where err is the largest absolute difference to the float64 oracle over the positions that
+matter (padding queries excluded), and floor = 8 float32 ulps of the largest oracle logit
+(for the case where the reference happens to round almost exactly). The reference is PEFT
+itself, or the test oracle below, run in float32: whatever rounding a correct float32
+implementation accumulates over the model's layers, ours may show twice that, and no more.
+A real bug (a lost padding mask, a shifted position, a missing prefix) moves logits by 1e-2
+or more even in the tiny models; fp32 rounding moves them by 1e-6 there and ~5e-3 in the
+30-layer SmolLM2 with a random N(0, 1) prefix.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from typing import Dict, Optional
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(HERE)), "examples")
+if EXAMPLES not in sys.path:
+    sys.path.insert(0, EXAMPLES)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import transformers  # noqa: E402
+from transformers import AttentionInterface  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+
+from prefix_attn.integrations import transformers as hf  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+VOCAB = 128
+FP32_ULP = torch.finfo(torch.float32).eps
+
+
+# --------------------------------------------------------------------------- tiny models
+
+def tiny_config(family: str, **overrides):
+    """Tiny random configs: GQA (4 query heads, 2 KV heads) with head_dim 24 != hidden 64 / 4."""
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=24, pad_token_id=0,
+                  max_position_embeddings=256)
+    if family == "llama":
+        config = transformers.LlamaConfig(**{**common, **overrides})
+    elif family == "qwen2":
+        # layer 0 full attention, layers 1-2 sliding window (wide enough here to be a no-op,
+        # unless a test narrows it)
+        config = transformers.Qwen2Config(**{**common, "use_sliding_window": True, "sliding_window": 64,
+                                            "max_window_layers": 1, **overrides})
+    elif family == "mistral":
+        config = transformers.MistralConfig(**{**common, "sliding_window": 64, **overrides})
+    else:
+        raise ValueError(family)
+    return config
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+           "mistral": transformers.MistralForCausalLM}[family]
+    return cls(config).eval()
+
+
+def padded_batch(batch: int = 3, length: int = 11, seed: int = 1, pad_id: int = 0):
+    """Left-padded ids and mask: row 0 full, the others with 1, 3, ... pads."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for b in range(1, batch):
+        mask[b, : min(2 * b - 1, length - 2)] = 0
+    ids[mask == 0] = pad_id
+    return ids, mask
+
+
+# --------------------------------------------------------------------------- PEFT
+
+def peft_twin(base, num_virtual_tokens: int, path: str, seed: int = 5, std: float = 1.0, **config):
+    """A PEFT prefix-tuning model on `base` with a random prefix, saved to `path` as an adapter."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    peft_model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                         num_virtual_tokens=num_virtual_tokens, **config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in peft_model.prompt_encoder["default"].parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    peft_model.eval()
+    peft_model.save_pretrained(path)
+    return peft_model
+
+
+def peft_float64(base, path: str):
+    """The PEFT adapter at `path` on a float64 copy of `base`: the oracle for float32 runs."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(copy.deepcopy(base).double(), path).double().eval()
+
+
+def fix_peft_generate(peft_model) -> None:
+    """Make PEFT's generate use its prefix with transformers 5.
+
+    PEFT (0.21) hands its prefix cache to the model as `past_key_values`, but transformers 5's
+    generate passes its own (empty) cache as `cache`, which wins: PEFT's greedy generation then
+    silently runs without the prefix (the positions stay shifted). This moves PEFT's prefix
+    cache to `cache` on the prefill step, and shows PEFT the filled cache under the name it
+    looks for on later steps (else it rebuilds its prefix every step, only for it to be
+    dropped): what PEFT intends. forward() is unaffected.
+    """
+    base_prepare = peft_model.base_model_prepare_inputs_for_generation
+
+    def base_prepare_inputs_for_generation(*args, **kwargs):
+        inputs = base_prepare(*args, **kwargs)
+        cache = inputs.get("cache")
+        if cache is not None and cache.get_seq_length() > 0:
+            # where PEFT looks for the cache: found, it does not rebuild its prefix every step
+            inputs["past_key_values"] = cache
+        return inputs
+
+    peft_model.base_model_prepare_inputs_for_generation = base_prepare_inputs_for_generation
+    original = peft_model.prepare_inputs_for_generation
+
+    def prepare_inputs_for_generation(*args, **kwargs):
+        inputs = original(*args, **kwargs)
+        prefix_cache = inputs.pop("past_key_values", None)
+        cache = inputs.get("cache")
+        if prefix_cache is not None and (cache is None or cache.get_seq_length() == 0):
+            inputs["cache"] = prefix_cache
+        return inputs
+
+    peft_model.prepare_inputs_for_generation = prepare_inputs_for_generation
+
+
+# --------------------------------------------------------------------------- tolerance
+
+def max_err(a: torch.Tensor, b: torch.Tensor, valid: Optional[torch.Tensor] = None) -> float:
+    diff = (a.detach().double() - b.detach().double()).abs()
+    if valid is not None:
+        diff = diff[valid.bool()]
+    return diff.max().item() if diff.numel() else 0.0
+
+
+def assert_fp32_close(name: str, ours: torch.Tensor, ref32: torch.Tensor, ref64: torch.Tensor,
+                      valid: Optional[torch.Tensor] = None, refs32=()) -> Dict[str, float]:
+    """err(ours) <= 2 * err(ref32) + floor, both against ref64 (see the module docstring).
+    refs32: more float32 references (e.g. PEFT on eager attention); the largest error counts."""
+    err_ours = max_err(ours, ref64, valid)
+    err_ref = max([max_err(r, ref64, valid) for r in (ref32, *refs32)])
+    scale = max_err(ref64, torch.zeros_like(ref64), valid)
+    bound = 2 * err_ref + 8 * FP32_ULP * max(scale, 1.0)
+    assert err_ours <= bound, (f"{name}: max error {err_ours:.3g} vs the float64 oracle exceeds 2 x the float32 "
+                               f"reference's {err_ref:.3g} + floor (bound {bound:.3g}; logit scale {scale:.3g})")
+    return {"ours": err_ours, "ref": err_ref, "bound": bound}
+
+
+# --------------------------------------------------------------------------- the oracle
+
+ORACLE = "prefix_attn_test_oracle"
+
+
+def _oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """[prefix ; key] concatenated explicitly, GQA by repetition, softmax in float64, and the
+    mask transformers' own sdpa_mask built for the sequence (the prefix column block: all True)."""
+    layers = kwargs[hf.PREFIX_KWARG]
+    B, Hq, Nq, D = query.shape
+    Hkv = key.shape[1]
+    if len(layers):
+        prefix_k, prefix_v = layers[module.layer_idx]
+        index = kwargs.get("prefix_index")
+        if index is not None:
+            prefix_k, prefix_v = prefix_k[index], prefix_v[index]
+        else:
+            prefix_k, prefix_v = prefix_k.expand(B, -1, -1, -1), prefix_v.expand(B, -1, -1, -1)
+    else:
+        prefix_k = prefix_v = key.new_zeros(B, Hkv, 0, D)
+    P = prefix_k.shape[2]
+    keys = torch.cat([prefix_k.to(key.dtype), key], 2).repeat_interleave(Hq // Hkv, 1).double()
+    values = torch.cat([prefix_v.to(value.dtype), value], 2).repeat_interleave(Hq // Hkv, 1).double()
+    scale = scaling if scaling is not None else D ** -0.5
+    scores = (query.double() @ keys.transpose(-1, -2)) * scale
+    assert attention_mask is not None and attention_mask.dtype == torch.bool
+    visible = torch.cat([torch.ones(B, 1, Nq, P, dtype=torch.bool), attention_mask[..., : key.shape[2]]
+                         .expand(B, 1, Nq, -1)], -1)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1)
+    out = (probs @ values).to(query.dtype)
+    return out.transpose(1, 2), None
+
+
+def _oracle_mask(*args, **kwargs):
+    kwargs["allow_is_causal_skip"] = False
+    kwargs["allow_is_bidirectional_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+AttentionInterface.register(ORACLE, _oracle_attention)
+AttentionMaskInterface.register(ORACLE, _oracle_mask)
+
+
+def oracle_copy(model):
+    """A deep copy of a prefix-tuned model whose attention is the oracle (same hook, same prefix,
+    same positions; only the attention math and masks differ)."""
+    twin = copy.deepcopy(model)
+    twin.config._attn_implementation = ORACLE
+    return twin
