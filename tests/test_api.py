@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import prefix_attn
-from conftest import OpLog, assert_within_ref_tol, device_for, kernel_backends, op_kwargs
+from attn_testing import OpLog, assert_within_ref_tol, device_for, kernel_backends, op_kwargs
 
 # --------------------------------------------------------------------------- helpers
 

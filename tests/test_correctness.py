@@ -26,7 +26,7 @@ import random
 import pytest
 import torch
 
-from conftest import (
+from attn_testing import (
     Case,
     OpLog,
     backend_params,

@@ -8,7 +8,7 @@ used by several rows. Sizes span several blocks so that work is split across thr
 import pytest
 import torch
 
-from conftest import Case, backend_params, device_for, make_inputs, run_attention
+from attn_testing import Case, backend_params, device_for, make_inputs, run_attention
 
 pytestmark = pytest.mark.usefixtures("nan_poison")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import prefix_attn
-from conftest import backend_params, device_for, op_args
+from attn_testing import backend_params, device_for, op_args
 
 pytestmark = pytest.mark.skipif(
     "cpu" not in prefix_attn.available_backends(), reason="compiled ops not built"

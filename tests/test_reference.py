@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import Case, make_inputs, max_abs_err, run_attention
+from attn_testing import Case, make_inputs, max_abs_err, run_attention
 
 C = Case
 

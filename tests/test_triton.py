@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import prefix_attn
-from conftest import Case as C
-from conftest import check_against_reference, make_inputs, reference_pair, run_attention
+from attn_testing import Case as C
+from attn_testing import check_against_reference, make_inputs, reference_pair, run_attention
 
 if "triton" not in prefix_attn.available_backends():
     pytest.skip("the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 on CPU", allow_module_level=True)
