@@ -122,9 +122,19 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
         backend = _compiled_backend(query.device.type, query.dtype)
     else:
         backend = _backend_for(query.device.type, query.dtype, os.environ.get(ENV_VAR))
+    B, Hq, Nq, D = query.shape
+    Hkv = key.shape[1]
+    grouped = Nq == 1 and attn_mask is None and Hq != Hkv
+    if grouped:
+        # Decoding one token per row: the query heads sharing a KV head become that head's queries
+        # (heads h of KV head h // (Hq / Hkv), as repeat_kv). One query position masks nothing
+        # causally, so the math is the same, and the kernel reads each KV head once, not Hq / Hkv times.
+        query, causal = query.reshape(B, Hkv, Hq // Hkv, D), False
     out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, softmax_scale=scaling,
                            key_padding_mask=key_padding_mask, attn_mask=attn_mask,
                            prefix_index=kwargs.get("prefix_index"), backend=backend)
+    if grouped:
+        out = out.reshape(B, Hq, Nq, D)
     return out.transpose(1, 2), None
 
 

@@ -157,15 +157,16 @@ def test_mask_function_hands_over_padding_only_when_it_can():
 # --------------------------------------------------------------------------- generation
 
 def test_decoding_attends_to_prefix_and_cache_in_the_kernel(monkeypatch):
-    """Every decode step: one query against the whole cache plus the shared [Hkv, P, D] prefix,
-    padding as key_padding_mask, causal on; and the cache holds no prefix."""
+    """Prefill: causal over the prompt. Every decode step: the new token's 4 query heads (as 2 KV
+    heads x 2 queries, which one query position allows) against the whole cache plus the shared
+    [Hkv, P, D] prefix, padding as key_padding_mask; and the cache holds no prefix."""
     model = _random_prefix(add_prefix_tuning(tiny_model("llama"), 5))
     calls = []
     real = hf.prefix_attention
 
     def spy(q, k, v, prefix_k, prefix_v, **kwargs):
         kpm = kwargs.get("key_padding_mask")
-        calls.append((q.shape[2], k.shape[2], tuple(prefix_k.shape), kwargs["causal"],
+        calls.append((tuple(q.shape), k.shape[2], tuple(prefix_k.shape), kwargs["causal"],
                       None if kpm is None else tuple(kpm.shape), kwargs.get("attn_mask") is None))
         return real(q, k, v, prefix_k, prefix_v, **kwargs)
 
@@ -176,13 +177,32 @@ def test_decoding_attends_to_prefix_and_cache_in_the_kernel(monkeypatch):
     layers = model.config.num_hidden_layers
     assert len(calls) == 4 * layers
     for step in range(4):
-        for nq, nk, prefix_shape, causal, kpm, no_full_mask in calls[step * layers:(step + 1) * layers]:
-            assert (nq, nk) == ((9, 9) if step == 0 else (1, 9 + step))
-            assert prefix_shape == (2, 5, 24) and causal and kpm == (3, nk) and no_full_mask
+        for q_shape, nk, prefix_shape, causal, kpm, no_full_mask in calls[step * layers:(step + 1) * layers]:
+            if step == 0:
+                assert (q_shape, nk, causal) == ((3, 4, 9, 24), 9, True)
+            else:
+                assert (q_shape, nk, causal) == ((3, 2, 2, 24), 9 + step, False)
+            assert prefix_shape == (2, 5, 24) and kpm == (3, nk) and no_full_mask
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     assert cache.get_seq_length() == 9 + 4 - 1
     for layer in cache.layers:
         assert tuple(layer.keys.shape) == (3, 2, 12, 24)
+
+
+@pytest.mark.parametrize("tasks", [1, 3])
+def test_decode_step_matches_full_forward(tasks):
+    """One cached decode step (the grouped-query path) gives the full forward's last logits."""
+    model = _random_prefix(add_prefix_tuning(tiny_model("llama"), 5, num_tasks=tasks))
+    ids, mask = padded_batch(batch=3, length=10)
+    index = {"prefix_index": torch.tensor([2, 0, 1])} if tasks > 1 else {}
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, **index).logits[:, -1]
+        prefill = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True, **index)
+        cache = prefill.cache if hasattr(prefill, "cache") else prefill.past_key_values
+        # the full forward numbers positions 0 .. N-1 whatever the padding: so does this step
+        step = model(input_ids=ids[:, -1:], attention_mask=mask, cache=cache, use_cache=True,
+                     position_ids=torch.full((3, 1), ids.shape[1] - 1), **index).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
 
 
 def test_generation_is_the_same_with_any_cache():
