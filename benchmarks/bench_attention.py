@@ -528,8 +528,20 @@ def bench_one(cfg: Config, mode: str, *, backend, device, dtype, warmup, min_rep
                       "device": str(dev), "dtype": dtype_name}
             row[f"{impl}_mem_mb"] = memory.measure_peak_extra(
                 "bench_attention:build_memory_step", kwargs, device=str(dev)) / 1e6
-        row["mem_ratio"] = row["incumbent_mem_mb"] / max(row["ours_mem_mb"], 1e-3)
+        row.update(mem_ratio_fields(row["ours_mem_mb"], row["incumbent_mem_mb"], dev))
     return row
+
+
+# Below this the CPU measurement is noise (page granularity, small allocations): a ratio with a
+# smaller denominator is reported as a lower bound, against this floor.
+CPU_MEM_FLOOR_MB = 0.1
+
+
+def mem_ratio_fields(ours_mb: float, incumbent_mb: float, device) -> dict[str, Any]:
+    floor = CPU_MEM_FLOOR_MB if torch.device(device).type == "cpu" else 1e-6
+    if max(ours_mb, incumbent_mb) < floor:
+        return {}  # both in the noise: no ratio
+    return {"mem_ratio": incumbent_mb / max(ours_mb, floor), "mem_ratio_is_lower_bound": ours_mb < floor}
 
 
 def geomean(xs: Iterable[float]) -> float:
@@ -568,7 +580,7 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {r['config']} | {r['mode']} | {r['ours_ms']:.2f} | {r['incumbent_ms']:.2f} "
             f"| {r['speedup']:.2f}x | {r['ours_gflops']:.1f} | {r['incumbent_gflops']:.1f} "
             f"| {_fmt_mb(r.get('ours_mem_mb'))} | {_fmt_mb(r.get('incumbent_mem_mb'))} "
-            f"| {('%.2fx' % r['mem_ratio']) if 'mem_ratio' in r else '-'} "
+            f"| {(('>' if r.get('mem_ratio_is_lower_bound') else '') + '%.2fx' % r['mem_ratio']) if 'mem_ratio' in r else '-'} "
             f"| {('%.1e' % r['max_abs_diff']) if 'max_abs_diff' in r else '-'} |")
     return "\n".join(lines)
 
@@ -654,17 +666,30 @@ def _meta_line(meta) -> str:
 
 def run(configs: list[Config], modes: list[str], *, backend="auto", device="cpu", dtype=torch.float32,
         warmup=2, min_reps=5, max_reps=50, budget_s=2.0, measure_memory=True, check=True,
-        wait_quiet_s=0.0, retries=0, verbose=True) -> list[dict]:
+        wait_quiet_s=0.0, retries=0, verbose=True, skipped: list | None = None) -> list[dict]:
+    """Benchmark every (config, mode); rows that raise are reported, appended to ``skipped``."""
     rows = []
+    skipped = skipped if skipped is not None else []
+    device_is_cuda = torch.device(device).type == "cuda"
     # Without a prefix there is nothing to train in prefix_bwd.
     jobs = [(c, m) for c, m in itertools.product(configs, modes) if not (m == "prefix_bwd" and c.P == 0)]
     n = len(jobs)
     t_start = time.perf_counter()
     for i, (cfg, mode) in enumerate(jobs):
-        row = bench_one(cfg, mode, backend=backend, device=device, dtype=dtype, warmup=warmup,
-                        min_reps=min_reps, max_reps=max_reps, budget_s=budget_s,
-                        measure_memory=measure_memory, check=check, wait_quiet_s=wait_quiet_s,
-                        retries=retries)
+        try:
+            row = bench_one(cfg, mode, backend=backend, device=device, dtype=dtype, warmup=warmup,
+                            min_reps=min_reps, max_reps=max_reps, budget_s=budget_s,
+                            measure_memory=measure_memory, check=check, wait_quiet_s=wait_quiet_s,
+                            retries=retries)
+        except (NotImplementedError, ValueError, TypeError, RuntimeError,
+                memory.MemoryMeasurementError) as e:
+            # A backend that cannot run a case (head dim, dtype, out of memory) costs that row only.
+            print(f"[{i + 1}/{n}] {cfg.name} {mode}: skipped, {type(e).__name__}: {e}",
+                  file=sys.stderr, flush=True)
+            skipped.append({"config": cfg.name, "mode": mode, "error": f"{type(e).__name__}: {e}"})
+            if device_is_cuda:
+                torch.cuda.empty_cache()
+            continue
         rows.append(row)
         if verbose:
             mem = (f"  mem {row['ours_mem_mb']:.1f} vs {row['incumbent_mem_mb']:.1f} MB"
@@ -715,6 +740,9 @@ def parse_args(argv=None):
     ap.add_argument("--retries", type=int, default=0,
                     help="CPU: time a (config, mode) again, up to this many times, when other processes "
                          "used > 0.2 cores meanwhile; the least disturbed attempt is kept")
+    ap.add_argument("--redo-busy", action="store_true",
+                    help="load the results JSON this command line would write, time again the rows that "
+                         "other processes disturbed, and rewrite it (use with --wait-quiet/--retries)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/<hardware-slug>)")
     ap.add_argument("--name", default=None, help="file stem (default attention, attention-quick, attention-custom)")
@@ -774,14 +802,29 @@ def main(argv=None) -> int:
     if device.type == "cpu" and load and load[0] > 0.5:
         print(f"# warning: load average {load[0]} before the start: other work on this machine will "
               f"slow both implementations and add noise", file=sys.stderr)
+    out_dir = args.out or os.path.join(_HERE, "results", hw["slug"])
+    if args.redo_busy:
+        return redo_busy(os.path.join(out_dir, stem + ".json"), args, device, dtype)
     print(f"# backends available: {meta['package']['available_backends']}; auto picks "
           f"{meta['package']['auto_selects']}; {len(configs)} configs x {len(args.modes)} modes", file=sys.stderr)
 
+    skipped: list[dict] = []
     rows = run(configs, args.modes, backend=args.backend, device=device, dtype=dtype, warmup=args.warmup,
                min_reps=args.min_reps, max_reps=args.max_reps, budget_s=args.budget,
                measure_memory=not args.no_memory, check=not args.no_check, wait_quiet_s=args.wait_quiet,
-               retries=args.retries)
+               retries=args.retries, skipped=skipped)
+    if skipped:
+        meta["skipped"] = skipped
+    if not rows:
+        print("nothing ran", file=sys.stderr)
+        return 1
     hw["loadavg_at_end"] = _loadavg()
+    finish(rows, meta, out_dir, stem, save=not args.no_save)
+    return 0
+
+
+def finish(rows, meta, out_dir, stem, *, save=True):
+    """Print the table and geometric means; write JSON, markdown and PNG."""
     gm = target_geomeans(rows)
     table = markdown_table(rows)
     if gm:
@@ -792,12 +835,37 @@ def main(argv=None) -> int:
     if busy:
         table += (f"\n\nNote: other processes used up to {max(r['background_cpu'] for r in busy):.1f} cores "
                   f"while {len(busy)} of {len(rows)} rows were timed ({', '.join(r['config'] + ' ' + r['mode'] for r in busy)}); "
-                  "those timings are less reliable (JSON: background_cpu, cpu_per_wall).")
+                  "those timings are less reliable (JSON: background_cpu, cpu_per_wall; rerun them with --redo-busy).")
     print(table)
-    if not args.no_save:
-        out_dir = args.out or os.path.join(_HERE, "results", hw["slug"])
+    if save:
         paths = write_results(rows, gm, meta, out_dir, stem, table)
         print("\nwrote " + ", ".join(os.path.relpath(p) for p in paths.values()), file=sys.stderr)
+
+
+def redo_busy(path: str, args, device, dtype) -> int:
+    """Time again the rows of an earlier run that other processes disturbed; rewrite its files."""
+    with open(path) as f:
+        saved = json.load(f)
+    rows, meta = saved["rows"], saved["meta"]
+    todo = [i for i, r in enumerate(rows) if (r.get("background_cpu") or 0) > BUSY_CORES]
+    print(f"# {path}: {len(todo)} of {len(rows)} rows were timed on a busy machine", file=sys.stderr)
+    fields = [f.name for f in dataclasses.fields(Config)]
+    for i in todo:
+        r = rows[i]
+        cfg = Config(**{k: r[k] for k in fields})
+        new = run([cfg], [r["mode"]], backend=meta["package"]["backend_requested"], device=device, dtype=dtype,
+                  warmup=args.warmup, min_reps=args.min_reps, max_reps=args.max_reps, budget_s=args.budget,
+                  measure_memory=not args.no_memory, check=not args.no_check,
+                  wait_quiet_s=args.wait_quiet, retries=args.retries)[0]
+        for key in ("ours_mem_mb", "incumbent_mem_mb", "mem_ratio", "mem_ratio_is_lower_bound",
+                    "max_abs_diff", "max_rel_diff", "diff_by_tensor"):
+            if key in r and key not in new:  # keep what this rerun skipped
+                new[key] = r[key]
+        new["redone"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        rows[i] = new
+    meta.setdefault("redone_rows", []).extend(
+        f"{rows[i]['config']} {rows[i]['mode']} at {rows[i]['redone']}" for i in todo)
+    finish(rows, meta, os.path.dirname(path), os.path.splitext(os.path.basename(path))[0], save=not args.no_save)
     return 0
 
 

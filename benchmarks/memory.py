@@ -48,7 +48,7 @@ CPU (one fresh process per measurement)
 
     Validation (``python benchmarks/memory.py --selftest [--method spawn]``): a callable
     that allocates and fills a 100 MB float32 tensor reads 99.6-99.9 MB, 10 MB reads
-    9.85 MB, and one that allocates nothing reads 0.00 MB.
+    9.8-9.9 MB, and one that allocates nothing reads 0.00 MB.
 
 Usage
 -----
