@@ -17,9 +17,10 @@ What is measured:
 
 - tokens/s: tokens processed per second of wall time. train: B*N / step time; generate:
   B*32 generated tokens / time of the whole generate() call (prefill included). Both
-  implementations live in one process, are warmed up, then run alternately (ours, PEFT,
-  ours, ...) so that load from other processes hits both alike; the median is reported
-  (the JSON also has every repeat).
+  implementations live in one process, are warmed up, then run alternately in ABBA order
+  (ours, PEFT, PEFT, ours, ...) so that load from other processes, and the cost of running
+  right after the other one, hit both alike; the median is reported (the JSON also has every
+  repeat).
 - peak memory: peak RSS during one call minus RSS just before it, with the model loaded and
   one warm-up call done, in a FRESH process per measurement (benchmarks/memory.py:
   VmHWM - VmRSS, glibc malloc tuned so freed memory leaves the process). That is the memory
@@ -186,14 +187,18 @@ def memory_step(impl: str, case: str, seed: int = 0) -> Callable[[], Any]:
 # --------------------------------------------------------------------------- measuring
 
 def time_interleaved(calls: Dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> Dict[str, List[float]]:
+    """Alternate the implementations in ABBA order: whichever runs right after the other pays for
+    the caches and heap pages the other left behind (worth several percent here), so each one
+    runs first in half of the rounds."""
     for _ in range(warmup):
         for call in calls.values():
             call()
     times = {name: [] for name in calls}
-    for _ in range(reps):
-        for name, call in calls.items():
+    order = list(calls)
+    for rep in range(reps):
+        for name in (order if rep % 2 == 0 else order[::-1]):
             t0 = time.perf_counter()
-            call()
+            calls[name]()
             times[name].append(time.perf_counter() - t0)
     return times
 

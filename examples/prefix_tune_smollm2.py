@@ -16,7 +16,6 @@ save_prefix, and reload it into a fresh copy of the model to show it round-trips
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys

@@ -60,18 +60,30 @@ _warned_reference = False
 
 def register_backend(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
+    _availability.pop(backend.name, None)
+
+
+_availability: Dict[str, bool] = {}
+
+
+def _is_available(backend: Backend) -> bool:
+    # Probed once per process: the probes (find_spec, torch.cuda.is_available) cost ~60 us, as
+    # much as a small attention call, and their answer cannot change while the process runs.
+    if backend.name not in _availability:
+        _availability[backend.name] = bool(backend.is_available())
+    return _availability[backend.name]
 
 
 def available_backends() -> List[str]:
     """Names of the backends usable on this machine, fastest first."""
-    return [b.name for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority) if b.is_available()]
+    return [b.name for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority) if _is_available(b)]
 
 
 def _get(name: str) -> Backend:
     if name not in _REGISTRY:
         raise ValueError(f"prefix_attn: unknown backend {name!r}; known: {sorted(_REGISTRY)} or 'auto'")
     backend = _REGISTRY[name]
-    if not backend.is_available():
+    if not _is_available(backend):
         raise NotImplementedError(f"prefix_attn: backend {name!r} is not available here; available: {available_backends()}")
     return backend
 

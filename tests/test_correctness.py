@@ -54,6 +54,11 @@ HAND_CASES = [
     C(B=2, Hq=4, Hkv=2, Nq=1, Nk=300, P=63, D=64, prefix="bank"),
     C(B=3, Hq=8, Hkv=2, Nq=1, Nk=129, P=257, D=128, causal=True, prefix="per_row", kpm="left"),
     C(B=1, Hq=2, Hkv=2, Nq=1, Nk=1025, P=0, D=128, prefix="none", kpm="right"),
+    # Nq = 2 .. 4: the CPU backend's register-blocked small-row products (a decode step with a KV
+    # group's query heads folded into one head), with head dims that leave vector tails
+    C(B=2, Hq=3, Hkv=3, Nq=3, Nk=37, P=19, D=20, causal=True, kpm="left"),
+    C(B=2, Hq=4, Hkv=2, Nq=4, Nk=70, P=63, D=80, prefix="bank", mask="float-NqNk", layout="qT"),
+    C(B=3, Hq=2, Hkv=1, Nq=2, Nk=5, P=300, D=100, prefix="per_row", kpm="right", layout="kvslice"),
     # Nq = 17
     C(B=2, Hq=4, Hkv=4, Nq=17, Nk=17, P=0, D=64, causal=True, prefix="none"),
     C(B=2, Hq=4, Hkv=4, Nq=17, Nk=17, P=0, D=64, causal=True, prefix="shared"),

@@ -120,12 +120,136 @@ void parallel_tasks(int64_t n, const F& body) {
   });
 }
 
+// Up to this many rows of A (a decode step: one query, or a KV group's few heads folded into
+// it), register-blocked loops replace the BLAS call: for such thin products its fixed cost is
+// the whole job, and a naive loop is bound by the latency of reloading C (measured: ~8 us per
+// (row, head) task of a decode step either way, ~2 us with these).
+constexpr int64_t kSmallM = 4;
+
+// Sum of the lanes, as a tree of half-width adds (a serial lane loop costs 16 dependent adds).
+inline float hsum(vfloat x) {
+  using v8 = float __attribute__((vector_size(32)));
+  using v4 = float __attribute__((vector_size(16)));
+  static_assert(sizeof(vfloat) == 2 * sizeof(v8), "hsum assumes 16 lanes");
+  v8 lo8, hi8;
+  std::memcpy(&lo8, &x, sizeof lo8);
+  std::memcpy(&hi8, reinterpret_cast<const char*>(&x) + sizeof lo8, sizeof hi8);
+  const v8 s8 = lo8 + hi8;
+  v4 lo4, hi4;
+  std::memcpy(&lo4, &s8, sizeof lo4);
+  std::memcpy(&hi4, reinterpret_cast<const char*>(&s8) + sizeof lo4, sizeof hi4);
+  const v4 s4 = lo4 + hi4;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+// C[MR, N] = alpha * A[MR, K] @ B[N, K]^T + beta * C: dot products of rows, four B rows at a
+// time so that 4 * MR independent accumulators hide the FMA latency.
+template <int MR>
+void small_gemm_nt(int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                   const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  constexpr int NR = 4;
+  const int64_t K_vec = K / kLanes * kLanes;
+  const bool keep_c = beta != 0.f;  // beta == 0: C's old contents are ignored, NaN included
+  auto finish = [&](int r, int64_t j, float dot) {
+    float* c = C + r * ldc + j;
+    *c = keep_c ? alpha * dot + beta * *c : alpha * dot;
+  };
+  int64_t j = 0;
+  for (; j + NR <= N; j += NR) {
+    vfloat acc[MR][NR] = {};
+    for (int64_t k = 0; k < K_vec; k += kLanes) {
+      vfloat b[NR];
+      for (int n = 0; n < NR; ++n) b[n] = vload(B + (j + n) * ldb + k);
+      for (int r = 0; r < MR; ++r) {
+        const vfloat a = vload(A + r * lda + k);
+        for (int n = 0; n < NR; ++n) acc[r][n] += a * b[n];
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      for (int n = 0; n < NR; ++n) {
+        float dot = hsum(acc[r][n]);
+        for (int64_t k = K_vec; k < K; ++k) dot += A[r * lda + k] * B[(j + n) * ldb + k];
+        finish(r, j + n, dot);
+      }
+    }
+  }
+  for (; j < N; ++j) {
+    vfloat acc[MR] = {};
+    for (int64_t k = 0; k < K_vec; k += kLanes) {
+      const vfloat b = vload(B + j * ldb + k);
+      for (int r = 0; r < MR; ++r) acc[r] += vload(A + r * lda + k) * b;
+    }
+    for (int r = 0; r < MR; ++r) {
+      float dot = hsum(acc[r]);
+      for (int64_t k = K_vec; k < K; ++k) dot += A[r * lda + k] * B[j * ldb + k];
+      finish(r, j, dot);
+    }
+  }
+}
+
+// C[MR, N] = alpha * A[MR, K] @ B[K, N] + beta * C, with C held in registers across the K loop,
+// 4 vectors (64 columns) at a time, then one vector, then single columns.
+template <int MR>
+void small_gemm_nn(int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                   const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  auto columns = [&](int64_t j, auto width_tag) {
+    constexpr int NV = decltype(width_tag)::value;  // vectors per row
+    vfloat acc[MR][NV] = {};
+    for (int64_t k = 0; k < K; ++k) {
+      vfloat b[NV];
+      for (int v = 0; v < NV; ++v) b[v] = vload(B + k * ldb + j + v * kLanes);
+      for (int r = 0; r < MR; ++r) {
+        const vfloat a = vsplat(alpha * A[r * lda + k]);
+        for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      for (int v = 0; v < NV; ++v) {
+        float* c = C + r * ldc + j + v * kLanes;
+        vstore(c, beta == 0.f ? acc[r][v] : acc[r][v] + vsplat(beta) * vload(c));
+      }
+    }
+  };
+  int64_t j = 0;
+  for (; j + 4 * kLanes <= N; j += 4 * kLanes) columns(j, std::integral_constant<int, 4>{});
+  for (; j + kLanes <= N; j += kLanes) columns(j, std::integral_constant<int, 1>{});
+  for (; j < N; ++j) {
+    float acc[MR] = {};
+    for (int64_t k = 0; k < K; ++k) {
+      const float b = B[k * ldb + j];
+      for (int r = 0; r < MR; ++r) acc[r] += A[r * lda + k] * b;
+    }
+    for (int r = 0; r < MR; ++r) {
+      float* c = C + r * ldc + j;
+      *c = alpha * acc[r] + (beta == 0.f ? 0.f : beta * *c);
+    }
+  }
+}
+
+template <int MR>
+void small_gemm(bool trans_b, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (trans_b) {
+    small_gemm_nt<MR>(N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  } else {
+    small_gemm_nn<MR>(N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+}
+
 // Row-major C[M, N] = alpha * op(A)[M, K] @ op(B)[K, N] + beta * C. BLAS is column-major, where
 // the same memory holds the transposes, so we ask it for C^T = op(B)^T op(A)^T.
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
           const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
           int64_t ldc) {
   if (M == 0 || N == 0) return;
+  if (!trans_a && M <= kSmallM) {
+    switch (M) {
+      case 1: return small_gemm<1>(trans_b, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+      case 2: return small_gemm<2>(trans_b, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+      case 3: return small_gemm<3>(trans_b, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+      default: return small_gemm<4>(trans_b, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    }
+  }
   if (sgemm_ != nullptr) {
     const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
     const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
@@ -305,9 +429,18 @@ void forward_impl(const FwdParams& p) {
   const T* pv = static_cast<const T*>(p.prefix_v.ptr);
   T* out = static_cast<T*>(p.out.ptr);
 
+  // Scratch sized to the largest tile this call has, not the largest possible one: a decode
+  // step (Nq = 1) needs a few KB, not the ~330 KB a full tile takes to allocate and zero.
+  const int64_t rows_cap = std::min(kBlockM, p.Nq);
+  const int64_t ldS = round_up_lanes(std::max<int64_t>(std::min(kBlockN, std::max(p.P, p.Nk)), 1));
+  const bool copy_rows = !std::is_same_v<T, float> ||
+                         rows_need_copy<T>(p.k.s[2], p.k.s[3], p.Nk, D) ||
+                         rows_need_copy<T>(p.v.s[2], p.v.s[3], p.Nk, D) ||
+                         (p.P > 0 && (rows_need_copy<T>(p.prefix_k.s[2], p.prefix_k.s[3], p.P, D) ||
+                                      rows_need_copy<T>(p.prefix_v.s[2], p.prefix_v.s[3], p.P, D)));
   parallel_tasks(p.B * p.Hq * n_qblocks, [&](int64_t begin, int64_t end) {
-    std::vector<float> qbuf(kBlockM * D), kbuf(kBlockN * D), vbuf(kBlockN * D);
-    std::vector<float> S(kBlockM * kBlockN), acc(kBlockM * D), m(kBlockM), l(kBlockM);
+    std::vector<float> qbuf(rows_cap * D), kbuf(copy_rows ? ldS * D : 0), vbuf(kbuf.size());
+    std::vector<float> S(rows_cap * ldS), acc(rows_cap * D), m(rows_cap), l(rows_cap);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % n_qblocks, bh = task / n_qblocks;
       const int64_t b = bh / p.Hq, h = bh % p.Hq, g = h / group;
@@ -315,17 +448,17 @@ void forward_impl(const FwdParams& p) {
       int64_t ldq, ldk, ldv;
       const float* Q = rows_as_float(q + b * p.q.s[0] + h * p.q.s[1] + i0 * p.q.s[2], p.q.s[2],
                                      p.q.s[3], bm, D, qbuf.data(), &ldq);
-      std::fill(m.begin(), m.end(), kNegInf);
-      std::fill(l.begin(), l.end(), 0.f);
-      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m.begin(), m.begin() + bm, kNegInf);
+      std::fill(l.begin(), l.begin() + bm, 0.f);
+      std::fill(acc.begin(), acc.begin() + bm * D, 0.f);
 
       auto attend = [&](const float* K, const float* V, int64_t bn, const SeqMask* mask,
                         int64_t j0) {
-        gemm(false, true, bm, bn, D, p.scale, Q, ldq, K, ldk, 0.f, S.data(), kBlockN);
-        if (mask != nullptr) mask->apply(S.data(), kBlockN, i0, bm, j0, bn);
-        pad_columns(S.data(), kBlockN, bm, bn, kNegInf);
-        online_softmax_step(S.data(), kBlockN, bm, bn, m.data(), l.data(), acc.data(), D);
-        gemm(false, false, bm, D, bn, 1.f, S.data(), kBlockN, V, ldv, 1.f, acc.data(), D);
+        gemm(false, true, bm, bn, D, p.scale, Q, ldq, K, ldk, 0.f, S.data(), ldS);
+        if (mask != nullptr) mask->apply(S.data(), ldS, i0, bm, j0, bn);
+        pad_columns(S.data(), ldS, bm, bn, kNegInf);
+        online_softmax_step(S.data(), ldS, bm, bn, m.data(), l.data(), acc.data(), D);
+        gemm(false, false, bm, D, bn, 1.f, S.data(), ldS, V, ldv, 1.f, acc.data(), D);
       };
 
       if (p.P > 0) {

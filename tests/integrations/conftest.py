@@ -49,7 +49,9 @@ def _no_backend_override(monkeypatch):
 def smollm2():
     """(model, tokenizer): SmolLM2-135M-Instruct, float32, eval mode, left padding. Shared by the
     session: tests must deep-copy it before changing it."""
-    import hf_testing  # noqa: F401  (puts examples/ on sys.path)
+    examples = os.path.join(os.path.dirname(os.path.dirname(_HERE)), "examples")
+    if examples not in sys.path:
+        sys.path.insert(0, examples)
     import smollm2 as loader
 
     if not loader.available():

@@ -55,8 +55,12 @@ def main(out_dir: str) -> None:
     from safetensors.torch import save_file
 
     save_file(results, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # the results are written; don't let interpreter teardown (threads, gloo) hang the test

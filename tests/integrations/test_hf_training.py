@@ -159,7 +159,12 @@ def test_ddp_prefix_gradients_agree(tmp_path):
     worker = os.path.join(HERE, "ddp_worker.py")
     procs = [subprocess.Popen([sys.executable, worker, str(tmp_path)], env=dict(env, RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    try:
+        outputs = [p.communicate(timeout=600)[0] for p in procs]  # generous: the machine may be busy
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     for r, (p, out) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"rank {r} failed:\n{out[-3000:]}"
     from safetensors.torch import load_file
