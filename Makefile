@@ -11,7 +11,7 @@ TORCH  ?= torch==2.13.0
 
 SOURCES := $(shell find csrc prefix_attn -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: install demo test bench cuda-check gpu-check clean
+.PHONY: install demo test bench cuda-check triton-check gpu-check clean
 
 install: $(VENV)/.built
 
@@ -55,6 +55,12 @@ cuda-check:
 	    test $${PIPESTATUS[0]} -eq 0 || exit 1; \
 	  done; \
 	done; echo "cuda-check: all CUDA sources compiled for sm_$(CUDA_ARCHS)"
+
+# Compiles every Triton kernel for sm_80 and sm_90 through the real launchers, with no GPU (the
+# interpreter tests never run Triton's compiler). Prints registers, spills and shared memory per
+# kernel, and fails on a kernel that does not compile or needs more shared memory than the GPU has.
+triton-check: install
+	TRITON_DEFAULT_FP_FUSION=1 $(PY) tools/triton_compile_check.py
 
 # On a lent GPU machine: no venv and no downloads. Its own python3 (torch with CUDA, Triton,
 # pytest) builds the extension in place, CUDA kernels included, then runs the test suite on

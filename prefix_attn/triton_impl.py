@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -451,16 +452,65 @@ def _bwd_dprefix_kernel(Q, PK, PV, Rows, RowStart, DOut, Lse2, Delta, DPK, DPV,
 # Launchers
 
 
-def _blocks(D: int) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). One config: the interpreter cannot autotune."""
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and launch options of one kernel. BLOCK_M tiles queries, BLOCK_N keys: for
+    "fwd" and "dq" a program owns BLOCK_M queries and loops over keys; for "dkv" (sequence dK/dV
+    and the prefix gradient) a program owns BLOCK_N keys and loops over queries."""
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+    def kwargs(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_D=self.block_d, num_warps=self.num_warps,
+                    num_stages=self.num_stages)
+
+
+# (kind, element bytes, BLOCK_D) -> (BLOCK_M, BLOCK_N, num_warps, num_stages), picked with
+# tools/triton_compile_check.py (no GPU needed): every kernel fits the shared memory of sm_80
+# (163 KB) and sm_90 (227 KB), and among the candidates compiled the largest tiles that spill no
+# or few registers on sm_90 won. Not yet timed on a GPU: `make gpu-check` is where they get
+# measured. 16-bit: the usual flash-attention shapes (dq: 128 queries x 32-key tiles; dK/dV:
+# 128 keys x 32-query tiles). float32 multiplies in IEEE fp32 without tensor cores, which
+# needs far more registers: small tiles.
+_GPU_CONFIGS = {
+    ("fwd", 2, 64): (128, 64, 4, 3),
+    ("fwd", 2, 128): (128, 64, 8, 3),
+    ("fwd", 2, 256): (64, 32, 8, 2),
+    ("fwd", 4, 64): (32, 32, 4, 2),
+    ("fwd", 4, 128): (32, 32, 4, 2),
+    ("fwd", 4, 256): (16, 32, 4, 1),
+    ("dq", 2, 64): (128, 32, 8, 3),
+    ("dq", 2, 128): (128, 32, 8, 3),
+    ("dq", 2, 256): (32, 32, 4, 2),
+    ("dq", 4, 64): (64, 32, 8, 2),
+    ("dq", 4, 128): (32, 32, 4, 2),
+    ("dq", 4, 256): (16, 32, 4, 1),
+    ("dkv", 2, 64): (32, 128, 8, 3),
+    ("dkv", 2, 128): (32, 128, 8, 3),
+    ("dkv", 2, 256): (32, 32, 4, 1),
+    ("dkv", 4, 64): (32, 64, 8, 2),
+    ("dkv", 4, 128): (32, 32, 4, 2),
+    ("dkv", 4, 256): (16, 32, 4, 1),
+}
+
+# Under the interpreter: small tiles (it is slow) and BLOCK_M != BLOCK_N, so the tests exercise
+# the asymmetric tilings the GPU configs use.
+_INTERPRET_CONFIGS = {"fwd": (32, 16), "dq": (32, 16), "dkv": (16, 32)}
+
+
+def _config(kind: str, D: int, dtype: torch.dtype) -> LaunchConfig:
     block_d = max(16, triton.next_power_of_2(D))
     if INTERPRET:
-        return 32, 32, block_d, 4
-    if block_d <= 64:
-        return 128, 64, block_d, 4
-    if block_d <= 128:
-        return 128, 64, block_d, 8
-    return 64, 32, block_d, 8
+        bm, bn = _INTERPRET_CONFIGS[kind]
+        return LaunchConfig(bm, bn, block_d, 4, 1)
+    if block_d > 256:  # rare: the smallest tiles tl.dot takes
+        return LaunchConfig(16, 16, block_d, 4, 1)
+    size = 4 if dtype == torch.float32 else 2
+    bm, bn, warps, stages = _GPU_CONFIGS[(kind, size, min(max(block_d, 64), 256))]
+    return LaunchConfig(bm, bn, block_d, warps, stages)
 
 
 def _dot_args(dtype: torch.dtype):
@@ -509,14 +559,14 @@ def triton_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, 
         if lo < 0 or hi >= prefix_k.shape[0]:
             raise ValueError(f"prefix_attn: prefix_index values must lie in [0, {prefix_k.shape[0]}), "
                              f"got values in [{lo}, {hi}]")
-    BM, BN, BD, warps = _blocks(D)
+    cfg = _config("fwd", D, q.dtype)
     pk, spk = _optional(prefix_k, q, 4)
     pv, spv = _optional(prefix_v, q, 4)
     kpm, skpm = _optional(_as_bytes(key_padding_mask), q, 2)
     mask, smask = _optional(_as_bytes(attn_mask), q, 4)
     idx = prefix_index if prefix_index is not None else q
     qk_scale, exp_mul = _score_units(attn_mask, scale)
-    grid = (triton.cdiv(Nq, BM), B * Hq)
+    grid = (triton.cdiv(Nq, cfg.block_m), B * Hq)
     _fwd_kernel[grid](
         q, k, v, pk, pv, idx, kpm, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *spk, *spv, *skpm, *smask, *out.stride(),
@@ -524,7 +574,7 @@ def triton_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, 
         HAS_PREFIX=P > 0, HAS_INDEX=prefix_index is not None,
         PER_ROW=prefix_k is not None and prefix_index is None and prefix_k.shape[0] > 1,
         HAS_KPM=key_padding_mask is not None, MASK_KIND=_mask_kind(attn_mask), CAUSAL=bool(causal),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, EXP_MUL=exp_mul, **_dot_args(q.dtype))
+        EXP_MUL=exp_mul, **cfg.kwargs(), **_dot_args(q.dtype))
     return out, lse
 
 
@@ -576,37 +626,37 @@ def triton_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding
         raise NotImplementedError(
             "prefix_attn: the triton backward cannot rebuild rows whose every visible key has an additive "
             "mask near finfo.min (|lse| > 2^20); use a bool mask or key_padding_mask for padding")
-    BM, BN, BD, warps = _blocks(D)
+    dq_cfg, dkv_cfg = _config("dq", D, q.dtype), _config("dkv", D, q.dtype)
     qk_scale, exp_mul = _score_units(attn_mask, scale)
     dot = dict(EXP_MUL=exp_mul, **_dot_args(q.dtype))
     delta = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
     lse2 = torch.empty_like(delta)
-    _bwd_preprocess_kernel[(triton.cdiv(Nq, BM), B * Hq)](
+    pre_m = 64 if not INTERPRET else 16
+    _bwd_preprocess_kernel[(triton.cdiv(Nq, pre_m), B * Hq)](
         out, dout, dlse if dlse is not None else lse, lse, delta, lse2, *out.stride(), *dout.stride(), Hq, Nq, D,
-        HAS_DLSE=dlse is not None, BLOCK_M=BM, BLOCK_D=BD, num_warps=warps, EXP_MUL=exp_mul)
+        HAS_DLSE=dlse is not None, BLOCK_M=pre_m, BLOCK_D=dq_cfg.block_d, num_warps=4, EXP_MUL=exp_mul)
 
     pk, spk = _optional(prefix_k, q, 4)
     pv, spv = _optional(prefix_v, q, 4)
     kpm, skpm = _optional(_as_bytes(key_padding_mask), q, 2)
     mask, smask = _optional(_as_bytes(attn_mask), q, 4)
-    flags = dict(HAS_KPM=key_padding_mask is not None, MASK_KIND=_mask_kind(attn_mask), CAUSAL=bool(causal),
-                 BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, **dot)
+    flags = dict(HAS_KPM=key_padding_mask is not None, MASK_KIND=_mask_kind(attn_mask), CAUSAL=bool(causal), **dot)
     per_row = prefix_k is not None and prefix_index is None and prefix_k.shape[0] > 1
     if need_dq:
-        _bwd_dq_kernel[(triton.cdiv(Nq, BM), B * Hq)](
+        _bwd_dq_kernel[(triton.cdiv(Nq, dq_cfg.block_m), B * Hq)](
             q, k, v, pk, pv, prefix_index if prefix_index is not None else q, kpm, mask, dout, lse2, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *spk, *spv, *skpm, *smask, *dout.stride(), *dq.stride(),
             Hq, Nq, Nk, P, D, Hq // Hkv, qk_scale, scale,
-            HAS_PREFIX=P > 0, HAS_INDEX=prefix_index is not None, PER_ROW=per_row, **flags)
+            HAS_PREFIX=P > 0, HAS_INDEX=prefix_index is not None, PER_ROW=per_row, **flags, **dq_cfg.kwargs())
     if need_dkv and Nk > 0:
-        _bwd_dkdv_kernel[(triton.cdiv(Nk, BN), B * Hkv)](
+        _bwd_dkdv_kernel[(triton.cdiv(Nk, dkv_cfg.block_n), B * Hkv)](
             q, k, v, kpm, mask, dout, lse2, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *skpm, *smask, *dout.stride(), *dk.stride(), *dv.stride(),
-            Hq, Hkv, Nq, Nk, D, Hq // Hkv, qk_scale, scale, **flags)
+            Hq, Hkv, Nq, Nk, D, Hq // Hkv, qk_scale, scale, **flags, **dkv_cfg.kwargs())
     if need_dprefix and P > 0:
         T = prefix_k.shape[0]
         rows, start = _rows_by_entry(prefix_index, T, B, q.device)
-        p_blocks = triton.cdiv(P, BN)
+        p_blocks = triton.cdiv(P, dkv_cfg.block_n)
         chunks = _num_chunks(B, T, Hkv, p_blocks, per_row, q.device)
         if chunks == 1:
             tk, tv = dpk.unsqueeze(0), dpv.unsqueeze(0)  # written in place, in the prefix dtype
@@ -617,7 +667,7 @@ def triton_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding
             q, prefix_k, prefix_v, rows, start, dout, lse2, delta, tk, tv,
             *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(), *tk.stride(),
             Hq, Hkv, Nq, P, D, Hq // Hkv, chunks, qk_scale, scale,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, num_warps=warps, **dot)
+            **dkv_cfg.kwargs(), **dot)
         if chunks > 1:
             dpk.copy_(tk.sum(0))  # a fixed-order reduction: deterministic
             dpv.copy_(tv.sum(0))
