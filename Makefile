@@ -41,10 +41,12 @@ bench: install
 
 # Compiles every CUDA kernel source with nvcc, without torch (the kernels include only CUDA
 # headers and our params header), for each architecture, and prints ptxas's register and
-# spill report. Runs wherever nvcc is; no GPU needed.
+# spill report. Then compiles the host glue and the CUDA registration path of the API against
+# the installed torch's headers (they include no CUDA header, so the CPU wheel suffices).
+# Runs wherever nvcc is; no GPU needed.
 NVCC       ?= nvcc
 CUDA_ARCHS ?= 80 90
-cuda-check:
+cuda-check: install
 	@mkdir -p build/cuda-check
 	@for f in $$(find csrc -name '*.cu' | sort); do \
 	  for a in $(CUDA_ARCHS); do \
@@ -55,6 +57,14 @@ cuda-check:
 	    test $${PIPESTATUS[0]} -eq 0 || exit 1; \
 	  done; \
 	done; echo "cuda-check: all CUDA sources compiled for sm_$(CUDA_ARCHS)"
+	@inc=$$($(PY) -c "import sysconfig; from torch.utils.cpp_extension import include_paths; \
+	  print(' '.join('-I' + p for p in include_paths() + [sysconfig.get_paths()['include']]))"); \
+	for f in csrc/cuda/prefix_attn_cuda_glue.cpp csrc/prefix_attn_api.cpp; do \
+	  echo "== $$f (host glue, -DPREFIX_ATTN_WITH_CUDA)"; \
+	  $(CXX) -std=c++20 -fsyntax-only -Wall -Wextra -Wno-unused-parameter -DPREFIX_ATTN_WITH_CUDA \
+	    -D_GLIBCXX_USE_CXX11_ABI=$$($(PY) -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))") \
+	    $$inc -Icsrc $$f || exit 1; \
+	done; echo "cuda-check: host glue compiled against torch $$($(PY) -c 'import torch; print(torch.__version__)')"
 
 # Compiles every Triton kernel for sm_80 and sm_90 through the real launchers, with no GPU (the
 # interpreter tests never run Triton's compiler). Prints registers, spills and shared memory per

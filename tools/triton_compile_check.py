@@ -210,6 +210,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (default 80 90)")
     ap.add_argument("--dtype", nargs="+", default=["fp16", "bf16", "fp32"], choices=list(DTYPES))
     ap.add_argument("--head-dim", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--out", default=None, help="also write the report as a markdown table to this file")
     args = ap.parse_args(argv)
     if not os.path.exists(os.path.join(NVIDIA_BIN, "ptxas")):
         print(f"triton_compile_check: no ptxas under {NVIDIA_BIN}; this Triton has no NVIDIA backend")
@@ -223,7 +224,27 @@ def main(argv=None) -> int:
         print(f"  spills: sm_{arch} {kname} ({case})")
     for f in failures:
         print(f"FAILED: {f}")
+    if args.out:
+        write_markdown(args.out, results, failures)
+        print(f"wrote {args.out}")
     return 1 if failures else 0
+
+
+def write_markdown(path: str, results: List[Compiled], failures: List[str]) -> None:
+    lines = [f"# Triton kernels compiled without a GPU (Triton {triton.__version__})", "",
+             "Written by `tools/triton_compile_check.py` (`make triton-check`): each kernel as the launchers "
+             "compile it, with registers per thread, spilled bytes (stores / loads) and shared memory per "
+             "block from ptxas. Nothing here was run or timed.", "",
+             "| arch | case | kernel | warps | stages | registers | spill B | shared B |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        lines.append(f"| sm_{r.arch} | {r.case} | {r.kernel} | {r.num_warps} | {r.num_stages} | {r.regs} | "
+                     f"{r.spill_stores}/{r.spill_loads} | {r.shared} |")
+    lines += ["", f"{len(results)} compilations, {len(failures)} failures."]
+    lines += [f"- FAILED: {f}" for f in failures]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,4 +27,11 @@ int64_t dprefix_chunks(const FwdParams& p, int sm_count);
 void forward(const FwdParams& params, void* stream);
 void backward(const BwdParams& params, const BwdWorkspace& ws, void* stream);
 
+// Multiprocessors of CUDA device `device`, or 0 when the query fails.
+int sm_count(int device);
+
+// The error of the last CUDA call or launch on this thread (cudaGetLastError, which clears it),
+// or nullptr when there was none.
+const char* last_error();
+
 }  // namespace prefix_attn::cuda

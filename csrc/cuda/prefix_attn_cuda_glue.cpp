@@ -1,14 +1,22 @@
 // Host glue for the CUDA kernels: the device guard and stream, the backward's workspace
 // (allocated through torch's caching allocator), and limits the kernels cannot take. Inputs
 // were validated by prefix_attn_api.cpp, shared with the CPU path. Built only with CUDA.
+//
+// It includes no CUDA header, torch's or the toolkit's: the device guard is c10's generic one,
+// and the current stream comes from the stable C shim libtorch_cuda exports for AOTInductor.
+// So it compiles against the CPU torch wheel too, which lets `make cuda-check` check it on a
+// machine without a CUDA build of torch.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <c10/core/DeviceGuard.h>
 
 #include <optional>
 
 #include "prefix_attn_cuda.h"
+
+// torch/csrc/inductor/aoti_torch/c/shim.h declares it only when torch was built with CUDA; it
+// returns 0 (AOTI_TORCH_SUCCESS) on success. Weak: a torch without it loads, and we say so.
+extern "C" __attribute__((weak)) int32_t aoti_torch_get_current_cuda_stream(int32_t device_index,
+                                                                           void** ret_stream);
 
 namespace prefix_attn::cuda_glue {
 
@@ -19,13 +27,29 @@ void check_head_dim(const FwdParams& p, const at::Tensor& q) {
   TORCH_CHECK_NOT_IMPLEMENTED(p.D <= kMaxHeadDim, "prefix_attn: the cuda backend runs head dims up to ",
                               kMaxHeadDim, "; q has shape ", q.sizes());
 }
+
+// torch's current CUDA stream on q's device (a cudaStream_t).
+void* current_stream(const at::Tensor& q) {
+  TORCH_CHECK(aoti_torch_get_current_cuda_stream != nullptr,
+              "prefix_attn: this torch exports no aoti_torch_get_current_cuda_stream; the cuda backend needs "
+              "torch built with CUDA");
+  void* stream = nullptr;
+  TORCH_CHECK(aoti_torch_get_current_cuda_stream(q.device().index(), &stream) == 0,
+              "prefix_attn: could not get the current CUDA stream of ", q.device());
+  return stream;
+}
+
+void check_launch(const char* what) {
+  const char* err = cuda::last_error();
+  TORCH_CHECK(err == nullptr, "prefix_attn: the CUDA ", what, " kernels failed: ", err);
+}
 }  // namespace
 
 void forward(const FwdParams& p, const at::Tensor& q) {
   check_head_dim(p, q);
-  const c10::cuda::CUDAGuard guard(q.device());
-  cuda::forward(p, at::cuda::getCurrentCUDAStream().stream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const c10::DeviceGuard guard(q.device());
+  cuda::forward(p, current_stream(q));
+  check_launch("forward");
 }
 
 void backward(const BwdParams& p, const at::Tensor& q, const std::optional<at::Tensor>& prefix_index,
@@ -39,7 +63,7 @@ void backward(const BwdParams& p, const at::Tensor& q, const std::optional<at::T
                                 "prefix_attn: the cuda backward cannot rebuild rows whose every visible key has an "
                                 "additive mask near finfo.min; use a bool mask or key_padding_mask for padding");
   }
-  const c10::cuda::CUDAGuard guard(q.device());
+  const c10::DeviceGuard guard(q.device());
   const auto f32 = q.options().dtype(at::kFloat);
   const auto i64 = q.options().dtype(at::kLong);
 
@@ -58,7 +82,7 @@ void backward(const BwdParams& p, const at::Tensor& q, const std::optional<at::T
     }
     ws.rows = rows.data_ptr<int64_t>();
     ws.row_start = row_start.data_ptr<int64_t>();
-    ws.chunks = cuda::dprefix_chunks(p, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+    ws.chunks = cuda::dprefix_chunks(p, cuda::sm_count(q.device().index()));
     if (ws.chunks > 1) {
       partial_k = at::empty({ws.chunks, p.T, p.Hkv, p.P, p.D}, f32);
       partial_v = at::empty_like(partial_k);
@@ -66,8 +90,8 @@ void backward(const BwdParams& p, const at::Tensor& q, const std::optional<at::T
       ws.dprefix_v_partial = partial_v.data_ptr<float>();
     }
   }
-  cuda::backward(p, ws, at::cuda::getCurrentCUDAStream().stream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::backward(p, ws, current_stream(q));
+  check_launch("backward");
   if (ws.chunks > 1) {  // chunk partials, summed in a fixed order: deterministic
     dprefix_k.copy_(partial_k.sum(0));
     dprefix_v.copy_(partial_v.sum(0));
