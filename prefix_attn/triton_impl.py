@@ -407,8 +407,10 @@ def _bwd_dprefix_kernel(Q, PK, PV, Rows, RowStart, DOut, Lse2, Delta, DPK, DPV,
                         Hq, Hkv, Nq, P, D, group, chunks, qk_scale, scale,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EXP_MUL: tl.constexpr):
-    """dprefix for keys [j0, j0 + BLOCK_N) of entry t, KV head g, from the rows of chunk c of
-    the rows using t. Writes float32 partials DPK/DPV[c, t, g]; the host sums the chunks."""
+    """dprefix for keys [j0, j0 + BLOCK_N) of entry t, KV head g, from chunk c of the
+    (row using t, query block) pairs: a GPU fills up even when few rows share the prefix. Writes
+    float32 partials DPK/DPV[c, t, g] (in a fixed order: pair, then head); the host sums the
+    chunks in a fixed order too."""
     pid_n = tl.program_id(0)
     pid_tg = tl.program_id(1)
     c = tl.program_id(2)
@@ -431,18 +433,18 @@ def _bwd_dprefix_kernel(Q, PK, PV, Rows, RowStart, DOut, Lse2, Delta, DPK, DPV,
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     first = tl.load(RowStart + t)
     n_rows = tl.load(RowStart + t + 1) - first
-    r_begin = first + c * n_rows // chunks
-    r_end = first + (c + 1) * n_rows // chunks
-    for r in range(r_begin, r_end):
-        b = tl.load(Rows + r)
+    n_qblocks = tl.cdiv(Nq, BLOCK_M)
+    n_items = n_rows * n_qblocks
+    for item in range(c * n_items // chunks, (c + 1) * n_items // chunks):
+        b = tl.load(Rows + first + item // n_qblocks)
+        m0 = (item % n_qblocks) * BLOCK_M
         for h in range(g * group, (g + 1) * group):
             qh = Q + b * stride_qb + h * stride_qh
             doh = DOut + b * stride_dob + h * stride_doh
             row_base = (b * Hq + h) * Nq
-            for m0 in range(0, Nq, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, qh, doh, Lse2, Delta, row_base, m0, offs_m, offs_n, offs_d, j, P, D,
-                                    qk_scale, stride_qm, stride_qd, stride_dom, stride_dod, b, h, Nq, P, Rows, 0, 0,
-                                    Rows, 0, 0, 0, 0, False, False, False, 0, DOT_F32, PRECISION, EXP_MUL)
+            dk, dv = _dkdv_tile(dk, dv, k, v, qh, doh, Lse2, Delta, row_base, m0, offs_m, offs_n, offs_d, j, P, D,
+                                qk_scale, stride_qm, stride_qd, stride_dom, stride_dod, b, h, Nq, P, Rows, 0, 0,
+                                Rows, 0, 0, 0, 0, False, False, False, 0, DOT_F32, PRECISION, EXP_MUL)
     base = c * stride_dpc + t * stride_dpt + g * stride_dph + j[:, None] * stride_dpn + offs_d[None, :] * stride_dpd
     tl.store(DPK + base, (dk * scale).to(DPK.dtype.element_ty), mask=key_mask)
     tl.store(DPV + base, dv.to(DPV.dtype.element_ty), mask=key_mask)
@@ -592,15 +594,14 @@ def _rows_by_entry(prefix_index: Optional[Tensor], T: int, B: int, device) -> Tu
     return rows, start
 
 
-def _num_chunks(B: int, T: int, Hkv: int, p_blocks: int, per_row: bool, device) -> int:
-    """Row chunks for dprefix: enough programs to fill the device, one chunk per row at most."""
-    if per_row or B <= 1:
-        return 1
+def _num_chunks(max_items: int, T: int, Hkv: int, p_blocks: int, device) -> int:
+    """Chunks of (row, query block) pairs for dprefix: enough programs to fill the device twice,
+    one pair per chunk at most. max_items bounds the pairs of any one bank entry."""
     if device.type == "cuda":
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 2
-    return max(1, min(B, -(-target // max(1, T * Hkv * p_blocks))))
+    else:  # the interpreter: an odd count, so that tests split rows across uneven chunks
+        target = 7
+    return max(1, min(max_items, -(-target // max(1, T * Hkv * p_blocks))))
 
 
 def triton_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask, out, lse, dlse,
@@ -657,7 +658,8 @@ def triton_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding
         T = prefix_k.shape[0]
         rows, start = _rows_by_entry(prefix_index, T, B, q.device)
         p_blocks = triton.cdiv(P, dkv_cfg.block_n)
-        chunks = _num_chunks(B, T, Hkv, p_blocks, per_row, q.device)
+        rows_per_entry = 1 if per_row else B  # a bank entry may be used by every row
+        chunks = _num_chunks(rows_per_entry * triton.cdiv(Nq, dkv_cfg.block_m), T, Hkv, p_blocks, q.device)
         if chunks == 1:
             tk, tv = dpk.unsqueeze(0), dpv.unsqueeze(0)  # written in place, in the prefix dtype
         else:

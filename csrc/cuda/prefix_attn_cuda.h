@@ -19,8 +19,8 @@ struct BwdWorkspace {
   float* dprefix_v_partial = nullptr;
 };
 
-// Row chunks for the prefix gradient: enough blocks to fill `sm_count` multiprocessors twice,
-// one row per chunk at most, and 1 for a prefix per row.
+// Chunks of (row, query tile) pairs for the prefix gradient: enough blocks to fill `sm_count`
+// multiprocessors twice, one pair per chunk at most.
 int64_t dprefix_chunks(const FwdParams& p, int sm_count);
 
 // `stream` is a cudaStream_t.

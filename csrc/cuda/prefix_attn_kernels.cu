@@ -416,9 +416,12 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(BwdParams p, const float
                  1.f);
 }
 
-// dprefix: a block per (8 prefix keys, entry t * Hkv, row chunk c), looping over the rows of the
-// chunk, the group's query heads and all queries. Writes float32 partials [c, t, g] when
-// chunks > 1 (the host sums them in chunk order), else the gradient itself.
+__device__ __forceinline__ int64_t ceil_div_device(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// dprefix: a block per (8 prefix keys, entry t * Hkv, chunk c), where the chunks split the
+// (row using t, query tile) pairs, so that few rows still fill the GPU; per pair it loops over
+// the group's query heads. Writes float32 partials [c, t, g] when chunks > 1 (the host sums
+// them in chunk order), else the gradient itself.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) dprefix_kernel(BwdParams p, BwdWorkspace ws) {
   extern __shared__ float smem[];
@@ -440,17 +443,17 @@ __global__ void __launch_bounds__(kThreads) dprefix_kernel(BwdParams p, BwdWorks
                 p.prefix_v.s, j_first, p.P, p.D, lane);
 
   const int64_t first = ws.row_start[t], n_rows = ws.row_start[t + 1] - first;
-  const int64_t r_begin = first + c * n_rows / ws.chunks, r_end = first + (c + 1) * n_rows / ws.chunks;
-  for (int64_t r = r_begin; r < r_end; ++r) {
-    const int64_t b = ws.rows[r];
+  const int64_t n_tiles = ceil_div_device(p.Nq, kTile), n_items = n_rows * n_tiles;
+  const int64_t item_end = (c + 1) * n_items / ws.chunks;
+  for (int64_t item = c * n_items / ws.chunks; item < item_end; ++item) {
+    const int64_t b = ws.rows[first + item / n_tiles];
+    const int64_t m0 = (item % n_tiles) * kTile;
+    const int64_t bm = p.Nq - m0 < kTile ? p.Nq - m0 : kTile;
     for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-      for (int64_t m0 = 0; m0 < p.Nq; m0 += kTile) {
-        const int64_t bm = p.Nq - m0 < kTile ? p.Nq - m0 : kTile;
-        __syncthreads();
-        stage_queries<T>(p, ws.delta, b, h, m0, bm, Qs, DOs, lse_s, delta_s);
-        __syncthreads();
-        accumulate_key_grads(p, b, h, j_first, false, lane, kr, vr, dk, dv, p.P, Qs, DOs, lse_s, delta_s, m0, bm);
-      }
+      __syncthreads();
+      stage_queries<T>(p, ws.delta, b, h, m0, bm, Qs, DOs, lse_s, delta_s);
+      __syncthreads();
+      accumulate_key_grads(p, b, h, j_first, false, lane, kr, vr, dk, dv, p.P, Qs, DOs, lse_s, delta_s, m0, bm);
     }
   }
   if (ws.chunks == 1) {
@@ -516,11 +519,13 @@ void dispatch_dtype(DType dtype, F&& f) {
 }  // namespace
 
 int64_t dprefix_chunks(const FwdParams& p, int sm_count) {
+  if (p.P == 0) return 1;
   const bool per_row = p.prefix_index == nullptr && p.T > 1;
-  if (per_row || p.B <= 1 || p.P == 0) return 1;
+  // (row, query tile) pairs of one entry, at most: a bank entry may be used by every row
+  const int64_t max_items = (per_row ? 1 : p.B) * ceil_div(p.Nq, kTile);
   const int64_t blocks = ceil_div(p.P, kKeysPerBlock) * p.T * p.Hkv;
-  int64_t chunks = ceil_div(2 * int64_t(sm_count), blocks);
-  if (chunks > p.B) chunks = p.B;
+  int64_t chunks = ceil_div(2 * int64_t(sm_count > 0 ? sm_count : 1), blocks);
+  if (chunks > max_items) chunks = max_items;
   return chunks < 1 ? 1 : chunks;
 }
 
