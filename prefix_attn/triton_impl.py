@@ -120,6 +120,8 @@ def _fwd_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, Out, Lse,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EXP_MUL: tl.constexpr):
     pid_m = tl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: launch them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
     h = pid_bh % Hq
@@ -251,6 +253,8 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, DOut, Lse2, Delta, DQ,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EXP_MUL: tl.constexpr):
     pid_m = tl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: launch them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
     h = pid_bh % Hq
