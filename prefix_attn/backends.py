@@ -5,8 +5,8 @@ probe, a `supports` check for one call, and a `run` that returns (out, lse) with
 Adding a backend means registering one here; callers never change.
 
     backend   runs on                       role
-    triton    CUDA (CPU under TRITON_INTERPRET=1, tests only)   the fast path (planned)
-    cuda      CUDA, compiled extension      fallback where Triton is missing (planned)
+    triton    CUDA (CPU under TRITON_INTERPRET=1, tests only)   the fast GPU path
+    cuda      CUDA, compiled extension      fallback where Triton is missing
     cpu       CPU, compiled extension       the CPU path
     reference anywhere, plain PyTorch       the oracle
 
