@@ -29,7 +29,7 @@ What is measured:
 PEFT and transformers 5: PEFT 0.21 hands its prefix cache to generate() under the old name
 `past_key_values`; transformers 5's generate passes its own empty cache as `cache`, which wins,
 so PEFT's generate silently runs WITHOUT the prefix. Here PEFT's prefix cache is moved to
-`cache` on the prefill step (`_fix_peft_generate`), so PEFT does the work it intends to do;
+`cache` on the prefill step (`examples/peft_compat.py`), so PEFT does the work it intends to do;
 both implementations then produce the same tokens, which the script checks.
 """
 from __future__ import annotations
@@ -54,6 +54,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import smollm2  # noqa: E402  (examples/smollm2.py)
+from peft_compat import fix_peft_generate  # noqa: E402  (examples/peft_compat.py)
 
 CASES = {
     "train": dict(kind="train", batch=4, seq=256, prefix=64, checkpointing=False),
@@ -79,31 +80,6 @@ def _prefix_table(model, P: int, seed: int) -> torch.Tensor:
     return torch.randn(cfg.num_hidden_layers, 2, cfg.num_key_value_heads, P, D, generator=g)
 
 
-def _fix_peft_generate(peft_model) -> None:
-    base_prepare = peft_model.base_model_prepare_inputs_for_generation
-
-    def base_prepare_inputs_for_generation(*args, **kwargs):
-        inputs = base_prepare(*args, **kwargs)
-        cache = inputs.get("cache")
-        if cache is not None and cache.get_seq_length() > 0:
-            # where PEFT looks for the cache: found, it does not rebuild its prefix every step
-            inputs["past_key_values"] = cache
-        return inputs
-
-    peft_model.base_model_prepare_inputs_for_generation = base_prepare_inputs_for_generation
-    original = peft_model.prepare_inputs_for_generation
-
-    def prepare_inputs_for_generation(*args, **kwargs):
-        inputs = original(*args, **kwargs)
-        prefix_cache = inputs.pop("past_key_values", None)
-        cache = inputs.get("cache")
-        if prefix_cache is not None and (cache is None or cache.get_seq_length() == 0):
-            inputs["cache"] = prefix_cache
-        return inputs
-
-    peft_model.prepare_inputs_for_generation = prepare_inputs_for_generation
-
-
 def build_model(impl: str, model, P: int, seed: int = 0, checkpointing: bool = False):
     """`model` prefix-tuned by impl ("ours" or "peft"), with the same prefix values either way."""
     table = _prefix_table(model, P, seed)
@@ -125,7 +101,7 @@ def build_model(impl: str, model, P: int, seed: int = 0, checkpointing: bool = F
         with torch.no_grad():  # PEFT's row for virtual token p is laid out [L, 2, Hkv, D]
             peft_model.prompt_encoder["default"].embedding.weight.copy_(
                 table.permute(3, 0, 1, 2, 4).reshape(P, L * 2 * H * D))
-        _fix_peft_generate(peft_model)
+        fix_peft_generate(peft_model)
         return peft_model
     raise ValueError(impl)
 
