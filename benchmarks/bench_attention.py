@@ -1,32 +1,33 @@
-"""Prefix attention: ours (prefix_attn.prefix_attention) vs the incumbent, cat + SDPA.
+"""Prefix attention: ours (prefix_attn.prefix_attention) vs one incumbent, cat + SDPA by default.
 
-The incumbent is what Hugging Face PEFT prefix tuning does: expand the shared prefix over
-the batch, ``torch.cat`` it in front of the sequence keys and values, and call
-``F.scaled_dot_product_attention`` with the equivalent boolean mask (prefix columns all
+The default incumbent, `sdpa-cat`, is what Hugging Face PEFT prefix tuning does: expand the
+shared prefix over the batch, ``torch.cat`` it in front of the sequence keys and values, and
+call ``F.scaled_dot_product_attention`` with the equivalent boolean mask (prefix columns all
 True, sequence part bottom-right causal: key j visible to query i iff j <= i + Nk - Nq);
-non-causal runs get no mask. GQA: k/v heads are ``repeat_interleave``d, as HF's
-``repeat_kv`` does. The mask is built once, outside the timed region (HF builds it once per
-model forward, not per layer), which favours the incumbent slightly.
+non-causal runs get no mask. GQA: k/v heads are ``repeat_interleave``d, as HF's ``repeat_kv``
+does. The mask is built once, outside the timed region (HF builds it once per model forward,
+not per layer), which favours the incumbent slightly. ``--incumbent`` picks another of
+bench_common.INCUMBENTS (e.g. sdpa-cat-gqa, flex-cat); the GPU suite runs them all.
 
-Three modes:
-    fwd         forward only, nothing requires grad
-    fwd_bwd     forward + backward, q, k, v, prefix_k, prefix_v all require grad
-    prefix_bwd  forward + backward, only prefix_k, prefix_v require grad (frozen model)
+Passes, FLOPs and bytes are bench_common's, the same as the GPU suite's:
+    fwd              forward only, nothing requires grad
+    train_step       forward + backward, q, k, v, prefix_k, prefix_v all require grad: the
+                     prefix-tuning step of every layer above the first
+    prefix_only_bwd  the backward alone (forward untimed), only prefix_k, prefix_v require
+                     grad: the first layer of a prefix-tuned model
 
-Measured per (config, mode):
+Measured per (config, pass):
     latency   ours and the incumbent interleaved run by run in one process (A, B, A, B, ...)
               after warm-up; median ms. speedup = incumbent_ms / ours_ms (> 1: ours faster).
               CUDA: torch.cuda.Event pairs; CPU: time.perf_counter.
-    memory    peak extra memory of one call (see memory.py): CUDA max_memory_allocated;
-              CPU VmHWM - VmRSS in a fresh subprocess per (impl, config, mode).
+    memory    peak extra memory of one whole step (see memory.py): CUDA max_memory_allocated;
+              CPU VmHWM - VmRSS in a fresh subprocess per (impl, config, pass).
     max|diff| largest abs difference ours vs incumbent over the output and every gradient.
-    GFLOP/s   from visible (query, key) pairs only, FlashAttention's convention:
-                  fwd        F = 4 * B * Hq * D * (Nq * P + visible sequence pairs)
-                  fwd_bwd    3.5 * F  (backward = 2.5 x forward: 5 matmuls vs 2)
-                  prefix_bwd F + 2.5 * 4 * B * Hq * D * Nq * P
-                             (backward restricted to the prefix columns, the only useful work)
-              A masked-out pair costs nothing in this count, so GFLOP/s compares fairly across
-              causal and non-causal runs, and the incumbent is not credited for wasted work.
+    GFLOP/s   from visible (query, key) pairs only (bench_common's docstring has the formulas):
+                  fwd              F = 4 * B * Hq * D * (Nq * P + visible sequence pairs)
+                  train_step       3.5 * F
+                  prefix_only_bwd  8 * B * Hq * Nq * P * D   (the P prefix columns only)
+    GB/s      (JSON) bench_common.bytes_floor over the time: against the memory floor.
 
 Results: a markdown table on stdout, and JSON + PNG + the table under
 benchmarks/results/<hardware-slug>/ (e.g. results/cpu-amd-epyc/attention.json). The JSON
@@ -46,7 +47,6 @@ import datetime
 import gc
 import itertools
 import json
-import math
 import os
 import platform
 import re
@@ -54,140 +54,49 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 import memory  # noqa: E402  (sibling module; benchmarks/ is not a package)
+import bench_common as bc  # noqa: E402
+from bench_common import DTYPES, Shape as Config, flops, geomean, visible_pairs  # noqa: E402,F401
 
-MODES = ("fwd", "fwd_bwd", "prefix_bwd")
+MODES = bc.PASSES
 IMPLS = ("ours", "incumbent")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32,
-          "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-# --- configurations ---------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    B: int
-    H: int          # query heads
-    N: int          # query length Nq
-    P: int          # prefix length
-    D: int
-    causal: bool
-    Hkv: int = 0    # 0: = H (MHA)
-    Nk: int = 0     # 0: = N
-
-    @property
-    def hkv(self) -> int:
-        return self.Hkv or self.H
-
-    @property
-    def nk(self) -> int:
-        return self.Nk or self.N
-
-    @property
-    def name(self) -> str:
-        s = f"B{self.B}-H{self.H}"
-        if self.hkv != self.H:
-            s += f"-Hkv{self.hkv}"
-        s += f"-N{self.N}"
-        if self.nk != self.N:
-            s += f"-Nk{self.nk}"
-        s += f"-P{self.P}-D{self.D}"
-        return s + ("-causal" if self.causal else "")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
+DEFAULT_INCUMBENT = "sdpa-cat"
+TRAIN_INCUMBENTS = [n for n, i in bc.INCUMBENTS.items() if "train" in i.kinds]
 
 # The three shapes the project is judged on: (B, H, N, P, D), fp32, causal and non-causal.
-TARGET_SHAPES = [(4, 12, 512, 64, 64), (2, 16, 1024, 128, 64), (1, 8, 2048, 32, 128)]
-# (causal, mode) pairs whose geometric-mean speedup over the target shapes is the headline.
-HEADLINE = [(True, "fwd"), (True, "fwd_bwd"), (False, "fwd")]
-
-
-def target_configs(causals: Iterable[bool] = (True, False)) -> list[Config]:
-    return [Config(B, H, N, P, D, c) for (B, H, N, P, D) in TARGET_SHAPES for c in causals]
-
-
-def default_sweep() -> list[Config]:
-    """One knob at a time around a base shape (B2 H8 N512 P64 D64, causal)."""
-    base = dict(B=2, H=8, N=512, P=64, D=64, causal=True)
-    out = [Config(**base)]
-    out += [Config(**{**base, "P": p}) for p in (0, 256, 1024)]
-    out += [Config(**{**base, "N": n}) for n in (128, 2048)]
-    out += [Config(**{**base, "D": 128})]
-    out += [Config(**{**base, "Hkv": 2})]  # GQA 4:1
-    out += [Config(**{**base, "N": 16, "Nk": 1024})]  # a 16-token chunk against a 1024-token KV cache
-    return out
-
-
-def visible_pairs(cfg: Config) -> int:
-    """(query, key) pairs that are visible in one (batch row, head): prefix + sequence."""
-    nq, nk = cfg.N, cfg.nk
-    if not cfg.causal:
-        seq = nq * nk
-    else:
-        # query i sees sequence keys 0 .. i + nk - nq (clipped to [0, nk])
-        seq = sum(min(nk, max(0, i + nk - nq + 1)) for i in range(nq))
-    return nq * cfg.P + seq
-
-
-def flops(cfg: Config, mode: str) -> float:
-    fwd = 4.0 * cfg.B * cfg.H * cfg.D * visible_pairs(cfg)
-    if mode == "fwd":
-        return fwd
-    if mode == "fwd_bwd":
-        return 3.5 * fwd
-    if mode == "prefix_bwd":
-        return fwd + 2.5 * 4.0 * cfg.B * cfg.H * cfg.D * cfg.N * cfg.P
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-
-
-# --- the two implementations -------------------------------------------------------------
-
-def causal_prefix_mask(nq: int, nk: int, p: int, device) -> torch.Tensor:
-    """bool [Nq, P + Nk], True = attend.
-
-        prefix   sequence (bottom-right causal, Nq=3, Nk=4)
-        1 1 1 |  1 1 0 0
-        1 1 1 |  1 1 1 0
-        1 1 1 |  1 1 1 1
-    """
-    i = torch.arange(nq, device=device)[:, None]
-    j = torch.arange(nk, device=device)[None, :]
-    seq = j <= i + (nk - nq)
-    return torch.cat([torch.ones(nq, p, dtype=torch.bool, device=device), seq], dim=1)
-
-
-def incumbent_attention(q, k, v, prefix_k, prefix_v, *, causal=False, attn_mask=None):
-    """cat + SDPA, as HF PEFT does it. Pass ``attn_mask`` (causal_prefix_mask) to build it once."""
-    B, Hq, Nq = q.shape[:3]
-    Hkv, Nk = k.shape[1], k.shape[2]
-    P = 0 if prefix_k is None else prefix_k.shape[-2]
-    if P > 0:
-        k = torch.cat([prefix_k.expand(B, -1, -1, -1), k], dim=2)
-        v = torch.cat([prefix_v.expand(B, -1, -1, -1), v], dim=2)
-    if Hq != Hkv:
-        k = k.repeat_interleave(Hq // Hkv, dim=1)
-        v = v.repeat_interleave(Hq // Hkv, dim=1)
-    if causal and attn_mask is None:
-        attn_mask = causal_prefix_mask(Nq, Nk, P, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask if causal else None)
+TARGET_SHAPES = bc.CPU_TARGET_SHAPES
+# (causal, pass) pairs whose geometric-mean speedup over the target shapes is the headline.
+HEADLINE = [(True, "fwd"), (True, "train_step"), (False, "fwd")]
+target_configs = bc.cpu_target_shapes
+default_sweep = bc.cpu_default_sweep
+causal_prefix_mask = bc.prefix_bool_mask
 
 
 def ours_attention(q, k, v, prefix_k, prefix_v, *, causal=False, backend="auto"):
     import prefix_attn
 
     return prefix_attn.prefix_attention(q, k, v, prefix_k, prefix_v, causal=causal, backend=backend)
+
+
+def build_attend(cfg: Config, impl: str, *, backend: str = "auto", device="cpu",
+                 incumbent: str = DEFAULT_INCUMBENT) -> Callable:
+    """fn(q, k, v, prefix_k, prefix_v) for ``impl``; masks and compiles happen here, untimed."""
+    if impl == "ours":
+        return bc.ours(cfg, backend)
+    if impl != "incumbent":
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    inc = bc.INCUMBENTS[incumbent]
+    if not inc.applies(cfg, "train"):
+        raise ValueError(f"incumbent {incumbent} does not stand for {cfg.name}")
+    return inc.build(cfg, torch.device(device))
 
 
 # --- building one timed/measured step ----------------------------------------------------
@@ -206,36 +115,30 @@ def make_inputs(cfg: Config, mode: str, *, device, dtype, seed: int = 0) -> dict
         "prefix_v": randn(cfg.hkv, cfg.P, cfg.D),
         "grad_out": randn(cfg.B, cfg.H, cfg.N, cfg.D),
     }
-    trainable = {"fwd": (), "fwd_bwd": ("q", "k", "v", "prefix_k", "prefix_v"),
-                 "prefix_bwd": ("prefix_k", "prefix_v")}[mode]
-    for name in trainable:
+    for name in bc.TRAINABLE[bc.canonical_pass(mode)]:
         t[name].requires_grad_(True)
     return t
 
 
 def build_step(cfg: Config, impl: str, mode: str, *, backend: str = "auto", device="cpu",
-               dtype=torch.float32, seed: int = 0, inputs: dict | None = None
-               ) -> Callable[[], torch.Tensor]:
-    """A zero-argument callable running one forward (and backward) of ``impl``.
+               dtype=torch.float32, seed: int = 0, inputs: dict | None = None,
+               incumbent: str = DEFAULT_INCUMBENT) -> Callable[[], torch.Tensor]:
+    """A zero-argument callable running one step of ``impl`` in pass ``mode``.
 
     Gradients are dropped at the end of each call, so every call allocates them afresh: a
     steady training step, and memory.py counts them as part of the call's peak.
+    For prefix_only_bwd, which times the backward alone, the callable has a ``prepare``
+    attribute that runs the forward: timers call it before starting the clock. Called
+    without it (memory.py), the callable runs forward and backward.
     """
+    mode = bc.canonical_pass(mode)
     t = inputs if inputs is not None else make_inputs(cfg, mode, device=device, dtype=dtype, seed=seed)
     q, k, v, pk, pv, gout = (t[n] for n in ("q", "k", "v", "prefix_k", "prefix_v", "grad_out"))
     leaves = [x for x in (q, k, v, pk, pv) if x.requires_grad]
-    causal = cfg.causal
+    fn = build_attend(cfg, impl, backend=backend, device=q.device, incumbent=incumbent)
 
-    if impl == "ours":
-        def attend():
-            return ours_attention(q, k, v, pk, pv, causal=causal, backend=backend)
-    elif impl == "incumbent":
-        mask = causal_prefix_mask(cfg.N, cfg.nk, cfg.P, q.device) if causal else None
-
-        def attend():
-            return incumbent_attention(q, k, v, pk, pv, causal=causal, attn_mask=mask)
-    else:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    def attend():
+        return fn(q, k, v, pk, pv)
 
     if not leaves:
         def step():
@@ -243,40 +146,46 @@ def build_step(cfg: Config, impl: str, mode: str, *, backend: str = "auto", devi
                 return attend()
         return step
 
+    pending = []
+
+    def prepare():
+        if not pending:
+            pending.append(attend())
+
     def step():
-        out = attend()
+        prepare()
+        out = pending.pop()
         out.backward(gout)
         for x in leaves:
             x.grad = None
         return out.detach()
+    if mode == "prefix_only_bwd":
+        step.prepare = prepare
     return step
 
 
 def build_memory_step(cfg: dict, impl: str, mode: str, backend: str, device: str, dtype: str,
-                      seed: int = 0) -> Callable[[], None]:
-    """memory.py target: JSON-able arguments in, callable out."""
+                      seed: int = 0, incumbent: str = DEFAULT_INCUMBENT) -> Callable[[], None]:
+    """memory.py target: JSON-able arguments in, callable out (the whole step, forward included)."""
     step = build_step(Config(**cfg), impl, mode, backend=backend, device=device,
-                      dtype=DTYPES[dtype], seed=seed)
+                      dtype=DTYPES[dtype], seed=seed, incumbent=incumbent)
 
     def fn():
         step()  # drop the output inside: it is still counted at its peak
     return fn
 
 
-def compare(cfg: Config, mode: str, *, backend, device, dtype, seed=0) -> dict[str, dict[str, float]]:
+def compare(cfg: Config, mode: str, *, backend, device, dtype, seed=0,
+            incumbent: str = DEFAULT_INCUMBENT) -> dict[str, dict[str, float]]:
     """ours vs incumbent on identical inputs, for the output and every gradient computed:
     {"out": {"max_abs_diff": ..., "ref_max_abs": ...}, "dprefix_k": {...}, ...}."""
     results = {}
     for impl in IMPLS:
         t = make_inputs(cfg, mode, device=device, dtype=dtype, seed=seed)
-        if impl == "ours":
-            out = ours_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"],
-                                 causal=cfg.causal, backend=backend)
-        else:
-            out = incumbent_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"],
-                                      causal=cfg.causal)
+        fn = build_attend(cfg, impl, backend=backend, device=device, incumbent=incumbent)
+        out = fn(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"])
         r = {"out": out.detach().float()}
-        if mode != "fwd":
+        if bc.TRAINABLE[bc.canonical_pass(mode)]:
             out.backward(t["grad_out"])
             for n in ("q", "k", "v", "prefix_k", "prefix_v"):
                 if t[n].requires_grad:
@@ -321,11 +230,18 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], *, device, warmup: int =
     The number of repeats fits ``budget_s`` for the whole group, within [min_reps, max_reps].
     """
     device = torch.device(device)
+
+    def timed(fn):
+        prepare = getattr(fn, "prepare", None)  # untimed part of the step (prefix_only_bwd's forward)
+        if prepare is not None:
+            prepare()
+        _sync(device)
+        return time_call_ms(fn, device)
+
     for _ in range(max(1, warmup)):
         round_ms = 0.0
         for fn in fns.values():
-            _sync(device)
-            round_ms += time_call_ms(fn, device)
+            round_ms += timed(fn)
     reps = int(min(max_reps, max(min_reps, budget_s * 1e3 / max(round_ms, 1e-3))))
     times: dict[str, list[float]] = {name: [] for name in fns}
     gc.collect()
@@ -334,8 +250,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], *, device, warmup: int =
     try:
         for _ in range(reps):
             for name, fn in fns.items():
-                _sync(device)
-                times[name].append(time_call_ms(fn, device))
+                times[name].append(timed(fn))
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -477,10 +392,13 @@ def package_info(device, backend: str) -> dict[str, Any]:
 
 def bench_one(cfg: Config, mode: str, *, backend, device, dtype, warmup, min_reps, max_reps,
               budget_s, measure_memory: bool, check: bool = True, wait_quiet_s: float = 0.0,
-              retries: int = 0) -> dict[str, Any]:
+              retries: int = 0, incumbent: str = DEFAULT_INCUMBENT) -> dict[str, Any]:
     dev = torch.device(device)
+    mode = bc.canonical_pass(mode)
+    eager_before = bc.eager_calls()
     # One input set per implementation (not shared: autograd state stays separate).
-    fns = {impl: build_step(cfg, impl, mode, backend=backend, device=dev, dtype=dtype) for impl in IMPLS}
+    fns = {impl: build_step(cfg, impl, mode, backend=backend, device=dev, dtype=dtype, incumbent=incumbent)
+           for impl in IMPLS}
     # Other processes on a CPU box slow both sides, and not alike. Measure how much CPU they took
     # during our timed runs; optionally wait for quiet before, and retry when it was busy.
     best = None
@@ -498,7 +416,8 @@ def bench_one(cfg: Config, mode: str, *, backend, device, dtype, warmup, min_rep
     del fns
     gc.collect()
     row: dict[str, Any] = {"config": cfg.name, **cfg.to_dict(), "Hkv": cfg.hkv, "Nk": cfg.nk,
-                           "mode": mode, "flops": flops(cfg, mode),
+                           "mode": mode, "incumbent": incumbent, "flops": flops(cfg, mode),
+                           "bytes_floor": bc.bytes_floor(cfg, mode, bc.elem_bytes(dtype)),
                            "reps": len(times["ours"]), "attempts": attempts,
                            # cores' worth of CPU other processes used while we timed, and our
                            # own CPU time over wall time (near the thread count when we had the
@@ -511,11 +430,15 @@ def bench_one(cfg: Config, mode: str, *, backend, device, dtype, warmup, min_rep
         row[f"{impl}_ms_iqr"] = (statistics.quantiles(times[impl], n=4)[2] - statistics.quantiles(times[impl], n=4)[0]
                                  if len(times[impl]) >= 2 else 0.0)
         row[f"{impl}_gflops"] = row["flops"] / (med * 1e-3) / 1e9
+        row[f"{impl}_gbps"] = row["bytes_floor"] / (med * 1e-3) / 1e9
+    if bc.eager_calls() > eager_before:
+        # a compiled incumbent ran eagerly: its time is not that incumbent's (bench_common)
+        row["incumbent_fell_back"] = "its compiled function ran eagerly"
     row["speedup"] = row["incumbent_ms"] / row["ours_ms"]
     # from the fastest run of each: less sensitive to other load on a shared machine
     row["speedup_min"] = row["incumbent_ms_min"] / row["ours_ms_min"]
     if check:
-        diffs = compare(cfg, mode, backend=backend, device=dev, dtype=dtype)
+        diffs = compare(cfg, mode, backend=backend, device=dev, dtype=dtype, incumbent=incumbent)
         row["max_abs_diff"] = max(d["max_abs_diff"] for d in diffs.values())
         # relative to the largest reference value of the same tensor (gradients of a shared
         # prefix are sums over batch and heads, so they are larger than the output)
@@ -525,7 +448,7 @@ def bench_one(cfg: Config, mode: str, *, backend, device, dtype, warmup, min_rep
         dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
         for impl in IMPLS:
             kwargs = {"cfg": cfg.to_dict(), "impl": impl, "mode": mode, "backend": backend,
-                      "device": str(dev), "dtype": dtype_name}
+                      "device": str(dev), "dtype": dtype_name, "incumbent": incumbent}
             row[f"{impl}_mem_mb"] = memory.measure_peak_extra(
                 "bench_attention:build_memory_step", kwargs, device=str(dev)) / 1e6
         row.update(mem_ratio_fields(row["ours_mem_mb"], row["incumbent_mem_mb"], dev))
@@ -542,11 +465,6 @@ def mem_ratio_fields(ours_mb: float, incumbent_mb: float, device) -> dict[str, A
     if max(ours_mb, incumbent_mb) < floor:
         return {}  # both in the noise: no ratio
     return {"mem_ratio": incumbent_mb / max(ours_mb, floor), "mem_ratio_is_lower_bound": ours_mb < floor}
-
-
-def geomean(xs: Iterable[float]) -> float:
-    xs = list(xs)
-    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
 
 
 def target_geomeans(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -571,13 +489,22 @@ def _fmt_mb(x):
     return "-" if x is None else f"{x:.1f}"
 
 
+def incumbent_label(rows_or_meta) -> str:
+    """The incumbent's name for headers; older result files have none and mean sdpa-cat."""
+    if isinstance(rows_or_meta, dict):
+        return rows_or_meta.get("incumbent_name", DEFAULT_INCUMBENT)
+    return next((r["incumbent"] for r in rows_or_meta if "incumbent" in r), DEFAULT_INCUMBENT)
+
+
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| config | mode | ours ms | cat+SDPA ms | speedup | ours GFLOP/s | cat+SDPA GFLOP/s "
-            "| ours MB | cat+SDPA MB | mem ratio | max abs diff |")
+    inc = incumbent_label(rows)
+    head = (f"| config | pass | ours ms | {inc} ms | speedup | ours GFLOP/s | {inc} GFLOP/s "
+            f"| ours MB | {inc} MB | mem ratio | max abs diff |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
+        fell = " (fell back)" if r.get("incumbent_fell_back") else ""
         lines.append(
-            f"| {r['config']} | {r['mode']} | {r['ours_ms']:.2f} | {r['incumbent_ms']:.2f} "
+            f"| {r['config']} | {r['mode']} | {r['ours_ms']:.2f} | {r['incumbent_ms']:.2f}{fell} "
             f"| {r['speedup']:.2f}x | {r['ours_gflops']:.1f} | {r['incumbent_gflops']:.1f} "
             f"| {_fmt_mb(r.get('ours_mem_mb'))} | {_fmt_mb(r.get('incumbent_mem_mb'))} "
             f"| {(('>' if r.get('mem_ratio_is_lower_bound') else '') + '%.2fx' % r['mem_ratio']) if 'mem_ratio' in r else '-'} "
@@ -612,9 +539,10 @@ def plot(rows: list[dict], path: str, title: str) -> bool:
     fig, axes = plt.subplots(2 if has_mem else 1, 1, figsize=(max(8, 0.55 * len(configs) + 3), 9 if has_mem else 5),
                              squeeze=False)
     width = 0.8 / max(1, len(modes))
-    panels = [("speedup", "speedup (cat+SDPA ms / ours ms)")]
+    inc = incumbent_label(rows)
+    panels = [("speedup", f"speedup ({inc} ms / ours ms)")]
     if has_mem:
-        panels.append(("mem_ratio", "peak extra memory ratio (cat+SDPA / ours)"))
+        panels.append(("mem_ratio", f"peak extra memory ratio ({inc} / ours)"))
     for ax, (key, label) in zip(axes[:, 0], panels):
         for mi, mode in enumerate(modes):
             xs, ys = [], []
@@ -648,9 +576,10 @@ def write_results(rows, gm, meta, out_dir: str, stem: str, table: str) -> dict[s
     with open(paths["json"], "w") as f:
         json.dump({"meta": meta, "geomeans": gm, "rows": rows}, f, indent=1)
     with open(paths["md"], "w") as f:
-        f.write(f"# prefix attention: ours vs cat+SDPA\n\n{_meta_line(meta)}\n\n{table}\n")
+        f.write(f"# prefix attention: ours vs {incumbent_label(meta)}\n\n{_meta_line(meta)}\n\n{table}\n")
     hw = meta["hardware"]
-    title = (f"prefix_attn ({meta['package']['backend_used']}) vs cat+SDPA - {hw.get('gpu', hw['cpu_model'])}, "
+    title = (f"prefix_attn ({meta['package']['backend_used']}) vs {incumbent_label(meta)} - "
+             f"{hw.get('gpu', hw['cpu_model'])}, "
              f"{meta['dtype']}, torch {hw['torch']}, {meta['date'][:10]}, {meta['git_commit']}")
     if not plot(rows, paths["png"], title):
         del paths["png"]
@@ -666,13 +595,15 @@ def _meta_line(meta) -> str:
 
 def run(configs: list[Config], modes: list[str], *, backend="auto", device="cpu", dtype=torch.float32,
         warmup=2, min_reps=5, max_reps=50, budget_s=2.0, measure_memory=True, check=True,
-        wait_quiet_s=0.0, retries=0, verbose=True, skipped: list | None = None) -> list[dict]:
+        wait_quiet_s=0.0, retries=0, verbose=True, skipped: list | None = None,
+        incumbent: str = DEFAULT_INCUMBENT) -> list[dict]:
     """Benchmark every (config, mode); rows that raise are reported, appended to ``skipped``."""
     rows = []
     skipped = skipped if skipped is not None else []
     device_is_cuda = torch.device(device).type == "cuda"
-    # Without a prefix there is nothing to train in prefix_bwd.
-    jobs = [(c, m) for c, m in itertools.product(configs, modes) if not (m == "prefix_bwd" and c.P == 0)]
+    # Without a prefix there is nothing to train in prefix_only_bwd.
+    modes = [bc.canonical_pass(m) for m in modes]
+    jobs = [(c, m) for c, m in itertools.product(configs, modes) if not (m == "prefix_only_bwd" and c.P == 0)]
     n = len(jobs)
     t_start = time.perf_counter()
     for i, (cfg, mode) in enumerate(jobs):
@@ -680,7 +611,7 @@ def run(configs: list[Config], modes: list[str], *, backend="auto", device="cpu"
             row = bench_one(cfg, mode, backend=backend, device=device, dtype=dtype, warmup=warmup,
                             min_reps=min_reps, max_reps=max_reps, budget_s=budget_s,
                             measure_memory=measure_memory, check=check, wait_quiet_s=wait_quiet_s,
-                            retries=retries)
+                            retries=retries, incumbent=incumbent)
         except (NotImplementedError, ValueError, TypeError, RuntimeError,
                 memory.MemoryMeasurementError) as e:
             # A backend that cannot run a case (head dim, dtype, out of memory) costs that row only.
@@ -698,14 +629,15 @@ def run(configs: list[Config], modes: list[str], *, backend="auto", device="cpu"
             if row["background_cpu"] is not None:
                 diff += (f"  [others {row['background_cpu']:.1f} cores, us {row['cpu_per_wall']:.1f}"
                          + (f", {row['attempts']} tries" if row["attempts"] > 1 else "") + "]")
-            print(f"[{i + 1}/{n} {time.perf_counter() - t_start:6.0f}s] {cfg.name:<28} {mode:<10} "
-                  f"ours {row['ours_ms']:9.2f} ms  cat+SDPA {row['incumbent_ms']:9.2f} ms  "
+            print(f"[{i + 1}/{n} {time.perf_counter() - t_start:6.0f}s] {cfg.name:<28} {mode:<15} "
+                  f"ours {row['ours_ms']:9.2f} ms  {incumbent} {row['incumbent_ms']:9.2f} ms  "
                   f"{row['speedup']:5.2f}x{mem}{diff}", file=sys.stderr, flush=True)
     return rows
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="prefix_attn vs cat+SDPA: latency, peak memory, accuracy",
+    ap = argparse.ArgumentParser(description="prefix_attn vs an incumbent (cat + SDPA): latency, peak memory, "
+                                             "accuracy",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--backend", default="auto", help="prefix_attn backend (auto, cpu, reference, triton, cuda)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -720,11 +652,16 @@ def parse_args(argv=None):
     ap.add_argument("--causal", choices=["both", "true", "false"], default=None,
                     help="causal settings of the custom sweep (default: both for custom sweeps; "
                          "the default sweep is causal and the targets run both)")
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                    help="passes: fwd; train_step (forward + backward, every gradient: prefix tuning above "
+                         "the first layer); prefix_only_bwd (the backward alone, only the prefix's gradient: "
+                         "the first layer)")
+    ap.add_argument("--incumbent", default=DEFAULT_INCUMBENT, choices=TRAIN_INCUMBENTS,
+                    help="what ours is compared with (bench_common.INCUMBENTS)")
     ap.add_argument("--no-targets", action="store_true", help="skip the three target shapes")
     ap.add_argument("--targets-only", action="store_true", help="only the three target shapes")
     ap.add_argument("--quick", action="store_true",
-                    help="1 warm-up, 3 repeats, modes fwd and fwd_bwd (unless --modes); "
+                    help="1 warm-up, 3 repeats, passes fwd and train_step (unless --modes); "
                          "the target shapes only unless a custom sweep is given (~2 minutes on 2 cores)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--min-reps", type=int, default=5)
@@ -773,7 +710,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.warmup, args.min_reps, args.max_reps, args.budget = 1, 3, 3, 0.0
         if args.modes == list(MODES):
-            args.modes = ["fwd", "fwd_bwd"]
+            args.modes = ["fwd", "train_step"]
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     if args.memory_method:
@@ -788,15 +725,15 @@ def main(argv=None) -> int:
             "git_commit": git_commit(), "argv": sys.argv[1:],
             "timing": {"warmup": args.warmup, "min_reps": args.min_reps, "max_reps": args.max_reps,
                        "budget_s": args.budget, "statistic": "median",
-                       "order": "interleaved ours, cat+SDPA per repeat",
+                       "order": f"interleaved ours, {args.incumbent} per repeat",
                        "clock": "torch.cuda.Event" if device.type == "cuda" else "time.perf_counter"},
             "memory_method": ("cuda max_memory_allocated - memory_allocated" if device.type == "cuda" else
                               f"fresh process per measurement ({memory_method}), MALLOC_MMAP_THRESHOLD_=65536 "
                               "MALLOC_ARENA_MAX=2, VmHWM - VmRSS after clear_refs"),
-            "flops_convention": "4*B*Hq*D*visible_pairs fwd; fwd_bwd 3.5x; prefix_bwd fwd + 2.5x prefix-pair fwd",
+            "flops_convention": bc.FLOPS_CONVENTION, "bytes_floor": bc.BYTES_CONVENTION,
+            "passes": dict(bc.PASS_LABELS),
             "speedup": "incumbent_ms / ours_ms", "mem_ratio": "incumbent_mem / ours_mem",
-            "incumbent": "expand+cat prefix, F.scaled_dot_product_attention with bool [Nq,P+Nk] mask "
-                         "(causal) or none; GQA via repeat_interleave"}
+            "incumbent_name": args.incumbent, "incumbent": bc.INCUMBENTS[args.incumbent].what}
     print(f"# {_meta_line(meta)}", file=sys.stderr)
     load = hw["loadavg_at_start"]
     if device.type == "cpu" and load and load[0] > 0.5:
@@ -812,7 +749,7 @@ def main(argv=None) -> int:
     rows = run(configs, args.modes, backend=args.backend, device=device, dtype=dtype, warmup=args.warmup,
                min_reps=args.min_reps, max_reps=args.max_reps, budget_s=args.budget,
                measure_memory=not args.no_memory, check=not args.no_check, wait_quiet_s=args.wait_quiet,
-               retries=args.retries, skipped=skipped)
+               retries=args.retries, skipped=skipped, incumbent=args.incumbent)
     if skipped:
         meta["skipped"] = skipped
     if not rows:
@@ -828,9 +765,11 @@ def finish(rows, meta, out_dir, stem, *, save=True):
     gm = target_geomeans(rows)
     table = markdown_table(rows)
     if gm:
-        table += "\n\nGeometric mean over the target shapes " + \
-                 ", ".join(f"{b}x{h}x{n} P{p} D{d}" for b, h, n, p, d in TARGET_SHAPES) + \
-                 " (speedup = cat+SDPA ms / ours ms; memory ratio = cat+SDPA MB / ours MB):\n\n" + geomean_table(gm)
+        inc = incumbent_label(rows)
+        table += ("\n\nGeometric mean over the target shapes "
+                  + ", ".join(f"{b}x{h}x{n} P{p} D{d}" for b, h, n, p, d in TARGET_SHAPES)
+                  + f" (speedup = {inc} ms / ours ms; memory ratio = {inc} MB / ours MB):\n\n"
+                  + geomean_table(gm))
     busy = [r for r in rows if (r.get("background_cpu") or 0) > BUSY_CORES]
     if busy:
         table += (f"\n\nNote: other processes used up to {max(r['background_cpu'] for r in busy):.1f} cores "
@@ -847,6 +786,13 @@ def redo_busy(path: str, args, device, dtype) -> int:
     with open(path) as f:
         saved = json.load(f)
     rows, meta = saved["rows"], saved["meta"]
+    old = sorted({r["mode"] for r in rows} - set(MODES))
+    if old:
+        # written before the passes were renamed and recounted (bench_common): mixing the two
+        # conventions in one file would make its rows incomparable
+        print(f"# {path}: its passes {old} predate the current ones {list(MODES)}; run it again whole "
+              "instead of --redo-busy", file=sys.stderr)
+        return 1
     todo = [i for i, r in enumerate(rows) if (r.get("background_cpu") or 0) > BUSY_CORES]
     print(f"# {path}: {len(todo)} of {len(rows)} rows were timed on a busy machine", file=sys.stderr)
     fields = [f.name for f in dataclasses.fields(Config)]
@@ -856,7 +802,8 @@ def redo_busy(path: str, args, device, dtype) -> int:
         new = run([cfg], [r["mode"]], backend=meta["package"]["backend_requested"], device=device, dtype=dtype,
                   warmup=args.warmup, min_reps=args.min_reps, max_reps=args.max_reps, budget_s=args.budget,
                   measure_memory=not args.no_memory, check=not args.no_check,
-                  wait_quiet_s=args.wait_quiet, retries=args.retries)[0]
+                  wait_quiet_s=args.wait_quiet, retries=args.retries,
+                  incumbent=r.get("incumbent", DEFAULT_INCUMBENT))[0]
         for key in ("ours_mem_mb", "incumbent_mem_mb", "mem_ratio", "mem_ratio_is_lower_bound",
                     "max_abs_diff", "max_rel_diff", "diff_by_tensor"):
             if key in r and key not in new:  # keep what this rerun skipped

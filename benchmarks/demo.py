@@ -7,6 +7,12 @@ much memory one call needs on top of its inputs (see memory.py). Then which back
 
     python benchmarks/demo.py [--backend auto|cpu|reference|...] [--device cpu|cuda] [--no-memory]
 
+The passes (bench_common.py): `fwd`; `train_step`, forward + backward with every gradient,
+which is the prefix-tuning step of every layer above the first (the model is frozen, but the
+prefix gradients of the layers below flow through that layer's q, k and v, so it needs dq, dk
+and dv); `prefix_only_bwd`, the backward alone with only the prefix's gradient, which is the
+first layer's case (its q, k, v come from frozen embeddings).
+
 The full sweep, with JSON and a plot, is benchmarks/bench_attention.py.
 """
 
@@ -25,11 +31,13 @@ if _HERE not in sys.path:
 
 import bench_attention as ba  # noqa: E402
 
-# (config, mode, what it stands for)
+# (config, pass, what it stands for)
 DEMO_ROWS = [
     (ba.Config(B=4, H=12, N=512, P=64, D=64, causal=True), "fwd", "inference, 12-head model"),
-    (ba.Config(B=4, H=12, N=512, P=64, D=64, causal=True), "fwd_bwd", "full fine-tuning step"),
-    (ba.Config(B=2, H=16, N=1024, P=128, D=64, causal=True), "prefix_bwd", "prefix tuning, frozen model"),
+    (ba.Config(B=4, H=12, N=512, P=64, D=64, causal=True), "train_step",
+     "prefix-tuning step, every layer above the first"),
+    (ba.Config(B=2, H=16, N=1024, P=128, D=64, causal=True), "prefix_only_bwd",
+     "prefix tuning, first layer (backward alone)"),
     (ba.Config(B=1, H=8, N=2048, P=32, D=128, causal=False), "fwd", "long sequence, non-causal"),
 ]
 
@@ -60,7 +68,7 @@ def main(argv=None) -> int:
     print("cat+SDPA = expand + torch.cat the prefix, F.scaled_dot_product_attention with the "
           "equivalent mask (what HF PEFT does)")
 
-    head = ["shape (B,H,N,P,D)", "causal", "mode", "use case", "ours ms", "cat+SDPA ms", "speedup"]
+    head = ["shape (B,H,N,P,D)", "causal", "pass", "use case", "ours ms", "cat+SDPA ms", "speedup"]
     if not args.no_memory:
         head += ["ours MB", "cat+SDPA MB", "mem ratio"]
     head += ["max abs diff", "same?"]
@@ -94,8 +102,12 @@ def main(argv=None) -> int:
     for cells in table:
         print(fmt(cells))
     print("\nspeedup = cat+SDPA ms / ours ms (median of interleaved runs); MB = peak extra memory of one\n"
-          "call beyond its inputs; mem ratio = cat+SDPA MB / ours MB; max abs diff over the output and every\n"
-          f"gradient computed; same? = within {REL_TOL[dtype]:g} x the largest value of that tensor.")
+          "whole step (forward included) beyond its inputs; mem ratio = cat+SDPA MB / ours MB; max abs\n"
+          "diff over the output and every gradient computed; same? = within "
+          f"{REL_TOL[dtype]:g} x the largest value\nof that tensor.\n"
+          "train_step = forward + backward with every gradient: in prefix tuning, every layer above the\n"
+          "first needs dq, dk, dv too, since the prefixes below get their gradient through them.\n"
+          "prefix_only_bwd = the backward alone (forward untimed), prefix gradient only: the first layer.")
     if busiest > 0.2:
         print(f"note: other processes were using up to {busiest:.1f} cores during the demo; "
               "the timings are noisy")

@@ -1,31 +1,42 @@
 """GPU benchmark suite: prefix attention, ours against the incumbents, on one CUDA device.
 
-    python3 benchmarks/gpu_suite.py [--quick] [--out benchmarks/results/<gpu>]
+    python3 benchmarks/gpu_suite.py [--quick] [--out benchmarks/results/<gpu>] [--incumbents NAME ...]
 
-For fp16 and bf16, head dims 64 and 128, P in {16, 128, 512}, N in {512, 2048, 8192}, causal
-and not, it times three passes:
-    fwd          forward only
-    bwd_prefix   backward with only the prefix trainable (the frozen-model case); the forward
-                 runs untimed before each timed backward
-    fwd_bwd      forward + backward with every input requiring grad
-for each implementation present:
-    ours-triton, ours-cuda          prefix_attn backends (reading the prefix in place)
-    sdpa-cat                        expand + cat the prefix, SDPA with the boolean mask
-    sdpa-cat-lower-right            the same, with causal_lower_right (lets SDPA pick flash)
-    flex-cat                        FlexAttention over the concatenation with a block mask
-    flash-attn-cat                  flash_attn_func over the concatenation, if installed
+The cases (bench_common.gpu_cases, most important first): the issue's targets (bf16, head dim
+128, N = 8192, P in {128, 512, 16}), a decoding step (Nq = 1, B = 64, a 4096-token cache,
+P = 128, 32 query / 8 KV heads), a grouped-heads training shape (32 / 8 heads, N = 4096), then
+the grid: fp16 and bf16, head dims 64 and 128, P in {16, 128, 512}, N in {512, 2048, 8192}.
+Each runs causal, then non-causal (decoding: causal only, where it changes nothing), for
+the passes of bench_common:
+    fwd              forward only
+    train_step       forward + backward, every input requiring grad: the prefix-tuning step of
+                     every layer above the first (and of full fine-tuning)
+    prefix_only_bwd  the backward alone, only the prefix trainable: the first layer's case;
+                     the forward runs untimed before each timed backward
+(decoding: fwd only) for each implementation present:
+    ours-triton, ours-cuda   prefix_attn backends (reading the prefix in place)
+    the incumbents of bench_common.INCUMBENTS that stand for the case: sdpa-cat (HF PEFT),
+    sdpa-cat-lower-right, sdpa-cat-gqa (grouped heads), flex-cat (compiled per shape),
+    flash-attn-cat (if installed); for decoding sdpa-cache and flex-cache, whose cache already
+    holds the prefix (built untimed).
 Times are medians of CUDA-event timings after warm-up, rotating among input sets so repeated
-runs don't just measure L2. FLOPs count visible pairs only: 4 * B * Hq * D * (Nq * P + visible
-sequence pairs) for the forward, 2.5x that for forward + backward, 1.5x for the backward.
-Peak memory is torch.cuda.max_memory_allocated above what the inputs already hold.
+runs don't just measure L2. Each implementation's masks, block masks and compiled wrapper are
+built once per shape, and its first call in each pass (which compiles what is compiled) is
+timed apart: `first call s`. FLOPs and the bytes floor are bench_common's (visible pairs only;
+train_step 3.5x the forward; prefix_only_bwd only its P prefix columns, 8 * B * Hq * Nq * P * D),
+reported as TFLOP/s and as GB/s against the bytes floor.
+A compiled incumbent that fails to compile, or runs eagerly after all, is flagged `fell_back`
+(table: FELL BACK) and never counts as the best incumbent.
+Peak memory is torch.cuda.max_memory_allocated above what the inputs already hold, over a
+whole step (forward and backward).
 Writes results.md, results.json and results.png under benchmarks/results/<gpu-name>/, and, when
 the environment has OUT (the device tool's folder that comes back), under $OUT/<gpu-name>/ too.
 
 A lent GPU gives one command at most 10 minutes, so the suite keeps to a deadline (--deadline,
 epoch seconds; `make gpu-check` passes its start + 9.5 min): the tests get a share of the time
-and a subprocess timeout, shapes run most important first (the issue's targets: bf16, head dim
-128, causal, N = 8192), and the results are rewritten after every shape, so a run cut short
-still leaves everything it measured.
+and a subprocess timeout, cases run most important first, a pass starts only while there is
+time left (a compiled incumbent only with a minute left), and the results are rewritten after
+every case, so a run cut short still leaves everything it measured.
 """
 from __future__ import annotations
 
@@ -42,37 +53,34 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+import bench_common as bc  # noqa: E402
 import prefix_attn  # noqa: E402
+
+# Where the suite runs and which of our backends it times. Only a CPU smoke test, with
+# torch.cuda's timing and memory calls faked, sets them otherwise (tests/test_bench_common.py).
+DEVICE = "cuda"
+OURS_BACKENDS = ("triton", "cuda")
 
 
 def gpu_slug() -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
 
 
-def visible_pairs(Nq: int, Nk: int, causal: bool) -> int:
-    if not causal:
-        return Nq * Nk
-    off = Nk - Nq
-    return sum(max(0, min(Nk, i + off + 1)) for i in range(Nq))
-
-
-def flops(B, H, Nq, Nk, P, D, causal) -> float:
-    return 4.0 * B * H * D * (Nq * P + visible_pairs(Nq, Nk, causal))
-
-
-def make_inputs(B, H, N, P, D, dtype, grads, n_sets=3):
-    """Independent input sets (random, never zeros) to rotate among."""
+def make_inputs(shape: bc.Shape, dtype, mode: str, n_sets: int = 3):
+    """Independent input sets (random, never zeros) to rotate among: (q, k, v, prefix_k, prefix_v)."""
+    trainable = bc.TRAINABLE[mode]
     sets = []
     for _ in range(n_sets):
-        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype) for _ in range(3))
-        pk, pv = (torch.randn(H, P, D, device="cuda", dtype=dtype) for _ in range(2))
-        for t, name in ((q, "q"), (k, "k"), (v, "v"), (pk, "prefix"), (pv, "prefix")):
-            t.requires_grad_(grads == "all" or (grads == "prefix" and name == "prefix"))
+        q = torch.randn(shape.B, shape.H, shape.N, shape.D, device=DEVICE, dtype=dtype)
+        k, v = (torch.randn(shape.B, shape.hkv, shape.nk, shape.D, device=DEVICE, dtype=dtype) for _ in range(2))
+        pk, pv = (torch.randn(shape.hkv, shape.P, shape.D, device=DEVICE, dtype=dtype) for _ in range(2))
+        for t, name in ((q, "q"), (k, "k"), (v, "v"), (pk, "prefix_k"), (pv, "prefix_v")):
+            t.requires_grad_(name in trainable)
         sets.append((q, k, v, pk, pv))
     return sets
 
@@ -80,117 +88,71 @@ def make_inputs(B, H, N, P, D, dtype, grads, n_sets=3):
 # ---------------------------------------------------------------------------------- impls
 
 
-def ours(backend):
-    def run(q, k, v, pk, pv, causal):
-        return prefix_attn.prefix_attention(q, k, v, pk, pv, causal=causal, backend=backend)
-    return run
-
-
-def _cat(q, k, v, pk, pv):
-    B = q.shape[0]
-    K = torch.cat([pk.unsqueeze(0).expand(B, -1, -1, -1), k], dim=2)
-    V = torch.cat([pv.unsqueeze(0).expand(B, -1, -1, -1), v], dim=2)
-    return K, V
-
-
-def _bool_mask(Nq, Nk, P, device):
-    i = torch.arange(Nq, device=device)[:, None]
-    j = torch.arange(Nk, device=device)[None, :]
-    seq = j <= i + (Nk - Nq)
-    return torch.cat([torch.ones(Nq, P, dtype=torch.bool, device=device), seq], dim=1)
-
-
-def sdpa_cat(q, k, v, pk, pv, causal):
-    K, V = _cat(q, k, v, pk, pv)
-    mask = _bool_mask(q.shape[2], k.shape[2], pk.shape[1], q.device) if causal else None
-    return F.scaled_dot_product_attention(q, K, V, attn_mask=mask)
-
-
-def sdpa_cat_lower_right(q, k, v, pk, pv, causal):
-    # With Nq == Nk, bottom-right causal over [prefix ; sequence] is exactly our visibility.
-    from torch.nn.attention.bias import causal_lower_right
-
-    K, V = _cat(q, k, v, pk, pv)
-    mask = causal_lower_right(q.shape[2], K.shape[2]) if causal else None
-    return F.scaled_dot_product_attention(q, K, V, attn_mask=mask)
-
-
-_flex_cache = {}
-
-
-def flex_cat(q, k, v, pk, pv, causal):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    if "fn" not in _flex_cache:
-        _flex_cache["fn"] = torch.compile(flex_attention, dynamic=False)
-    K, V = _cat(q, k, v, pk, pv)
-    Nq, Nk, P = q.shape[2], k.shape[2], pk.shape[1]
-    block_mask = None
-    if causal:
-        key = (Nq, Nk, P)
-        if key not in _flex_cache:
-            off = Nk - Nq
-
-            def visible(b, h, qi, kv):
-                return (kv < P) | (kv - P <= qi + off)
-
-            _flex_cache[key] = create_block_mask(visible, None, None, Nq, P + Nk, device=q.device)
-        block_mask = _flex_cache[key]
-    return _flex_cache["fn"](q, K, V, block_mask=block_mask)
-
-
-def flash_attn_cat(q, k, v, pk, pv, causal):
-    from flash_attn import flash_attn_func  # bottom-right causal, [B, N, H, D] layout
-
-    K, V = _cat(q, k, v, pk, pv)
-    out = flash_attn_func(q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2), causal=causal)
-    return out.transpose(1, 2)
-
-
-def implementations():
+def implementations(shape: bc.Shape, kind: str, names=None) -> dict:
+    """{name: (Incumbent or None for ours, build(shape, device) -> fn(q, k, v, prefix_k, prefix_v))}."""
     impls = {}
     available = prefix_attn.available_backends()
-    for backend in ("triton", "cuda"):
+    for backend in OURS_BACKENDS:
         if backend in available:
-            impls[f"ours-{backend}"] = ours(backend)
-    impls["sdpa-cat"] = sdpa_cat
-    impls["sdpa-cat-lower-right"] = sdpa_cat_lower_right
-    impls["flex-cat"] = flex_cat
-    try:
-        import flash_attn  # noqa: F401
-
-        impls["flash-attn-cat"] = flash_attn_cat
-    except ImportError:
-        pass
+            impls[f"ours-{backend}"] = (None, lambda s, dev, b=backend: bc.ours(s, b))
+    for inc in bc.incumbents_for(shape, kind, names):
+        impls[inc.name] = (inc, inc.build)
     return impls
 
 
 # ---------------------------------------------------------------------------------- timing
 
 
-def time_pass(fn, sets, causal, mode, warmup=3, reps=15):
+def _step(fn, inputs, mode, grad):
+    """One call in pass `mode`; returns the output."""
+    if mode == "fwd":
+        with torch.no_grad():
+            return fn(*inputs)
+    out = fn(*inputs)
+    out.backward(grad)
+    return out
+
+
+def _clear_grads(inputs):
+    for t in inputs:
+        if t is not None:
+            t.grad = None
+
+
+def first_call(fn, inputs, mode):
+    """Seconds of the first call (what is compiled compiles here), and its output."""
+    grad = torch.randn_like(inputs[0])
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = _step(fn, inputs, mode, grad)
+    torch.cuda.synchronize()
+    s = time.perf_counter() - t0
+    _clear_grads(inputs)
+    return s, out.detach().float()
+
+
+def time_pass(fn, sets, mode, warmup=3, reps=15):
     """Median ms of one pass (CUDA events), rotating among input sets."""
     grads = [torch.randn_like(s[0]) for s in sets]
 
     def once(i, timed):
-        q, k, v, pk, pv = sets[i % len(sets)]
+        inputs = sets[i % len(sets)]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         if mode == "fwd":
             with torch.no_grad():
                 start.record()
-                fn(q, k, v, pk, pv, causal)
+                fn(*inputs)
                 end.record()
-        elif mode == "bwd_prefix":
-            out = fn(q, k, v, pk, pv, causal)
+        elif mode == "prefix_only_bwd":
+            out = fn(*inputs)
             start.record()
             out.backward(grads[i % len(sets)])
             end.record()
         else:
             start.record()
-            fn(q, k, v, pk, pv, causal).backward(grads[i % len(sets)])
+            fn(*inputs).backward(grads[i % len(sets)])
             end.record()
-        for t in (q, k, v, pk, pv):
-            t.grad = None
+        _clear_grads(inputs)
         if timed:
             end.synchronize()
             return start.elapsed_time(end)
@@ -206,25 +168,97 @@ def time_pass(fn, sets, causal, mode, warmup=3, reps=15):
     return ms
 
 
-def peak_extra_mb(fn, sets, causal, mode):
-    q, k, v, pk, pv = sets[0]
-    g = torch.randn_like(q)
+def peak_extra_mb(fn, sets, mode):
+    """Peak memory of one whole step (forward, and backward where the pass has one)."""
+    inputs = sets[0]
+    g = torch.randn_like(inputs[0])
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    if mode == "fwd":
-        with torch.no_grad():
-            out = fn(q, k, v, pk, pv, causal)
-    else:
-        fn(q, k, v, pk, pv, causal).backward(g)
-        out = None
+    out = _step(fn, inputs, mode, g)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    for t in (q, k, v, pk, pv):
-        t.grad = None
+    _clear_grads(inputs)
     del out
     return peak / 2**20
+
+
+# Keys a fell-back row's numbers move to, so that nothing reading "ms" counts it as measured.
+FALLBACK_KEYS = ("ms", "tflops", "gbps")
+
+
+def measure(inc, fn, shape, sets, mode, setup_s=0.0) -> dict:
+    """Everything one (implementation, shape, pass) row holds, with `_out` for the accuracy check."""
+    eager_before = bc.eager_calls()
+    if inc is not None and inc.prepare_inputs is not None:
+        with torch.no_grad():
+            sets = [inc.prepare_inputs(*s) for s in sets]
+    first_s, out = first_call(fn, sets[0], mode)
+    ms = time_pass(fn, sets, mode)
+    e = bc.elem_bytes(sets[0][0].dtype)
+    row = dict(ms=ms, tflops=bc.flops(shape, mode) / ms / 1e9, gbps=bc.bytes_floor(shape, mode, e) / ms / 1e6,
+               peak_mb=peak_extra_mb(fn, sets, mode), first_call_s=setup_s + first_s, _out=out)
+    if inc is not None and inc.compiled and bc.eager_calls() > eager_before:
+        row["fell_back"] = "ran eagerly, not compiled"
+        for k in FALLBACK_KEYS:
+            row["fallback_" + k] = row.pop(k)
+    return row
+
+
+def shape_fields(case: bc.GpuCase, shape: bc.Shape) -> dict:
+    return dict(case=case.label, dtype=case.dtype, B=shape.B, H=shape.H, Hkv=shape.hkv, N=shape.N, Nk=shape.nk,
+                P=shape.P, D=shape.D, causal=shape.causal)
+
+
+# A compiled incumbent starts only with this much time left before the deadline (its compile
+# alone can take tens of seconds).
+COMPILE_MARGIN_S = 60.0
+
+
+def run_case(case: bc.GpuCase, rows: list, deadline: float, names=None) -> bool:
+    """Every shape, pass and implementation of one case, appended to rows. False when the
+    deadline cut it short."""
+    dtype = bc.DTYPES[case.dtype]
+    for shape in case.shapes():
+        impls = implementations(shape, case.kind, names)
+        built = {}  # name -> (fn or exception, set-up seconds): once per shape
+        for mode in case.passes:
+            if time.time() > deadline - 20:
+                return False
+            sets = make_inputs(shape, dtype, mode)
+            ref = None
+            group = []
+            for name, (inc, build) in impls.items():
+                row = dict(shape_fields(case, shape), mode=mode, impl=name)
+                compiled = inc is not None and inc.compiled
+                if compiled and time.time() > deadline - COMPILE_MARGIN_S:
+                    row.update(error="not run: too close to the deadline to compile", fell_back="not compiled")
+                    group.append(row)
+                    continue
+                setup_s = 0.0
+                try:
+                    if name not in built:
+                        t0 = time.perf_counter()
+                        built[name] = (build(shape, torch.device(DEVICE)), time.perf_counter() - t0)
+                        setup_s = built[name][1]
+                    row.update(measure(inc, built[name][0], shape, sets, mode, setup_s))
+                    if ref is None and name.startswith("sdpa"):
+                        ref = row["_out"]
+                except Exception as exc:  # an incumbent that cannot run this shape
+                    msg = (str(exc).strip().splitlines() or [""])[0]
+                    row.update(error=f"{type(exc).__name__}: {msg[:200]}")
+                    if compiled:
+                        row["fell_back"] = "compile failed"
+                group.append(row)
+            for row in group:
+                o = row.pop("_out", None)
+                if o is not None and ref is not None:
+                    row["max_abs_diff_vs_sdpa"] = float((o - ref).abs().max())
+            rows.extend(group)
+            del sets, group, ref
+            torch.cuda.empty_cache()
+    return True
 
 
 # The kernel tests (they run every backend present, on CUDA for triton / cuda); the HF
@@ -248,15 +282,6 @@ def run_tests(out_dir: str, timeout_s: float) -> int:
     return rc
 
 
-def ordered_shapes(quick: bool):
-    """(dtype, D, P, N), the issue's target shapes first, then the rest of the grid."""
-    if quick:
-        return [("bf16", 128, 128, 8192), ("fp16", 64, 128, 2048)]
-    grid = [(dt, D, P, N) for dt in ("bf16", "fp16") for D in (128, 64) for N in (8192, 2048, 512)
-            for P in (128, 512, 16)]
-    return grid
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
@@ -265,6 +290,8 @@ def main():
     ap.add_argument("--deadline", type=float, default=None,
                     help="epoch seconds by which to be done (default: now + 9 minutes)")
     ap.add_argument("--test-share", type=float, default=0.35, help="share of the time left that the tests may use")
+    ap.add_argument("--incumbents", nargs="+", default=None, choices=list(bc.INCUMBENTS),
+                    help="only these incumbents (default: every one that stands for the case)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("gpu_suite: no CUDA device: this suite needs a GPU (torch.cuda.is_available() is False)", file=sys.stderr)
@@ -281,50 +308,28 @@ def main():
     if test_rc == 124:
         print("gpu_suite: the tests ran out of their share of the time (see tests.log)", flush=True)
 
-    impls = implementations()
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=_version("triton"), cuda=torch.version.cuda, date=datetime.date.today().isoformat(),
                 commit=_git_commit(), host=platform.node(), tests_rc=test_rc, complete=False)
+    meta.update(passes=dict(bc.PASS_LABELS), flops_convention=bc.FLOPS_CONVENTION, bytes_floor=bc.BYTES_CONVENTION,
+                incumbents={n: i.what for n, i in bc.INCUMBENTS.items()}, dynamo=bc.configure_dynamo())
     rows = []
-    shapes = ordered_shapes(args.quick)
-    for n_done, (dname, D, P, N) in enumerate(shapes):
+    cases = bc.gpu_cases(args.quick)
+    for n_done, case in enumerate(cases):
         if time.time() > deadline - 20:
-            print(f"gpu_suite: deadline reached after {n_done} of {len(shapes)} shapes", flush=True)
+            print(f"gpu_suite: deadline reached after {n_done} of {len(cases)} cases", flush=True)
             break
-        dtype = dtypes[dname]
-        H = 16 if D == 64 else 8
-        B = max(1, 16384 // N)
-        for causal in (True, False):
-            fl = flops(B, H, N, N, P, D, causal)
-            for mode in ("fwd", "bwd_prefix", "fwd_bwd"):
-                grads = {"fwd": "none", "bwd_prefix": "prefix", "fwd_bwd": "all"}[mode]
-                sets = make_inputs(B, H, N, P, D, dtype, grads)
-                ref = None
-                for name, fn in impls.items():
-                    row = dict(dtype=dname, B=B, H=H, N=N, P=P, D=D, causal=causal, mode=mode, impl=name)
-                    try:
-                        with torch.no_grad():
-                            o = fn(*[t.detach() for t in sets[0]], causal).float()
-                        if ref is None and name.startswith("sdpa-cat"):
-                            ref = o
-                        ms = time_pass(fn, sets, causal, mode)
-                        mult = {"fwd": 1.0, "bwd_prefix": 1.5, "fwd_bwd": 2.5}[mode]
-                        row.update(ms=ms, tflops=fl * mult / ms / 1e9,
-                                   peak_mb=peak_extra_mb(fn, sets, causal, mode))
-                        row["_out"] = o
-                    except Exception as exc:  # an incumbent that cannot run this shape
-                        row.update(error=f"{type(exc).__name__}: {str(exc)[:120]}")
-                    rows.append(row)
-                for row in rows[-len(impls):]:
-                    o = row.pop("_out", None)
-                    if o is not None and ref is not None:
-                        row["max_abs_diff_vs_sdpa"] = float((o - ref).abs().max())
-                del sets
-                torch.cuda.empty_cache()
-        print(f"{dname} D{D} P{P} N{N} done ({time.time() - deadline:+.0f} s to the deadline)", flush=True)
-        meta["complete"] = n_done + 1 == len(shapes)
+        finished = run_case(case, rows, deadline, args.incumbents)
+        s = case.shape
+        print(f"{case.label} {case.dtype} B{s.B} H{s.H}/{s.hkv} N{s.N} Nk{s.nk} P{s.P} D{s.D} "
+              f"{'done' if finished else 'cut short'} ({time.time() - deadline:+.0f} s to the deadline)", flush=True)
+        meta["complete"] = finished and n_done + 1 == len(cases)
+        bc.add_speedups(rows)
         save(out_dirs, meta, rows)
+        if not finished:
+            print(f"gpu_suite: deadline reached during case {n_done + 1} of {len(cases)}", flush=True)
+            break
+    bc.add_speedups(rows)
     md = save(out_dirs, meta, rows)
     print(md[-6000:])
     return 0 if test_rc == 0 else 1
@@ -371,16 +376,27 @@ def _markdown(meta, rows):
              f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, {meta['date']}, "
              f"commit {meta['commit']}; tests exit code {meta['tests_rc']}"
              + ("" if meta.get("complete", True) else "; INCOMPLETE: the run hit its deadline"), "",
-             "| dtype | N | P | D | causal | pass | impl | ms | TFLOP/s | peak MB | speedup vs best incumbent |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "Passes: " + "; ".join(f"`{k}` {v}" for k, v in meta.get("passes", bc.PASS_LABELS).items()) + ".",
+             f"FLOPs: {meta.get('flops_convention', bc.FLOPS_CONVENTION)}. GB/s: the bytes floor "
+             f"({meta.get('bytes_floor', bc.BYTES_CONVENTION)}) over the time. first call s: set-up and first call, "
+             "compile included, not in ms. FELL BACK: a compiled incumbent that did not run compiled; never the "
+             "best incumbent.", "",
+             "| case | dtype | B | Hq/Hkv | Nq | Nk | P | D | causal | pass | impl | ms | TFLOP/s | GB/s | peak MB "
+             "| first call s | speedup vs best incumbent |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        head = (f"| {r.get('case', '-')} | {r['dtype']} | {r['B']} | {r['H']}/{r.get('Hkv', r['H'])} | {r['N']} "
+                f"| {r.get('Nk', r['N'])} | {r['P']} | {r['D']} | {r['causal']} | {r['mode']} | {r['impl']} |")
         if "ms" in r:
-            lines.append(f"| {r['dtype']} | {r['N']} | {r['P']} | {r['D']} | {r['causal']} | {r['mode']} | "
-                         f"{r['impl']} | {r['ms']:.3f} | {r['tflops']:.1f} | {r['peak_mb']:.0f} | "
-                         f"{r.get('speedup_vs_best_incumbent', float('nan')):.2f} |")
+            lines.append(head + f" {r['ms']:.3f} | {r['tflops']:.1f} | {r['gbps']:.0f} | {r['peak_mb']:.0f} "
+                                f"| {r['first_call_s']:.2f} | {r.get('speedup_vs_best_incumbent', float('nan')):.2f} |")
+        elif "fallback_ms" in r:
+            lines.append(head + f" FELL BACK ({r['fell_back']}): {r['fallback_ms']:.3f} | "
+                                f"{r['fallback_tflops']:.1f} | {r['fallback_gbps']:.0f} | {r['peak_mb']:.0f} "
+                                f"| {r['first_call_s']:.2f} | - |")
         else:
-            lines.append(f"| {r['dtype']} | {r['N']} | {r['P']} | {r['D']} | {r['causal']} | {r['mode']} | "
-                         f"{r['impl']} | - | - | - | {r['error']} |")
+            flag = f"FELL BACK ({r['fell_back']}): " if r.get("fell_back") else ""
+            lines.append(head + f" - | - | - | - | - | {flag}{r.get('error', '')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -392,19 +408,24 @@ def _plot(rows, path, gpu):
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    # prefix_only_bwd does little arithmetic per byte: GB/s against its floor says more
+    panels = (("fwd", "tflops", "TFLOP/s (visible pairs)"), ("train_step", "tflops", "TFLOP/s (visible pairs)"),
+              ("prefix_only_bwd", "gbps", "GB/s (bytes floor)"))
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for ax, mode in zip(axes, ("fwd", "bwd_prefix", "fwd_bwd")):
-        sel = [r for r in rows if r["mode"] == mode and r["causal"] and r["dtype"] == "bf16" and "ms" in r]
+    for ax, (mode, key, ylabel) in zip(axes, panels):
+        sel = [r for r in rows if r["mode"] == mode and r["causal"] and r["dtype"] == "bf16" and "ms" in r
+               and r.get("case") != "decode"]
         for impl in sorted({r["impl"] for r in sel}):
-            pts = sorted((r["N"] * 1000 + r["P"] + r["D"] / 1000, r["tflops"]) for r in sel if r["impl"] == impl)
+            pts = sorted((r["N"] * 1000 + r["P"] + r["D"] / 1000, r[key]) for r in sel if r["impl"] == impl)
             ax.plot(range(len(pts)), [p[1] for p in pts], marker="o", label=impl)
         ax.set_title(f"{mode}, causal, bf16")
         ax.set_xlabel("shape (N, P, D ascending)")
-        ax.set_ylabel("TFLOP/s (visible pairs)")
+        ax.set_ylabel(ylabel)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"prefix_attn vs concatenation on {gpu}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Micro-benchmarks (pytest-benchmark): one small shape per situation, ours vs cat + SDPA.
 
     pytest benchmarks --benchmark-only                       # all of them
-    pytest benchmarks --benchmark-only -k prefix_bwd         # a subset
+    pytest benchmarks --benchmark-only -k prefix_only_bwd    # a subset
     PREFIX_ATTN_BACKEND=reference pytest benchmarks --benchmark-only
     pytest benchmarks --benchmark-only --benchmark-compare   # against a saved run (--benchmark-autosave)
 
-Each group (shape + mode) holds the two implementations, so pytest-benchmark's table puts
-them side by side. Not collected by ``pytest tests`` (pyproject's testpaths is tests/); without
+Each group (shape + pass) holds the two implementations, so pytest-benchmark's table puts
+them side by side. Passes are bench_common's; prefix_only_bwd times the backward alone, its
+forward run untimed as the set-up of each round. Not collected by ``pytest tests`` (pyproject's testpaths is tests/); without
 pytest-benchmark installed the whole module is skipped. bench_attention.py is the full study
 (memory, FLOPs, JSON, plots); these are for quick before/after comparisons of a change.
 """
@@ -36,7 +37,7 @@ def _sync():
 
 
 @pytest.mark.parametrize("impl", ba.IMPLS)
-@pytest.mark.parametrize("mode", ba.MODES)
+@pytest.mark.parametrize("mode", ba.MODES)  # bench_common.PASSES
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_attention(benchmark, shape, mode, impl):
     cfg = SHAPES[shape]
@@ -49,4 +50,8 @@ def test_attention(benchmark, shape, mode, impl):
         step()
         _sync()
 
-    benchmark(run)
+    prepare = getattr(step, "prepare", None)  # prefix_only_bwd: the untimed forward
+    if prepare is None:
+        benchmark(run)
+    else:
+        benchmark.pedantic(run, setup=prepare, rounds=20, warmup_rounds=1)

@@ -1,0 +1,555 @@
+"""What every benchmark here shares: shapes, pass names, FLOP and byte counts, the incumbents.
+
+bench_attention.py (CPU or GPU, ours against one incumbent), gpu_suite.py (GPU, ours against
+every incumbent) and demo.py import this module, so a figure means the same thing in each.
+
+Passes (the ids the scripts, their JSON and the READMEs use)
+    fwd              forward only; nothing requires grad (inference, and decoding)
+    train_step       forward + backward, every input requires grad (q, k, v, prefix_k,
+                     prefix_v). This IS the prefix-tuning step of every layer above the first:
+                     the model is frozen, but that layer's q, k and v depend on the prefixes of
+                     the layers below, so their gradients must flow down through its attention.
+                     (Full fine-tuning runs the same pass.)
+    prefix_only_bwd  the backward alone, with only prefix_k and prefix_v requiring grad; the
+                     forward runs untimed before each timed backward. The first layer's case
+                     of prefix tuning: its q, k, v come from frozen embeddings, so only the
+                     prefix needs a gradient, and no dq, dk or dv is computed.
+    Peak memory is always that of the whole step (forward and, where there is one, backward).
+
+FLOPs, one convention: visible (query, key) pairs only, 2 FLOPs per multiply-add; a masked
+pair counts nothing, so the incumbents get no credit for work they waste on masked pairs and
+for backward work the pass does not need.
+    pairs            = Nq * P + visible sequence pairs, per (batch row, query head);
+                       causal: query i sees sequence keys j <= i + Nk - Nq (bottom-right)
+    fwd              F = 4 * B * Hq * D * pairs            (S = QK^T and O = PV: 2 matmuls)
+    train_step       3.5 * F                               (forward 2 matmuls + backward 5:
+                                                            S again, dP, dV, dK, dQ. The
+                                                            FlashAttention benchmarks' count:
+                                                            backward = 2.5 F)
+    prefix_only_bwd  8 * B * Hq * Nq * P * D               (over the P prefix columns only:
+                                                            S again, dP, dV, dK, 4 matmuls of
+                                                            Nq x P x D per (row, head). No dQ;
+                                                            the sequence columns need nothing:
+                                                            Delta = rowsum(dO * O))
+
+Bytes floor, the least memory traffic a pass can do (each tensor read or written once; e =
+bytes per element of the inputs' dtype; Q = B*Hq*Nq*D, KV = B*Hkv*Nk*D, PR = Hkv*P*D for a
+prefix shared by the batch, L = B*Hq*Nq float32 log-sum-exps):
+    fwd              e * (2*Q + 2*KV + 2*PR)               read q, k, v, prefix; write out
+    train_step       e * (6*Q + 6*KV + 6*PR) + 8*L         forward (with lse written), then the
+                                                           backward: read q, k, v, prefix, out,
+                                                           dout, lse; write dq, dk, dv, dprefix
+    prefix_only_bwd  e * (3*Q + 4*PR) + 4*L                read q, out, dout, lse, prefix;
+                                                           write dprefix
+GB/s = bytes floor / time: how close a memory-bound pass (decoding, the prefix-only
+backward) comes to the card's bandwidth.
+
+Incumbents (`INCUMBENTS`; `incumbents_for` picks those that apply to a shape and pass)
+    sdpa-cat              what Hugging Face PEFT does: expand + torch.cat the prefix, GQA by
+                          repeat_interleave (HF's repeat_kv), SDPA with the boolean mask
+    sdpa-cat-lower-right  the same with causal_lower_right instead of a mask tensor (lets SDPA
+                          pick flash); only where Nk >= Nq, where it equals our visibility
+    sdpa-cat-gqa          grouped heads only: cat, then SDPA with enable_gqa=True (no kv-head
+                          expansion) and causal_lower_right: what a user picks for training
+    flex-cat              FlexAttention over the concatenation with a block mask, compiled once
+                          per shape: torch.compile(dynamic=False, fullgraph=True)
+    flash-attn-cat        flash_attn_func over the concatenation, where flash-attn is installed
+    sdpa-cache            decoding: the KV cache already holds [prefix ; sequence] (as PEFT's
+                          cache does), so nothing is concatenated per step; SDPA over it
+    flex-cache            decoding: compiled FlexAttention over the same cache
+Masks, block masks and compiled wrappers are built once per shape, outside the timing (HF
+builds its mask once per model forward, not per layer); so is the decoding cache.
+
+A compiled incumbent that does not run compiled is not measured as that incumbent: with
+fullgraph=True a graph break, and (`configure_dynamo`) a hit recompile limit, raise instead
+of running eagerly; and the compiled function counts the calls that ran its Python body
+eagerly (`eager_calls`). Such a row is flagged `fell_back` and kept out of the best incumbent
+(`add_speedups`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # torch < 2.5: the flex incumbents fail at build, with this reason
+    create_block_mask = flex_attention = None
+
+# --- passes --------------------------------------------------------------------------------------
+
+PASSES = ("fwd", "train_step", "prefix_only_bwd")
+
+# which inputs require grad in each pass
+TRAINABLE = {
+    "fwd": (),
+    "train_step": ("q", "k", "v", "prefix_k", "prefix_v"),
+    "prefix_only_bwd": ("prefix_k", "prefix_v"),
+}
+
+PASS_LABELS = {
+    "fwd": "forward",
+    "train_step": "training step: forward + backward, every gradient (prefix tuning above the first layer)",
+    "prefix_only_bwd": "prefix-only backward (prefix tuning, first layer)",
+}
+
+# Names earlier result files used. `prefix_bwd` (bench_attention before the rename) timed the
+# forward and the prefix-only backward together: no pass measures that now, so it has no alias.
+PASS_ALIASES = {"fwd_bwd": "train_step", "bwd_prefix": "prefix_only_bwd"}
+
+
+def canonical_pass(name: str) -> str:
+    """A pass id from a current or an older name; ValueError for anything else."""
+    name = PASS_ALIASES.get(name, name)
+    if name not in PASSES:
+        hint = (" (`prefix_bwd` timed forward + prefix-only backward together; no pass measures "
+                "that any more)" if name == "prefix_bwd" else "")
+        raise ValueError(f"pass must be one of {PASSES}, got {name!r}{hint}")
+    return name
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32,
+          "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+# --- shapes --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One attention problem. q [B, H, N, D]; k, v [B, Hkv, Nk, D]; prefix [Hkv, P, D]."""
+    B: int
+    H: int          # query heads
+    N: int          # query length Nq
+    P: int          # prefix length
+    D: int
+    causal: bool
+    Hkv: int = 0    # 0: = H (MHA)
+    Nk: int = 0     # 0: = N
+
+    @property
+    def hkv(self) -> int:
+        return self.Hkv or self.H
+
+    @property
+    def nk(self) -> int:
+        return self.Nk or self.N
+
+    @property
+    def grouped(self) -> bool:
+        return self.hkv != self.H
+
+    @property
+    def name(self) -> str:
+        s = f"B{self.B}-H{self.H}"
+        if self.hkv != self.H:
+            s += f"-Hkv{self.hkv}"
+        s += f"-N{self.N}"
+        if self.nk != self.N:
+            s += f"-Nk{self.nk}"
+        s += f"-P{self.P}-D{self.D}"
+        return s + ("-causal" if self.causal else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The CPU benchmark's target shapes, (B, H, N, P, D), fp32, causal and non-causal.
+CPU_TARGET_SHAPES = [(4, 12, 512, 64, 64), (2, 16, 1024, 128, 64), (1, 8, 2048, 32, 128)]
+
+
+def cpu_target_shapes(causals: Iterable[bool] = (True, False)) -> list[Shape]:
+    return [Shape(B, H, N, P, D, c) for (B, H, N, P, D) in CPU_TARGET_SHAPES for c in causals]
+
+
+def cpu_default_sweep() -> list[Shape]:
+    """One knob at a time around a base shape (B2 H8 N512 P64 D64, causal)."""
+    base = dict(B=2, H=8, N=512, P=64, D=64, causal=True)
+    out = [Shape(**base)]
+    out += [Shape(**{**base, "P": p}) for p in (0, 256, 1024)]
+    out += [Shape(**{**base, "N": n}) for n in (128, 2048)]
+    out += [Shape(**{**base, "D": 128})]
+    out += [Shape(**{**base, "Hkv": 2})]  # GQA 4:1
+    out += [Shape(**{**base, "N": 16, "Nk": 1024})]  # a 16-token chunk against a 1024-token KV cache
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuCase:
+    """One row group of the GPU suite: a dtype and a shape, run for each causal setting and pass.
+
+    kind "train": the incumbents concatenate the prefix per call. kind "decode": one new
+    token per row against a KV cache that (for the incumbents) already holds the prefix.
+    """
+    label: str
+    dtype: str
+    shape: Shape                      # its causal field is replaced by each of `causals`
+    kind: str = "train"
+    causals: tuple[bool, ...] = (True, False)
+    passes: tuple[str, ...] = PASSES
+
+    def shapes(self) -> list[Shape]:
+        return [dataclasses.replace(self.shape, causal=c) for c in self.causals]
+
+
+def _grid_case(dtype: str, D: int, P: int, N: int, label: str = "grid") -> GpuCase:
+    # same tokens per batch (16384) at every N; heads x D = 1024
+    return GpuCase(label, dtype, Shape(B=max(1, 16384 // N), H=16 if D == 64 else 8, N=N, P=P, D=D, causal=True))
+
+
+# Decoding: one token per row, 64 rows, a 4096-token cache, P = 128, Llama-3-8B's heads (32 / 8).
+DECODE_CASE = GpuCase("decode", "bf16", Shape(B=64, H=32, Hkv=8, N=1, Nk=4096, P=128, D=128, causal=True),
+                      kind="decode", causals=(True,), passes=("fwd",))
+# Grouped heads for the training step (Llama-3-8B's 32 / 8), as many visible pairs as the
+# target. N = 4096 appears nowhere else in the grid: one (dtype, N, P, D) per case.
+GQA_CASE = GpuCase("gqa", "bf16", Shape(B=2, H=32, Hkv=8, N=4096, P=128, D=128, causal=True))
+
+
+def gpu_cases(quick: bool = False) -> list[GpuCase]:
+    """The GPU suite's cases, most important first: the issue's targets (bf16, D = 128,
+    N = 8192, causal first within each case), then decoding, grouped heads, the rest of the grid."""
+    targets = [_grid_case("bf16", 128, P, 8192, "target") for P in (128, 512, 16)]
+    if quick:
+        return [targets[0], DECODE_CASE, GQA_CASE, _grid_case("fp16", 64, 128, 2048)]
+    grid = [_grid_case(dt, D, P, N) for dt in ("bf16", "fp16") for D in (128, 64) for N in (8192, 2048, 512)
+            for P in (128, 512, 16)]
+    seen = {(c.dtype, c.shape.D, c.shape.P, c.shape.N) for c in targets}
+    rest = [c for c in grid if (c.dtype, c.shape.D, c.shape.P, c.shape.N) not in seen]
+    return targets + [DECODE_CASE, GQA_CASE] + rest
+
+
+# --- counts --------------------------------------------------------------------------------------
+
+
+def visible_sequence_pairs(Nq: int, Nk: int, causal: bool) -> int:
+    """Visible (query, sequence key) pairs in one (row, head); causal is bottom-right aligned."""
+    if not causal:
+        return Nq * Nk
+    # query i sees keys 0 .. i + a - 1, a = Nk - Nq + 1: i + a keys, never more than Nk
+    a = Nk - Nq + 1
+    i0 = max(0, -a)  # queries before i0 see no sequence key
+    n = Nq - i0
+    if n <= 0:
+        return 0
+    return n * a + (i0 + Nq - 1) * n // 2
+
+
+def visible_pairs(shape: Shape) -> int:
+    """Visible (query, key) pairs in one (row, head): every prefix key, plus the sequence's."""
+    return shape.N * shape.P + visible_sequence_pairs(shape.N, shape.nk, shape.causal)
+
+
+def flops(shape: Shape, pass_id: str) -> float:
+    """The work a pass needs (the module docstring gives the convention)."""
+    pass_id = canonical_pass(pass_id)
+    fwd = 4.0 * shape.B * shape.H * shape.D * visible_pairs(shape)
+    if pass_id == "fwd":
+        return fwd
+    if pass_id == "train_step":
+        return 3.5 * fwd
+    return 8.0 * shape.B * shape.H * shape.N * shape.P * shape.D
+
+
+def bytes_floor(shape: Shape, pass_id: str, elem_bytes: int) -> float:
+    """The least memory traffic of a pass, in bytes (the module docstring gives the terms)."""
+    pass_id = canonical_pass(pass_id)
+    e = elem_bytes
+    Q = shape.B * shape.H * shape.N * shape.D
+    KV = shape.B * shape.hkv * shape.nk * shape.D
+    PR = shape.hkv * shape.P * shape.D
+    L = shape.B * shape.H * shape.N
+    if pass_id == "fwd":
+        return e * (2 * Q + 2 * KV + 2 * PR)
+    if pass_id == "train_step":
+        return e * (6 * Q + 6 * KV + 6 * PR) + 8 * L
+    return e * (3 * Q + 4 * PR) + 4 * L
+
+
+# one line each, for result files' metadata
+FLOPS_CONVENTION = ("visible pairs only: fwd F = 4*B*Hq*D*(Nq*P + visible sequence pairs); train_step 3.5*F; "
+                    "prefix_only_bwd 8*B*Hq*Nq*P*D (the backward alone, over the P prefix columns)")
+BYTES_CONVENTION = ("each tensor once, e = bytes/element, Q = B*Hq*Nq*D, KV = B*Hkv*Nk*D, PR = Hkv*P*D, "
+                    "L = B*Hq*Nq: fwd e*(2Q+2KV+2PR); train_step e*(6Q+6KV+6PR)+8L; prefix_only_bwd e*(3Q+4PR)+4L")
+
+def elem_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# --- the implementations -------------------------------------------------------------------------
+
+
+def ours(shape: Shape, backend: str = "auto") -> Callable:
+    """prefix_attn reading the prefix in place: fn(q, k, v, prefix_k, prefix_v)."""
+    import prefix_attn
+
+    causal = shape.causal
+
+    def fn(q, k, v, pk, pv):
+        return prefix_attn.prefix_attention(q, k, v, pk, pv, causal=causal, backend=backend)
+    return fn
+
+
+def prefix_bool_mask(nq: int, nk: int, p: int, device) -> torch.Tensor:
+    """bool [Nq, P + Nk], True = attend.
+
+        prefix   sequence (bottom-right causal, Nq=3, Nk=4)
+        1 1 1 |  1 1 0 0
+        1 1 1 |  1 1 1 0
+        1 1 1 |  1 1 1 1
+    """
+    i = torch.arange(nq, device=device)[:, None]
+    j = torch.arange(nk, device=device)[None, :]
+    seq = j <= i + (nk - nq)
+    return torch.cat([torch.ones(nq, p, dtype=torch.bool, device=device), seq], dim=1)
+
+
+def cat_prefix(k, v, pk, pv):
+    """[prefix ; sequence] keys and values, the shared prefix expanded over the batch."""
+    if pk is None or pk.shape[-2] == 0:
+        return k, v
+    B = k.shape[0]
+    return (torch.cat([pk.expand(B, -1, -1, -1), k], dim=2),
+            torch.cat([pv.expand(B, -1, -1, -1), v], dim=2))
+
+
+def _repeat_kv(x, n_rep: int):
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def sdpa_cat(shape: Shape, device) -> Callable:
+    mask = prefix_bool_mask(shape.N, shape.nk, shape.P, device) if shape.causal else None
+    n_rep = shape.H // shape.hkv
+
+    def fn(q, k, v, pk, pv):
+        K, V = cat_prefix(k, v, pk, pv)
+        return F.scaled_dot_product_attention(q, _repeat_kv(K, n_rep), _repeat_kv(V, n_rep), attn_mask=mask)
+    return fn
+
+
+def _lower_right(shape: Shape):
+    from torch.nn.attention.bias import causal_lower_right
+
+    # bottom-right over P + Nk keys equals ours (prefix always visible) when Nk >= Nq
+    return causal_lower_right(shape.N, shape.P + shape.nk) if shape.causal else None
+
+
+def sdpa_cat_lower_right(shape: Shape, device) -> Callable:
+    mask = _lower_right(shape)
+    n_rep = shape.H // shape.hkv
+
+    def fn(q, k, v, pk, pv):
+        K, V = cat_prefix(k, v, pk, pv)
+        return F.scaled_dot_product_attention(q, _repeat_kv(K, n_rep), _repeat_kv(V, n_rep), attn_mask=mask)
+    return fn
+
+
+def sdpa_cat_gqa(shape: Shape, device) -> Callable:
+    mask = _lower_right(shape)
+
+    def fn(q, k, v, pk, pv):
+        K, V = cat_prefix(k, v, pk, pv)
+        return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=True)
+    return fn
+
+
+def sdpa_cache(shape: Shape, device) -> Callable:
+    """Decoding: k, v are the cache with the prefix already in it (`cache_inputs`)."""
+    grouped = shape.grouped
+
+    def fn(q, k, v, pk, pv):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=grouped)
+    return fn
+
+
+def cache_inputs(q, k, v, pk, pv):
+    """The decoding incumbents' inputs: the cache holds [prefix ; sequence], built once."""
+    K, V = cat_prefix(k, v, pk, pv)
+    return q, K.contiguous(), V.contiguous(), None, None
+
+
+# dynamo settings every compiled incumbent runs under (`configure_dynamo`)
+RECOMPILE_LIMIT = 64
+ACCUMULATED_RECOMPILE_LIMIT = 4096
+
+
+def configure_dynamo() -> dict[str, Any]:
+    """Raise dynamo's recompile limits and make a hit one, or a compile error, raise instead of
+    running eagerly. Handles both names of each setting (torch renamed cache_size_limit to
+    recompile_limit and kept the old name as an alias; either may be missing). Returns what it set."""
+    cfg = torch._dynamo.config
+    wanted = [(("recompile_limit", "cache_size_limit"), RECOMPILE_LIMIT, max),
+              (("accumulated_recompile_limit", "accumulated_cache_size_limit"), ACCUMULATED_RECOMPILE_LIMIT, max),
+              (("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"), True, None),
+              (("suppress_errors",), False, None)]
+    done = {}
+    for names, value, combine in wanted:
+        for name in names:
+            if hasattr(cfg, name):
+                new = combine(getattr(cfg, name), value) if combine else value
+                setattr(cfg, name, new)
+                done[name] = new
+                break  # the other name is an alias of this one, or absent
+    return done
+
+
+_EAGER = {"flex": 0}
+
+
+def eager_calls() -> int:
+    """How many times a compiled incumbent's body ran eagerly (not compiled) in this process."""
+    return _EAGER["flex"]
+
+
+def _flex_body(q, K, V, block_mask, enable_gqa):
+    if not torch.compiler.is_compiling():
+        # Compiled code never runs this line; only an eager fallback does (dynamo skipped the
+        # frame, or torch.compiler.set_stance("force_eager"), or TORCHDYNAMO_DISABLE=1).
+        _EAGER["flex"] += 1
+    return flex_attention(q, K, V, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+_n_compiled = [0]
+
+
+def _fresh(fn: Callable) -> Callable:
+    """A copy of fn with a code object of its own. Dynamo keeps compiled graphs per code object,
+    so each shape gets its own cache, as in a user's process that runs one shape: the graphs of
+    earlier shapes neither count toward its recompile limit nor sit in its guard checks."""
+    _n_compiled[0] += 1
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{_n_compiled[0]}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def _flex(shape: Shape, device, *, concatenate: bool) -> Callable:
+    if flex_attention is None:
+        raise NotImplementedError(f"torch {torch.__version__} has no FlexAttention")
+    configure_dynamo()
+    compiled = torch.compile(_fresh(_flex_body), dynamic=False, fullgraph=True)
+    P, off = shape.P, shape.nk - shape.N
+    block_mask = None
+    if shape.causal and shape.N > 1:  # one query sees every key
+        def visible(b, h, qi, kv):
+            return (kv < P) | (kv - P <= qi + off)
+
+        block_mask = create_block_mask(visible, None, None, shape.N, P + shape.nk, device=device)
+    grouped = shape.grouped
+
+    def fn(q, k, v, pk, pv):
+        K, V = cat_prefix(k, v, pk, pv) if concatenate else (k, v)
+        return compiled(q, K, V, block_mask, grouped)
+    return fn
+
+
+def flex_cat(shape: Shape, device) -> Callable:
+    return _flex(shape, device, concatenate=True)
+
+
+def flex_cache(shape: Shape, device) -> Callable:
+    return _flex(shape, device, concatenate=False)
+
+
+def flash_attn_cat(shape: Shape, device) -> Callable:
+    from flash_attn import flash_attn_func  # bottom-right causal, [B, N, H, D] layout, GQA native
+
+    causal = shape.causal
+
+    def fn(q, k, v, pk, pv):
+        K, V = cat_prefix(k, v, pk, pv)
+        out = flash_attn_func(q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2), causal=causal)
+        return out.transpose(1, 2)
+    return fn
+
+
+def _importable(name: str) -> Callable[[], bool]:
+    def check():
+        try:
+            __import__(name)
+            return True
+        except ImportError:
+            return False
+    return check
+
+
+@dataclasses.dataclass(frozen=True)
+class Incumbent:
+    name: str
+    what: str
+    build: Callable[[Shape, Any], Callable]   # untimed set-up -> fn(q, k, v, prefix_k, prefix_v)
+    kinds: tuple[str, ...] = ("train",)       # GpuCase kinds it stands for
+    grouped_only: bool = False                # only where Hq != Hkv
+    lower_right: bool = False                 # equals our visibility only where Nk >= Nq
+    compiled: bool = False                    # its first call compiles; fallbacks are watched
+    prepare_inputs: Callable | None = None    # per input set, untimed (the decoding cache)
+    available: Callable[[], bool] = lambda: True
+
+    def applies(self, shape: Shape, kind: str = "train") -> bool:
+        if kind not in self.kinds or (self.grouped_only and not shape.grouped):
+            return False
+        if self.lower_right and shape.causal and shape.nk < shape.N:
+            return False
+        return True
+
+
+INCUMBENTS = {i.name: i for i in [
+    Incumbent("sdpa-cat", "expand + cat the prefix, repeat kv heads (HF repeat_kv), SDPA with the bool mask "
+                          "(HF PEFT)", sdpa_cat),
+    Incumbent("sdpa-cat-lower-right", "the same, causal_lower_right instead of a mask tensor (SDPA may pick "
+                                      "flash)", sdpa_cat_lower_right, lower_right=True),
+    Incumbent("sdpa-cat-gqa", "cat the prefix, SDPA with enable_gqa (no kv-head expansion) and "
+                              "causal_lower_right", sdpa_cat_gqa, grouped_only=True, lower_right=True),
+    Incumbent("flex-cat", "cat the prefix, FlexAttention with a block mask, compiled per shape "
+                          "(dynamic=False, fullgraph=True)", flex_cat, compiled=True),
+    Incumbent("flash-attn-cat", "cat the prefix, flash_attn_func", flash_attn_cat,
+              available=_importable("flash_attn")),
+    Incumbent("sdpa-cache", "decoding: SDPA over a KV cache that already holds the prefix (enable_gqa "
+                            "where grouped)", sdpa_cache, kinds=("decode",), prepare_inputs=cache_inputs),
+    Incumbent("flex-cache", "decoding: compiled FlexAttention over the same cache", flex_cache, kinds=("decode",),
+              compiled=True, prepare_inputs=cache_inputs),
+]}
+
+
+def incumbents_for(shape: Shape, kind: str = "train", names: Iterable[str] | None = None,
+                   check_available: bool = True) -> list[Incumbent]:
+    """The incumbents that stand for `kind` at this shape (those named, if names is given)."""
+    chosen = list(INCUMBENTS.values()) if names is None else [INCUMBENTS[n] for n in names]
+    return [i for i in chosen if i.applies(shape, kind) and (not check_available or i.available())]
+
+
+# --- results -------------------------------------------------------------------------------------
+
+ROW_SHAPE_KEYS = ("dtype", "B", "H", "Hkv", "N", "Nk", "P", "D", "causal", "mode")
+
+
+def add_speedups(rows: list[dict], key_fields: Iterable[str] = ROW_SHAPE_KEYS) -> dict[tuple, dict]:
+    """Per (shape, pass) the fastest incumbent that ran compiled and without error; every row with
+    a time gets speedup_vs_best_incumbent = best ms / its ms. Rows flagged `fell_back` or
+    carrying an `error` never count as the best. Returns {key: best row}."""
+    key_fields = tuple(key_fields)
+
+    def key(r):
+        return tuple(r.get(k) for k in key_fields)
+
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        if r["impl"].startswith("ours") or r.get("fell_back") or r.get("error") or "ms" not in r:
+            continue
+        b = best.get(key(r))
+        if b is None or r["ms"] < b["ms"]:
+            best[key(r)] = r
+    for r in rows:
+        b = best.get(key(r))
+        if "ms" in r and b is not None:
+            r["speedup_vs_best_incumbent"] = b["ms"] / r["ms"]
+            r["best_incumbent"] = b["impl"]
+    return best
+
+
+def geomean(xs: Iterable[float]) -> float:
+    xs = list(xs)
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
