@@ -5,7 +5,8 @@
 //
 // Users may call torch.ops.prefix_attn.* directly, bypassing the Python checks, so every input
 // is checked again here; errors are ValueError / TypeError / NotImplementedError naming the
-// argument and the shape it got.
+// argument and the shape it got. prefix_index's values are checked only here, by the ops that
+// index the bank with them (on CUDA as a device-side assert: see check_index_range).
 #include <ATen/ATen.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -13,6 +14,7 @@
 #include <atomic>
 #include <cmath>
 #include <optional>
+#include <string>
 
 #include "cpu/prefix_attn_cpu.h"
 #include "prefix_attn_params.h"
@@ -60,6 +62,28 @@ void check_dtype(const Tensor& t, const char* name, at::ScalarType want) {
 void check_device(const Tensor& t, const char* name, const Tensor& q) {
   TORCH_CHECK_VALUE(t.device() == q.device(), "prefix_attn: ", name, " is on ", t.device(),
                     " but q is on ", q.device());
+}
+
+// prefix_index's values must lie in [0, T) for the bank prefix_k (as check_prefix_index_range in
+// prefix_attn/_inputs.py). On CPU a host read is free: the exact check, naming the values seen.
+// On CUDA a host read would wait for the stream on every call (and keep a training step out of a
+// CUDA graph), so it is a device-side assert, as torch's own index ops do: queued on the current
+// stream before our kernels, and a failed device assert stops all later work on the device, so
+// no kernel reads out of bounds. The error surfaces at the next synchronisation.
+// `on_device` is !idx.is_cpu(), except in the test aid _check_prefix_index_range.
+void check_index_range(const Tensor& idx, const Tensor& prefix_k, bool on_device) {
+  const int64_t T = prefix_k.size(0);
+  if (idx.numel() == 0) return;
+  if (!on_device) {
+    const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi < T, "prefix_attn: prefix_index values must lie in [0, ", T,
+                      ") for a bank of shape ", prefix_k.sizes(), ", got values in [", lo, ", ",
+                      hi, "]");
+    return;
+  }
+  const std::string msg = c10::str("prefix_attn: prefix_index values must lie in [0, ", T,
+                                   ") for a bank of shape ", prefix_k.sizes());
+  at::_assert_async(idx.ge(0).logical_and_(idx.lt(T)).all(), msg);
 }
 
 Sizes check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& prefix_k,
@@ -123,12 +147,7 @@ Sizes check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
                         "prefix_attn: prefix_index must have shape [B] = [", s.B, "], got ",
                         idx.sizes());
       check_device(idx, "prefix_index", q);
-      if (s.B > 0) {
-        const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
-        TORCH_CHECK_VALUE(lo >= 0 && hi < s.T, "prefix_attn: prefix_index values must lie in [0, ",
-                          s.T, ") for a bank of shape ", pk.sizes(), ", got values in [", lo,
-                          ", ", hi, "]");
-      }
+      check_index_range(idx, pk, !idx.is_cpu());
     } else {
       TORCH_CHECK_VALUE(s.T == 1 || s.T == s.B,
                         "prefix_attn: without prefix_index, prefix_k must have 1 entry (shared) "
@@ -354,6 +373,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "prefix_attn compiled kernels; the ops live in torch.ops.prefix_attn";
   m.def("_set_poison_outputs", [](bool on) { prefix_attn::g_poison_outputs.store(on); },
         "Fill kernel outputs with NaN before computing (a test aid).");
+  m.def("_check_prefix_index_range",
+        [](const at::Tensor& prefix_index, const at::Tensor& prefix_k, bool on_device) {
+          prefix_attn::check_index_range(prefix_index, prefix_k, on_device);
+        },
+        "The ops' range check of prefix_index; on_device=True takes the CUDA path whatever the "
+        "device (a test aid: tests count its host reads on CPU).");
   m.def("_has_cuda_kernels", [] {
 #ifdef PREFIX_ATTN_WITH_CUDA
     return true;

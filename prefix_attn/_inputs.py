@@ -5,9 +5,15 @@ Every backend receives the same normalised form, `AttnInputs`:
     [1, Hkv, P, D]; row b uses entry prefix_index[b], or entry 0 when T == 1, or entry b;
   - prefix_index is int64 [B] or None;
   - key_padding_mask is bool [B, Nk] or None;
-  - attn_mask is bool or float32, expanded (a view, no copy) to [B, Hq, Nq, Nk], or None;
+  - attn_mask is bool or float in the computation's precision (float32; float64 for float64
+    inputs), expanded (a view, no copy) to [B, Hq, Nq, Nk], or None;
   - scale is a float.
 Errors name the argument and the shapes it got.
+
+prefix_index's values are not read here: the backends' ops check them against the bank
+(`check_prefix_index_range`), since they are what reads memory with them, they can be called
+directly, and they run eagerly even inside a torch.compile graph. So the values are checked
+once per op, and on CUDA without a host synchronisation.
 """
 from __future__ import annotations
 
@@ -135,14 +141,38 @@ def _check_prefix(prefix_k, prefix_v, prefix_index, q, B, Hkv, D):
     if prefix_index.shape != (B,):
         raise ValueError(f"prefix_attn: prefix_index must have shape [B] = [{B}], got {_shape(prefix_index)}")
     _same_device(prefix_index, "prefix_index", q)
-    # Under torch.compile the values are data the graph cannot see; the ops check them again.
-    if B > 0 and not torch.compiler.is_compiling():
+    return prefix_k, prefix_v, prefix_index.to(torch.int64)
+
+
+def _host_reads_are_free(t: Tensor) -> bool:
+    """Whether reading t's values on the host costs nothing: true on CPU; on CUDA it waits for
+    the stream (and a captured CUDA graph cannot contain it). A function so tests can take the
+    CUDA path on CPU and count the host reads it makes (none)."""
+    return t.device.type == "cpu"
+
+
+def check_prefix_index_range(prefix_index: Tensor, prefix_k: Tensor) -> None:
+    """prefix_index's values must lie in [0, T) for the bank prefix_k [T, Hkv, P, D]. Called by
+    each op that indexes the bank with them, before it reads (csrc/prefix_attn_api.cpp has the
+    same check for the compiled ops).
+
+    On CPU: the exact check, a ValueError naming the range and the values seen. On CUDA (and
+    while torch.compile traces): a device-side assert, as torch's own index ops do. It reads
+    nothing back, and is queued before the kernels on the same stream; a failed device assert
+    stops all later work on the device, so no kernel reads out of bounds. The error surfaces at
+    the next synchronisation, as a RuntimeError with this message."""
+    T = prefix_k.shape[0]
+    if prefix_index.numel() == 0:
+        return
+    if _host_reads_are_free(prefix_index) and not torch.compiler.is_compiling():
         lo, hi = int(prefix_index.min()), int(prefix_index.max())
         if lo < 0 or hi >= T:
             raise ValueError(
                 f"prefix_attn: prefix_index values must lie in [0, {T}) for a bank of shape {_shape(prefix_k)}, "
                 f"got values in [{lo}, {hi}]")
-    return prefix_k, prefix_v, prefix_index.to(torch.int64)
+        return
+    torch._assert_async(((prefix_index >= 0) & (prefix_index < T)).all(),
+                        f"prefix_attn: prefix_index values must lie in [0, {T}) for a bank of shape {_shape(prefix_k)}")
 
 
 def _check_key_padding_mask(mask, q, B, Nk):
@@ -174,5 +204,7 @@ def _check_attn_mask(mask, q, B, Hq, Nq, Nk):
     if mask.dtype != torch.bool:
         if mask.requires_grad:
             raise NotImplementedError("prefix_attn: gradients with respect to a float attn_mask are not supported")
-        mask = mask.to(torch.float32)
+        # The computation's precision, as the reference's scores: float32 for the kernels
+        # (16-bit and float32 inputs), float64 for float64 inputs (only the reference runs them).
+        mask = mask.to(torch.promote_types(q.dtype, torch.float32))
     return mask.expand(target)

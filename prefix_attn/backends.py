@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import _ops
-from ._inputs import AttnInputs
+from ._inputs import AttnInputs, check_prefix_index_range
 from .reference import reference_forward
 
 ENV_VAR = "PREFIX_ATTN_BACKEND"
@@ -149,6 +149,8 @@ def _run_extension(inputs: AttnInputs, deterministic: bool) -> Tuple[Tensor, Ten
 
 
 def _run_reference(inputs: AttnInputs, deterministic: bool) -> Tuple[Tensor, Tensor]:
+    if inputs.prefix_index is not None:  # torch's indexing would check too, with no word of prefix_index
+        check_prefix_index_range(inputs.prefix_index, inputs.prefix_k)
     return reference_forward(inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v, inputs.prefix_index,
                              inputs.key_padding_mask, inputs.attn_mask, inputs.scale, inputs.causal)
 

@@ -22,6 +22,7 @@ float32 because the interpreter's bf16 dot is wrong).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ import triton
 import triton.language as tl
 
 from . import _ops
+from ._inputs import check_prefix_index_range
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
@@ -559,12 +561,8 @@ def triton_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, 
     lse = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    if prefix_index is not None and B > 0:
-        # the kernel would read out of bounds; _inputs checks this too, except under torch.compile
-        lo, hi = int(prefix_index.min()), int(prefix_index.max())
-        if lo < 0 or hi >= prefix_k.shape[0]:
-            raise ValueError(f"prefix_attn: prefix_index values must lie in [0, {prefix_k.shape[0]}), "
-                             f"got values in [{lo}, {hi}]")
+    if prefix_index is not None:  # the kernel indexes the bank with it (on CUDA: no host sync)
+        check_prefix_index_range(prefix_index, prefix_k)
     cfg = _config("fwd", D, q.dtype)
     pk, spk = _optional(prefix_k, q, 4)
     pv, spv = _optional(prefix_v, q, 4)
@@ -588,21 +586,25 @@ def _rows_by_entry(prefix_index: Optional[Tensor], T: int, B: int, device) -> Tu
     """Rows grouped by the bank entry they use (stable: a fixed order), and each entry's start."""
     if prefix_index is None:
         rows = torch.arange(B, device=device, dtype=torch.int64)
-        if T == 1:
-            return rows, torch.tensor([0, B], device=device, dtype=torch.int64)
+        if T == 1:  # [0, B], made on the device: a host tensor copied there would synchronise
+            return rows, torch.arange(2, device=device, dtype=torch.int64) * B
         return rows, torch.arange(B + 1, device=device, dtype=torch.int64)
-    rows = torch.sort(prefix_index, stable=True).indices
-    counts = torch.bincount(prefix_index, minlength=T)
-    start = torch.zeros(T + 1, device=device, dtype=torch.int64)
-    start[1:] = torch.cumsum(counts, 0)
+    entries, rows = torch.sort(prefix_index, stable=True)
+    # Not bincount: on CUDA it reads the index's min and max back to size its output.
+    start = torch.searchsorted(entries, torch.arange(T + 1, device=device, dtype=torch.int64))
     return rows, start
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:  # asked once per device, not on every backward
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _num_chunks(max_items: int, T: int, Hkv: int, p_blocks: int, device) -> int:
     """Chunks of (row, query block) pairs for dprefix: enough programs to fill the device twice,
     one pair per chunk at most. max_items bounds the pairs of any one bank entry."""
     if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 2 * _sm_count(device)
     else:  # the interpreter: an odd count, so that tests split rows across uneven chunks
         target = 7
     return max(1, min(max_items, -(-target // max(1, T * Hkv * p_blocks))))
@@ -623,11 +625,16 @@ def triton_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding
         for t in (dq, dk, dv, dpk, dpv):
             t.zero_()
         return dq, dk, dv, dpk, dpv
+    if prefix_index is not None:  # an op of its own, callable directly: the same check as the forward
+        check_prefix_index_range(prefix_index, prefix_k)
 
-    if _mask_kind(attn_mask) == 2 and bool(((lse.abs() > 2.0**20) & lse.isfinite()).any()):
-        # A row whose scores are all near finfo.min (a Hugging Face float mask hiding every
-        # key, P == 0): float32 lse = max + log(l) lost log(l), and the probabilities rebuilt
-        # from it would be wrong. The CPU backend recomputes such rows; this one refuses.
+    # A row whose scores are all near finfo.min (a Hugging Face float mask hiding every key):
+    # float32 lse = max + log(l) lost log(l), and the probabilities rebuilt from it would be
+    # wrong. The CPU backend recomputes such rows; this one refuses. Only possible with P == 0:
+    # every row sees the prefix keys, whose scores no mask touches. The test reads its answer
+    # back (a host sync), so a call with a prefix does not make it.
+    if (_mask_kind(attn_mask) == 2 and P == 0
+            and bool(((lse.abs() > 2.0**20) & lse.isfinite()).any())):
         raise NotImplementedError(
             "prefix_attn: the triton backward cannot rebuild rows whose every visible key has an additive "
             "mask near finfo.min (|lse| > 2^20); use a bool mask or key_padding_mask for padding")

@@ -617,6 +617,30 @@ class OpLog(TorchDispatchMode):
         return [bound for name, bound, _ in self.calls if name.startswith(op_name)]
 
 
+class HostReads(TorchDispatchMode):
+    """Counts host reads of tensor values: item(), bool(t), int(t), float(t), torch.equal, which
+    on CUDA each wait for the stream (a synchronisation). Every one reaches the dispatcher as
+    aten._local_scalar_dense, or as aten.item / is_nonzero / equal when called inside a Python
+    op's implementation; `reads` names the ops seen. A TorchDispatchMode sees the ops called from
+    Python, not those a C++ op calls inside itself. `asserts` counts aten._assert_async calls:
+    device-side checks, which read nothing back."""
+
+    READS = ("aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal")
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+        self.asserts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name in self.READS:
+            self.reads.append(name)
+        elif name == "aten._assert_async":
+            self.asserts += 1
+        return func(*args, **(kwargs or {}))
+
+
 # --------------------------------------------------------------------------- raw ops
 
 

@@ -148,6 +148,28 @@ def test_sdpa_with_prefix_causal_square():
     torch.testing.assert_close(ours, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:.*falling back to the slow reference backend")
+def test_sdpa_float64_float_mask_with_prefix_matches_torch_on_the_concatenation():
+    """float64 runs on the reference, the oracle: an additive float64 mask keeps float64 (once
+    rounded to float32, the result was off by ~5e-8 relative)."""
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape, std=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * std
+
+    q, k, v = randn(B, HQ, NQ, D), randn(B, HKV, NK, D), randn(B, HKV, NK, D)
+    pk, pv = randn(HKV, P, D), randn(HKV, P, D)
+    mask = randn(B, 1, NQ, NK, std=3.0)  # values float32 cannot hold exactly
+    ours = prefix_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask, prefix_key=pk, prefix_value=pv,
+                                                    enable_gqa=True)
+    keys = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)
+    values = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
+    full_mask = torch.cat([mask.new_zeros(B, 1, NQ, P), mask], dim=-1)  # the prefix always visible
+    want = F.scaled_dot_product_attention(q, keys, values, attn_mask=full_mask, enable_gqa=True)
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, want, rtol=1e-13, atol=1e-13)
+
+
 @pytest.mark.parametrize("Nq,Nk", [(5, 7), (7, 5), (1, 7)])
 def test_sdpa_is_causal_with_unequal_lengths_raises(Nq, Nk):
     q, k, v = _randn(2, 4, Nq, 16), _randn(2, 4, Nk, 16), _randn(2, 4, Nk, 16)

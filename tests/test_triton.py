@@ -85,3 +85,33 @@ def test_triton_fully_fmin_rows_refuse_in_backward():
     torch.testing.assert_close(out[0, 0, 1], k[0, 0].mean(0))
     with pytest.raises(NotImplementedError, match="finfo.min"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("prefix", ["bank", "shared"])
+def test_triton_launchers_cuda_path_read_nothing_back(prefix, monkeypatch):
+    """The launchers' host code, forward and backward, makes no host read on its CUDA path (each
+    would synchronise the stream): the range check is a device assert, the rows are grouped
+    without bincount, and the float-mask lse test is not made when there is a prefix. Here on
+    CPU, with the range check's device decision forced (test_syncs.py has the rest)."""
+    from prefix_attn import _inputs, triton_impl
+    from attn_testing import HostReads
+
+    monkeypatch.setattr(_inputs, "_host_reads_are_free", lambda t: False)
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, Nq, Nk, P, D, T = 3, 4, 2, 9, 11, 5, 16, 4
+    q, dout = (torch.randn(B, Hq, Nq, D, generator=g) for _ in range(2))
+    k, v = (torch.randn(B, Hkv, Nk, D, generator=g) for _ in range(2))
+    n = T if prefix == "bank" else 1
+    pk, pv = (torch.randn(n, Hkv, P, D, generator=g) for _ in range(2))
+    index = torch.tensor([3, 0, 3]) if prefix == "bank" else None
+    mask = torch.randn(B, 1, Nq, Nk, generator=g).expand(B, Hq, Nq, Nk)  # a float mask
+    with HostReads() as counter:
+        out, lse = triton_impl.triton_forward(q, k, v, pk, pv, index, None, mask, 0.25, True)
+        grads = triton_impl.triton_backward(dout, q, k, v, pk, pv, index, None, mask, out, lse, None, 0.25, True,
+                                            False, True, True, True)
+    assert counter.reads == [], f"host reads: {counter.reads}"
+    assert counter.asserts == (2 if prefix == "bank" else 0)
+    want = prefix_attn.prefix_attention(q, k, v, pk[0] if n == 1 else pk, pv[0] if n == 1 else pv, causal=True,
+                                        softmax_scale=0.25, attn_mask=mask, prefix_index=index, backend="reference")
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert all(t.shape == like.shape for t, like in zip(grads, (q, k, v, pk, pv)))

@@ -55,9 +55,11 @@ void forward(const FwdParams& p, const at::Tensor& q) {
 void backward(const BwdParams& p, const at::Tensor& q, const std::optional<at::Tensor>& prefix_index,
               const at::Tensor& lse, at::Tensor& dprefix_k, at::Tensor& dprefix_v) {
   check_head_dim(p, q);
-  if (p.mask_kind == MaskKind::kFloat) {
-    // A row whose visible scores all sit near finfo.min (a float mask hiding every key, P == 0)
-    // lost log(l) in its float32 lse; the probabilities rebuilt from it would be wrong.
+  if (p.mask_kind == MaskKind::kFloat && p.P == 0) {
+    // A row whose visible scores all sit near finfo.min (a float mask hiding every key) lost
+    // log(l) in its float32 lse; the probabilities rebuilt from it would be wrong. Only possible
+    // with P == 0: every row sees the prefix keys, whose scores no mask touches. The test reads
+    // its answer back (a host sync), so a call with a prefix does not make it.
     const bool huge = (lse.abs().gt(1048576.0) & lse.isfinite()).any().item<bool>();
     TORCH_CHECK_NOT_IMPLEMENTED(!huge,
                                 "prefix_attn: the cuda backward cannot rebuild rows whose every visible key has an "
@@ -72,13 +74,15 @@ void backward(const BwdParams& p, const at::Tensor& q, const std::optional<at::T
   cuda::BwdWorkspace ws;
   ws.delta = delta.data_ptr<float>();
   if (p.need_dprefix && p.P > 0) {
+    // No host reads and no host-to-device copies here: either would synchronise the stream on
+    // every call (at::bincount reads the index's min and max back to size its output).
     if (prefix_index.has_value()) {
-      rows = std::get<1>(at::sort(*prefix_index, /*stable=*/true, /*dim=*/0, /*descending=*/false));
-      row_start = at::zeros({p.T + 1}, i64);
-      row_start.slice(0, 1).copy_(at::cumsum(at::bincount(*prefix_index, {}, p.T), 0));
+      auto [entries, order] = at::sort(*prefix_index, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+      rows = order;
+      row_start = at::searchsorted(entries, at::arange(p.T + 1, i64));
     } else {
       rows = at::arange(p.B, i64);
-      row_start = p.T == 1 ? at::tensor({int64_t{0}, p.B}, i64) : at::arange(p.B + 1, i64);
+      row_start = p.T == 1 ? at::arange(2, i64).mul_(p.B) : at::arange(p.B + 1, i64);
     }
     ws.rows = rows.data_ptr<int64_t>();
     ws.row_start = row_start.data_ptr<int64_t>();

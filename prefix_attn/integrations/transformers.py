@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask, sdpa_mask
 
-from .. import __version__
+from .. import __version__, _inputs
 from ..backends import ENV_VAR, select_backend
 from ..functional import prefix_attention
 from ..prefix_encoder import PrefixEncoder
@@ -172,8 +172,11 @@ def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
             return None
         padding = prepare_padding_mask(attention_mask, kv_length, 0)[:, :kv_length]
         # No padding at all: no mask (the kernels skip the per-key test), as transformers' own sdpa
-        # does; not while compiling, where the check would be a data-dependent branch.
-        if not torch.compiler.is_compiling() and bool(padding.all()):
+        # does. Only where asking is free: not while compiling (a data-dependent branch), and not
+        # on CUDA, where reading the answer back would synchronise every step (and keep it out
+        # of a CUDA graph); the kernels test the all-True mask instead.
+        if (_inputs._host_reads_are_free(padding) and not torch.compiler.is_compiling()
+                and bool(padding.all())):
             return None
         return padding
     kwargs.pop("allow_is_causal_skip", None)
@@ -309,7 +312,7 @@ def _set_attn_implementation(model: nn.Module, name: str) -> None:
 
 def _as_prefix_index(index, num_tasks: int, batch: int, device: torch.device,
                      from_generate: bool = False) -> Optional[Tensor]:
-    """Checks prefix_index against the bank and the batch; an int means every row. from_generate:
+    """Checks prefix_index's type and shape against the batch; an int means every row. from_generate:
     generate() may have expanded each input row into several adjacent rows (beams, samples)."""
     if num_tasks == 1:
         if index is not None:
@@ -332,13 +335,10 @@ def _as_prefix_index(index, num_tasks: int, batch: int, device: torch.device,
                          f"{list(index.shape)}")
     if expanded:  # num_beams * num_return_sequences adjacent rows per input row
         index = index.repeat_interleave(batch // index.shape[0])
-    index = index.to(device=device, dtype=torch.int64)
-    if not torch.compiler.is_compiling() and batch > 0:  # compiled, the kernel's own check raises
-        lo, hi = int(index.min()), int(index.max())
-        if lo < 0 or hi >= num_tasks:
-            raise ValueError(f"prefix_attn: prefix_index values must lie in [0, {num_tasks}) (num_tasks={num_tasks}), "
-                             f"got values in [{lo}, {hi}]")
-    return index
+    # Its values are checked against the bank of num_tasks entries by the attention ops that
+    # index it, in every layer: on CPU exactly, on CUDA without a host synchronisation (a read
+    # here would cost one per step, and keep the step out of a CUDA graph).
+    return index.to(device=device, dtype=torch.int64)
 
 
 def _decoder_pre_hook(state: _PrefixTuning, module: nn.Module, args, kwargs):
