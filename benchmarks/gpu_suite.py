@@ -29,21 +29,21 @@ A compiled incumbent that fails to compile, or runs eagerly after all, is flagge
 (table: FELL BACK) and never counts as the best incumbent.
 Peak memory is torch.cuda.max_memory_allocated above what the inputs already hold, over a
 whole step (forward and backward).
-Writes results.md, results.json and results.png under benchmarks/results/<gpu-name>/, and, when
-the environment has OUT (the device tool's folder that comes back), under $OUT/<gpu-name>/ too.
+Writes results.md, results.json and results.png (each with the project's commit) under
+benchmarks/results/<gpu-name>/ (--out), and into --mirror DIR too (default $PREFIX_ATTN_MIRROR).
 
 A lent GPU gives one command at most 10 minutes, so the suite keeps to a deadline (--deadline,
-epoch seconds; `make gpu-check` passes its start + 9.5 min): the tests get a share of the time
-and a subprocess timeout, cases run most important first, a pass starts only while there is
-time left (a compiled incumbent only with a minute left), and the results are rewritten after
-every case, so a run cut short still leaves everything it measured.
+epoch seconds; `make gpu-check`, tools/gpu_check.sh, passes its start + 7.5 min and runs the test
+tier itself first; run alone, the suite runs that tier with a share of the time), cases run most
+important first, a pass starts only while there is time left (a compiled incumbent only with a
+minute left), and the results are rewritten after every case, so a run cut short still leaves
+everything it measured.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import re
@@ -261,32 +261,28 @@ def run_case(case: bc.GpuCase, rows: list, deadline: float, names=None) -> bool:
     return True
 
 
-# The kernel tests (they run every backend present, on CUDA for triton / cuda); the HF
-# integration tests run on CPU and are CI's business.
-GPU_TESTS = ["test_correctness.py", "test_triton.py", "test_api.py", "test_determinism.py", "test_ops.py"]
-
-
-def run_tests(out_dir: str, timeout_s: float) -> int:
-    """The kernel tests on CUDA, logged to out_dir/tests.log. 124 when they ran out of time."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
-    cmd += [os.path.join(ROOT, "tests", t) for t in GPU_TESTS]
-    print("$", " ".join(cmd), f"(timeout {timeout_s:.0f} s)", flush=True)
-    with open(os.path.join(out_dir, "tests.log"), "w") as log:
-        try:
-            rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=max(timeout_s, 1))
-        except subprocess.TimeoutExpired:
-            rc = 124
-    with open(os.path.join(out_dir, "tests.log")) as log:
-        tail = log.read()[-3000:]
-    print(tail, flush=True)
-    return rc
+def run_tests(out_dirs, timeout_s: float) -> int:
+    """The GPU test tier (`pytest -m gpu_tier` on the GPU backends), as `make gpu-check` runs it:
+    tools/gpu_check.sh --tier-only, so the command lives in one place. Writes tests.log in every
+    folder; returns pytest's status (124: out of time)."""
+    cmd = ["bash", os.path.join(ROOT, "tools", "gpu_check.sh"), "--tier-only", "--out", out_dirs[0],
+           "--tier-timeout", str(max(int(timeout_s), 10))]
+    if len(out_dirs) > 1:
+        cmd += ["--mirror", out_dirs[1]]
+    print("$", " ".join(cmd), flush=True)
+    return subprocess.call(cmd, cwd=ROOT, env=dict(os.environ, GPU_PYTHON=sys.executable))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
-    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--skip-tests", action="store_true", help="no test tier (make gpu-check runs it before)")
+    ap.add_argument("--tests-rc", type=int, default=None,
+                    help="with --skip-tests: the exit status of the tier run before, recorded in the results")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/<gpu-name>)")
+    ap.add_argument("--mirror", default=os.environ.get("PREFIX_ATTN_MIRROR") or None,
+                    help="also write every result file into this folder, flat (default $PREFIX_ATTN_MIRROR; "
+                         "make gpu-check passes the device tool's $OUT)")
     ap.add_argument("--deadline", type=float, default=None,
                     help="epoch seconds by which to be done (default: now + 9 minutes)")
     ap.add_argument("--test-share", type=float, default=0.35, help="share of the time left that the tests may use")
@@ -299,12 +295,12 @@ def main():
     deadline = args.deadline or time.time() + 540
 
     out_dirs = [args.out or os.path.join(ROOT, "benchmarks", "results", gpu_slug())]
-    if os.environ.get("OUT"):
-        out_dirs.append(os.path.join(os.environ["OUT"], gpu_slug()))
+    if args.mirror and os.path.abspath(args.mirror) != os.path.abspath(out_dirs[0]):
+        out_dirs.append(args.mirror)
     for d in out_dirs:
         os.makedirs(d, exist_ok=True)
 
-    test_rc = 0 if args.skip_tests else run_tests(out_dirs[-1], (deadline - time.time()) * args.test_share)
+    test_rc = args.tests_rc if args.skip_tests else run_tests(out_dirs, (deadline - time.time()) * args.test_share)
     if test_rc == 124:
         print("gpu_suite: the tests ran out of their share of the time (see tests.log)", flush=True)
 
@@ -314,6 +310,7 @@ def main():
     meta.update(passes=dict(bc.PASS_LABELS), flops_convention=bc.FLOPS_CONVENTION, bytes_floor=bc.BYTES_CONVENTION,
                 incumbents={n: i.what for n, i in bc.INCUMBENTS.items()}, dynamo=bc.configure_dynamo())
     rows = []
+    save(out_dirs, meta, rows)  # the files exist, with the commit, even if the first case overruns
     cases = bc.gpu_cases(args.quick)
     for n_done, case in enumerate(cases):
         if time.time() > deadline - 20:
@@ -332,28 +329,19 @@ def main():
     bc.add_speedups(rows)
     md = save(out_dirs, meta, rows)
     print(md[-6000:])
-    return 0 if test_rc == 0 else 1
+    return 0 if args.skip_tests or test_rc == 0 else 1  # with --skip-tests, only the suite's own failures
 
 
 def save(out_dirs, meta, rows) -> str:
-    """Ratios against the best incumbent, then results.json / .md / .png in every folder."""
-    def key(r):
-        return (r["dtype"], r["N"], r["P"], r["D"], r["causal"], r["mode"])
-
-    best = {}
-    for r in rows:
-        if "ms" in r and not r["impl"].startswith("ours"):
-            best[key(r)] = min(best.get(key(r), math.inf), r["ms"])
-    for r in rows:
-        if "ms" in r and key(r) in best:
-            r["speedup_vs_best_incumbent"] = best[key(r)] / r["ms"]
+    """results.json / .md / .png, each with the commit, in every folder (the ratios against the best
+    incumbent are bc.add_speedups's, computed before)."""
     md = _markdown(meta, rows)
     for d in out_dirs:
         with open(os.path.join(d, "results.json"), "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
         with open(os.path.join(d, "results.md"), "w") as f:
             f.write(md)
-        _plot(rows, os.path.join(d, "results.png"), meta["gpu"])
+        _plot(rows, os.path.join(d, "results.png"), f"{meta['gpu']}, commit {meta['commit']}")
     return md
 
 
@@ -365,10 +353,13 @@ def _version(mod):
 
 
 def _git_commit():
+    """The project's commit, also without .git (tools/project_commit.py: $PREFIX_ATTN_COMMIT, this
+    project's own git, the .commit stamp, else "unknown")."""
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+        return subprocess.check_output([sys.executable, os.path.join(ROOT, "tools", "project_commit.py")],
+                                       text=True).strip()
     except Exception:
-        return None
+        return "unknown"
 
 
 def _markdown(meta, rows):

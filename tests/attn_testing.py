@@ -20,6 +20,17 @@ Environment knobs:
 - ``PREFIX_ATTN_TEST_BACKENDS=cpu,reference`` overrides the list of backends under test
   (``reference`` is useful to check the tests themselves: it must pass trivially).
 - ``--run-slow`` also runs the tests marked ``slow``.
+
+Tiers (all on the backends above):
+
+- ``pytest tests`` (default): the hostile grid, minus ``slow``; on a GPU machine (three
+  backends) about 1,500 tests run, each new shape a Triton JIT compile: far more than one
+  10-minute GPU command.
+- ``pytest -m gpu_tier tests``: what ``make gpu-check`` runs on a GPU (with
+  ``PREFIX_ATTN_TEST_BACKENDS`` set to the GPU backends present): every kernel path once per
+  backend at a small set of Triton specialisations (see ``GPU_TIER_CASES`` in
+  test_correctness.py), in about two minutes on one GPU.
+- ``pytest --run-slow tests``: everything.
 """
 
 from __future__ import annotations
@@ -49,6 +60,8 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: large or long test; runs only with --run-slow")
+    config.addinivalue_line(
+        "markers", "gpu_tier: in the short GPU tier (`-m gpu_tier`): every kernel path, few Triton specialisations")
 
 
 def pytest_collection_modifyitems(config, items):

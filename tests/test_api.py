@@ -207,6 +207,7 @@ def test_cpu_backend_is_built():
     )
 
 
+@pytest.mark.gpu_tier
 def test_available_backends():
     names = prefix_attn.available_backends()
     assert isinstance(names, list) and all(isinstance(n, str) for n in names)
@@ -358,6 +359,7 @@ def test_integer_key_padding_mask_is_like_bool(kpm_dtype):
     assert not torch.equal(call(causal=True), want)  # the mask mattered
 
 
+@pytest.mark.gpu_tier
 @pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
 def test_double_backward_not_supported(backend):
     if backend == "reference":
@@ -389,6 +391,7 @@ def test_float_attn_mask_requiring_grad_is_refused_or_right():
     torch.testing.assert_close(bias.grad.double(), bias_ref.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.gpu_tier
 @pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
 def test_no_grad_and_inference_mode(backend):
     x = {n: t.to(device_for(backend)).requires_grad_() for n, t in base_inputs().items()}

@@ -262,11 +262,66 @@ PAIRWISE_CASES = _pairwise_cases()
 
 ALL_CASES = HAND_CASES + LOW_PRECISION_CASES + PRODUCT_CASES + PAIRWISE_CASES + RANDOM_CASES
 
+#: The GPU tier (`pytest -m gpu_tier`, run by `make gpu-check`): every kernel path of every GPU
+#: backend in a couple of minutes. On a GPU a test's cost is its Triton JIT compiles (1-3 s per
+#: new specialisation: kernel x constexpr flags x dtype x head-dim block x which integer
+#: arguments are 1 or multiples of 16), not its FLOPs, so these cases reuse few specialisations:
+#: mostly D = 64 with GQA 2 at odd sizes, one feature changed at a time. Each is also in the
+#: full grid above. They cover forward, dq, dk/dv and dprefix (chunked and in place); shared,
+#: per-row and bank prefixes, and none; bool, float, finfo.min and key-padding masks, causal,
+#: Nk < Nq, Nk = 0, decode; MHA, GQA, MQA; fp32, fp16, bf16; head dims 16 to 256; strided
+#: layouts; large scores; every requires_grad pattern.
+#: Cost of the whole tier (the `gpu_tier` tests of tools/gpu_check.sh's GPU_TESTS) on one H200,
+#: an estimate: ~75 triton tests launch ~215 distinct Triton specialisations (201 counted on CPU
+#: with tools/triton_spec_count.py, TRITON_SPEC_COUNT_ONLY=1, in seconds; 100 of them from these
+#: cases; test_syncs.py's GPU-only tests, skipped on CPU, add ~15). At 1-3 s per cold compile that
+#: is 200-650 CPU-seconds, 20-55 s over 12 xdist workers (more where two workers compile the same
+#: kernel at once); the ~75 cuda tests compile nothing (< 1 s each); workers start in ~15 s; the
+#: longest single tests (torch.compile with inductor, a subprocess) take ~30 s and overlap.
+#: ~60-100 s in all, under the 150 s `make gpu-check` gives it; tests.log counts the compiles.
+GPU_TIER_CASES = [
+    # fp32, D = 64, GQA 2: the prefix modes, causal and masks
+    C(B=2, Hq=4, Hkv=2, Nq=33, Nk=17, P=63, D=64, causal=True),
+    C(B=3, Hq=4, Hkv=2, Nq=29, Nk=41, P=7, D=64, causal=True, prefix="bank", kpm="right", mask="bool-BHNqNk", layout="kvslice"),
+    C(B=2, Hq=4, Hkv=2, Nq=33, Nk=47, P=5, D=64, kpm="left", mask="fmin-B11Nk"),
+    C(B=2, Hq=4, Hkv=2, Nq=65, Nk=130, P=17, D=64, causal=True, amp=30),
+    C(B=2, Hq=2, Hkv=2, Nq=23, Nk=29, P=5, D=64, layout="qstride2"),
+    C(B=2, Hq=3, Hkv=3, Nq=113, Nk=150, P=1, D=64, kpm="int_left", mask="bool-BHNqNk"),
+    C(B=2, Hq=4, Hkv=2, Nq=100, Nk=1, P=63, D=64, prefix="bank"),
+    C(B=2, Hq=8, Hkv=2, Nq=31, Nk=31, P=15, D=64, causal=True, prefix="bank", kpm="int_right", grads="k"),
+    C(B=1, Hq=1, Hkv=1, Nq=1025, Nk=1025, P=63, D=64, causal=True),
+    # other head dims, decode, no prefix, no sequence
+    C(B=3, Hq=8, Hkv=2, Nq=1, Nk=129, P=257, D=128, causal=True, prefix="per_row", kpm="left"),
+    C(B=2, Hq=4, Hkv=2, Nq=4, Nk=70, P=63, D=80, prefix="bank", mask="float-NqNk", layout="qT"),
+    C(B=2, Hq=4, Hkv=2, Nq=113, Nk=203, P=63, D=80, prefix="per_row", mask="float-B1NqNk", grads="kv"),
+    C(B=2, Hq=4, Hkv=1, Nq=17, Nk=17, P=63, D=16, causal=True, prefix="bank", layout="qT", grads="prefix"),
+    C(B=2, Hq=4, Hkv=2, Nq=31, Nk=47, P=0, D=16, kpm="allpad"),
+    C(B=3, Hq=2, Hkv=1, Nq=113, Nk=113, P=0, D=80, causal=True, prefix="none", kpm="right", grads="q"),
+    C(B=2, Hq=4, Hkv=2, Nq=5, Nk=0, P=7, D=32),
+    C(B=2, Hq=4, Hkv=2, Nq=17, Nk=33, P=63, D=256, causal=True),
+    C(B=1, Hq=6, Hkv=2, Nq=113, Nk=113, P=257, D=128, causal=True, layout="qT+kvslice"),
+    # 16-bit
+    C(B=2, Hq=4, Hkv=2, Nq=113, Nk=203, P=63, D=80, causal=True, prefix="bank", dtype="fp16"),
+    C(B=2, Hq=4, Hkv=2, Nq=113, Nk=203, P=63, D=80, causal=True, prefix="bank", dtype="bf16"),
+    C(B=1, Hq=2, Hkv=1, Nq=1, Nk=300, P=257, D=128, kpm="left", dtype="fp16"),
+    C(B=2, Hq=4, Hkv=1, Nq=64, Nk=100, P=63, D=128, prefix="per_row", mask="float-B1NqNk", layout="qT", dtype="bf16"),
+    C(B=2, Hq=8, Hkv=2, Nq=50, Nk=50, P=15, D=64, causal=True, prefix="bank", kpm="int_right", grads="prefix", dtype="bf16"),
+    C(B=2, Hq=4, Hkv=2, Nq=17, Nk=40, P=7, D=256, mask="bool-NqNk", dtype="fp16"),
+    C(B=2, Hq=4, Hkv=2, Nq=33, Nk=47, P=5, D=64, kpm="left", mask="fmin-B11Nk", dtype="bf16"),
+]
+_IN_GPU_TIER = set(GPU_TIER_CASES)
+
+
+def _case_param(c):
+    """pytest.param for a case, marked gpu_tier when the case is in GPU_TIER_CASES."""
+    return pytest.param(c, id=c.id(), marks=[pytest.mark.gpu_tier] if c in _IN_GPU_TIER else [])
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "case",
-    [pytest.param(c, id=c.id()) for c in ALL_CASES]
+    [_case_param(c) for c in ALL_CASES]
+    + [_case_param(c) for c in GPU_TIER_CASES if c not in ALL_CASES]
     + [pytest.param(c, id=f"slow{i}-{c.id()}", marks=pytest.mark.slow) for i, c in enumerate(SLOW_RANDOM_CASES)],
 )
 def test_matches_reference(case, backend):
@@ -331,6 +386,7 @@ def test_other_thread_counts(threads, backend):
     check_against_reference(det, lo, hi, case, what="deterministic ")
 
 
+@pytest.mark.gpu_tier
 def test_nan_poison_fixture_is_active():
     """The fixture this module relies on: Python-allocated buffers start as NaN."""
     for t in (torch.empty(5), torch.empty_like(torch.zeros(3, 2)), torch.zeros(2).new_empty(4),
@@ -352,6 +408,7 @@ MASKED_ROW_CASES = [
 ]
 
 
+@pytest.mark.gpu_tier
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id()) for c in MASKED_ROW_CASES])
 def test_fully_masked_rows(case, backend):
@@ -393,7 +450,8 @@ LSE_GRAD_CASES = [
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id()) for c in LSE_GRAD_CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id(), marks=[pytest.mark.gpu_tier] * (i < 2))
+                                  for i, c in enumerate(LSE_GRAD_CASES)])
 def test_lse_gradient(case, backend):
     """lse is differentiable too (d lse / d s = softmax): a loss on out and lse."""
     x = make_inputs(case, device=device_for(backend))
@@ -403,6 +461,7 @@ def test_lse_gradient(case, backend):
     check_against_reference(ours, lo, hi, case)
 
 
+@pytest.mark.gpu_tier
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "case",
@@ -424,6 +483,7 @@ def test_backward_of_sum(case, backend):
     check_against_reference(ours, lo, hi, case)
 
 
+@pytest.mark.gpu_tier
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "shape",
@@ -445,6 +505,7 @@ def test_empty_problem(shape, backend):
 # --------------------------------------------------------------------------- odd head dims and dtypes
 
 
+@pytest.mark.gpu_tier
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("D", [8, 59, 512])
 def test_unusual_head_dim_is_right_or_refused(D, backend):
@@ -462,6 +523,7 @@ def test_unusual_head_dim_is_right_or_refused(D, backend):
     check_against_reference(ours, lo, hi, c)
 
 
+@pytest.mark.gpu_tier
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float64_is_right_or_refused(backend):
     c = C(B=2, Hq=2, Hkv=1, Nq=13, Nk=21, P=5, D=32, causal=True, dtype="fp64")
@@ -483,6 +545,7 @@ def _prefix_grads(x, backend):
     return r, r.grads["prefix_k"], r.grads["prefix_v"]
 
 
+@pytest.mark.gpu_tier
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_shared_prefix_grad_is_sum_of_per_row_grads(causal, backend):
@@ -500,6 +563,7 @@ def test_shared_prefix_grad_is_sum_of_per_row_grads(causal, backend):
         torch.testing.assert_close(got, per_row.sum(0), rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"d{name}: {m}")
 
 
+@pytest.mark.gpu_tier
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bank_grad_is_scatter_of_per_row_grads(backend):
     """A bank's gradient is the per-row gradients added into the entries the rows
@@ -539,9 +603,11 @@ def as_per_row_prefix(x, mode, gather=None):
 
 
 def _kernel_calls(log, op):
-    return log.named(f"prefix_attn.{op}")
+    # the extension's op (cpu, cuda) or the triton backend's (prefix_attn::triton_fwd / triton_bwd)
+    return log.named(f"prefix_attn.{op}.") + log.named(f"prefix_attn.triton_{op}.")
 
 
+@pytest.mark.gpu_tier
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "reference"])
 @pytest.mark.parametrize("grads", ["none", "prefix", "q", "kv", "all"])
 def test_only_requested_grads_are_computed(grads, backend):
@@ -568,6 +634,7 @@ def test_only_requested_grads_are_computed(grads, backend):
     assert flags == want, f"bwd asked for {flags}, needed {want}"
 
 
+@pytest.mark.gpu_tier
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "reference"])
 def test_shared_prefix_grad_never_materialized_per_row(backend):
     """No [B, Hkv, P, D] tensor is ever allocated for a shared prefix (its gradient is
@@ -586,6 +653,7 @@ def test_shared_prefix_grad_never_materialized_per_row(backend):
     assert offenders == [], f"ops produced a per-row prefix tensor {per_row}: {offenders}"
 
 
+@pytest.mark.gpu_tier
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "reference"])
 def test_strided_inputs_are_not_copied(backend):
     """A transposed [B, N, H, D] q and sliced k / v reach the kernel as views: no

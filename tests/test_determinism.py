@@ -24,6 +24,7 @@ CASES = [
 REPEATS = 3
 
 
+@pytest.mark.gpu_tier
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id()) for c in CASES])
 def test_deterministic_is_bit_identical(case, backend):
@@ -42,6 +43,7 @@ def test_deterministic_is_bit_identical(case, backend):
             assert torch.equal(r.grads[name], g), f"d{name} differs on run {i} (max abs diff {diff:.3e})"
 
 
+@pytest.mark.gpu_tier
 @pytest.mark.parametrize("backend", backend_params())
 def test_deterministic_and_default_agree(backend):
     """deterministic=True changes the reduction order, not the result."""

@@ -102,6 +102,7 @@ def _eager_and_compiled(fn, x, dout_seed=9, **compile_kwargs):
     return results
 
 
+@pytest.mark.gpu_tier
 @pytest.mark.parametrize("backend", backend_params())
 def test_compile_fullgraph_shared_prefix(backend, fresh_compile):
     def fn(q, k, v, prefix_k, prefix_v, key_padding_mask):
@@ -143,6 +144,7 @@ def test_compile_fullgraph_bank_prefix_only_trainable(backend, fresh_compile):
         torch.testing.assert_close(cg[n], eg[n], rtol=1e-5, atol=1e-5, msg=lambda m: f"d{n}: {m}")
 
 
+@pytest.mark.gpu_tier
 @pytest.mark.parametrize("backend", backend_params())
 def test_compile_dynamic_shapes(backend, fresh_compile):
     """One compiled graph, several sequence lengths: the fake kernels' shapes must be

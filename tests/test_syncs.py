@@ -111,6 +111,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 CUDA_BACKENDS = [b for b in kernel_backends() if b in ("triton", "cuda")]
 
 
+@pytest.mark.gpu_tier
 @needs_cuda
 @pytest.mark.parametrize("backend", CUDA_BACKENDS or [pytest.param("triton", marks=pytest.mark.skip("no CUDA backend"))])
 @pytest.mark.parametrize("prefix", ["bank", "shared", "per_row"])
@@ -137,6 +138,7 @@ def test_cuda_call_never_synchronises(backend, prefix):
     torch.cuda.synchronize()
 
 
+@pytest.mark.gpu_tier
 @needs_cuda
 @pytest.mark.parametrize("backend", CUDA_BACKENDS or [pytest.param("triton", marks=pytest.mark.skip("no CUDA backend"))])
 def test_cuda_out_of_range_index_asserts_on_the_device(backend):

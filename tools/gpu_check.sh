@@ -1,0 +1,226 @@
+#!/usr/bin/env bash
+# The GPU check (`make gpu-check`), sized for one 10-minute command on a lent GPU machine:
+#
+#   1. pick a python with torch: $GPU_PYTHON, else python3, else the project's .venv; without a
+#      CUDA device it says so in one line and exits 2;
+#   2. env.txt: GPU, driver, python, torch, Triton, CUDA, the project's commit;
+#   3. build the extension in place with the CUDA kernels, for this GPU's architecture only
+#      (build.log);
+#   4. the GPU test tier, `pytest -m gpu_tier`, on the GPU backends present, under its own timeout
+#      (tests.log);
+#   5. the benchmark suite to the deadline, targets first (results.md / .json / .png).
+#
+# Everything finishes within --seconds of the start (default 450): the suite is killed 15 s after
+# its deadline if a shape overruns it. A failed build or tier makes the exit status 1, but the
+# later steps still run, so a GPU window is never wasted. Every file records the commit
+# (tools/project_commit.py). Files go to benchmarks/results/<gpu>/ and, with --mirror DIR (or
+# $PREFIX_ATTN_MIRROR), to DIR too, flat: at most 7 files, what a device tool's $OUT takes back.
+#
+#   tools/gpu_check.sh [--mirror DIR] [--out DIR] [--seconds N] [--tier-timeout N] [--skip-build]
+#   tools/gpu_check.sh --tier-only [--out DIR] [--tier-timeout N]     # just the test tier
+#
+# Environment: GPU_PYTHON (the python to use), PREFIX_ATTN_VENV (where to look for the project's
+# venv, default ./.venv), GPU_CHECK_WORKERS (pytest-xdist workers, default min(cores, 12); 0 = no
+# xdist), PREFIX_ATTN_CUDA_ARCHS (default: this GPU's), PREFIX_ATTN_COMMIT (overrides the commit).
+set -uo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+START=$(date +%s)
+export PYTHONUNBUFFERED=1
+
+SECONDS_TOTAL=${GPU_CHECK_SECONDS:-450}
+TIER_TIMEOUT=${GPU_CHECK_TIER_TIMEOUT:-150}
+MIRROR=${PREFIX_ATTN_MIRROR:-}
+OUT_DIR=""
+SKIP_BUILD=0
+TIER_ONLY=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --mirror) MIRROR=$2; shift 2 ;;
+    --out) OUT_DIR=$2; shift 2 ;;
+    --seconds) SECONDS_TOTAL=$2; shift 2 ;;
+    --tier-timeout) TIER_TIMEOUT=$2; shift 2 ;;
+    --skip-build) SKIP_BUILD=1; shift ;;
+    --tier-only) TIER_ONLY=1; shift ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu-check: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+DEADLINE=$((START + SECONDS_TOTAL))
+left() { echo $((DEADLINE - $(date +%s))); }
+
+# ------------------------------------------------------------------ 1. a python with CUDA torch
+VENV=${PREFIX_ATTN_VENV:-$ROOT/.venv}
+if [ -n "${GPU_PYTHON:-}" ]; then
+  PY=$GPU_PYTHON
+else
+  PY=python3
+  if ! python3 -c "import torch" >/dev/null 2>&1 && [ -x "$VENV/bin/python" ]; then
+    PY=$VENV/bin/python
+  fi
+fi
+PROBE='
+import re, sys
+try:
+    import torch
+except Exception as e:
+    print(f"no CUDA-enabled torch: {sys.executable} cannot import torch ({type(e).__name__}: {e})")
+    sys.exit(3)
+if torch.version.cuda is None:
+    print(f"no CUDA device: torch {torch.__version__} has no CUDA")
+    sys.exit(2)
+if not torch.cuda.is_available():
+    print(f"no CUDA device: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU")
+    sys.exit(2)
+name = torch.cuda.get_device_name()
+major, minor = torch.cuda.get_device_capability()
+print(re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"), f"{major}.{minor}", name)
+'
+probe=$("$PY" -c "$PROBE" 2>/dev/null)
+rc=$?
+if [ $rc -ne 0 ]; then
+  if [ -z "$probe" ]; then
+    probe="no CUDA-enabled torch: '$PY' is not a python that imports torch (exit $rc)"
+  fi
+  [ $rc = 2 ] || [ -n "${GPU_PYTHON:-}" ] || probe="$probe; set GPU_PYTHON to a python with CUDA torch"
+  echo "gpu-check: $probe" >&2
+  exit 2
+fi
+read -r SLUG ARCH GPU_NAME <<<"$probe"
+
+OUT_DIR=${OUT_DIR:-$ROOT/benchmarks/results/$SLUG}
+mkdir -p "$OUT_DIR" || exit 2
+DIRS=("$OUT_DIR")
+if [ -n "$MIRROR" ]; then
+  mkdir -p "$MIRROR" || exit 2
+  [ "$(cd "$MIRROR" && pwd)" != "$(cd "$OUT_DIR" && pwd)" ] && DIRS+=("$MIRROR")
+fi
+# write one log file in every results folder at once (so a killed run still leaves it everywhere)
+to_logs() { local name=$1; shift; local files=(); for d in "${DIRS[@]}"; do files+=("$d/$name"); done; tee "${files[@]}"; }
+
+PREFIX_ATTN_COMMIT=$("$PY" tools/project_commit.py 2>/dev/null || echo unknown)
+export PREFIX_ATTN_COMMIT
+header() { echo "# prefix_attn $1, commit $PREFIX_ATTN_COMMIT, $(date -u +%Y-%m-%dT%H:%M:%SZ), $GPU_NAME"; }
+
+# ------------------------------------------------------------------ the test tier
+GPU_TESTS=(tests/test_correctness.py tests/test_determinism.py tests/test_api.py tests/test_ops.py tests/test_triton.py
+           tests/test_syncs.py)
+run_tier() {  # $1: timeout in seconds; writes tests.log; returns pytest's status, 124 on timeout
+  local backends workers xdist=() timeout_args=() missing=0 b
+  backends=$("$PY" -c "import prefix_attn as p; print(','.join(b for b in p.available_backends() if b in ('triton', 'cuda')))" 2>&1 | tail -1)
+  for b in triton cuda; do
+    if [[ ",$backends," != *",$b,"* ]]; then
+      echo "gpu-check: FAIL: the $b backend is not available here (available GPU backends: '$backends'; see build.log)"
+      missing=1
+    fi
+  done
+  [[ "$backends" =~ ^[a-z,]+$ ]] || backends=triton,cuda  # an import error: the tests fail and say why
+  workers=${GPU_CHECK_WORKERS:-$(( $(nproc) < 12 ? $(nproc) : 12 ))}
+  if [ "$workers" -gt 1 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then xdist=(-n "$workers"); fi
+  if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then timeout_args=(--timeout 100); fi
+  local cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache} before after status
+  before=$(find "$cache" -name '*.cubin' 2>/dev/null | wc -l)
+  {
+    header "GPU test tier (pytest -m gpu_tier)"
+    echo "# backends under test: $backends; timeout ${1}s; ${xdist[*]:-no xdist}"
+    PREFIX_ATTN_TEST_BACKENDS=$backends OMP_NUM_THREADS=1 timeout -k 5 "$1" \
+      "$PY" -m pytest -q -m gpu_tier -p no:cacheprovider -p no:benchmark "${xdist[@]}" "${timeout_args[@]}" \
+      --durations=10 "${GPU_TESTS[@]}" 2>&1
+    status=$?
+    echo
+    after=$(find "$cache" -name '*.cubin' 2>/dev/null | wc -l)
+    echo "# Triton kernels compiled during the tier: $((after - before)) (new entries in $cache)"
+    echo "# pytest exit status: $status$([ $status = 124 ] && echo ' (timed out)')"
+    exit $status
+  } | to_logs tests.log | tail -25
+  status=${PIPESTATUS[0]}
+  [ "$status" = 0 ] && status=$missing
+  return "$status"
+}
+
+if [ "$TIER_ONLY" = 1 ]; then
+  run_tier "$TIER_TIMEOUT"
+  exit $?
+fi
+
+# Steps 2-5, logged to gpu-check.log.
+main_check() {
+# ------------------------------------------------------------------ 2. env.txt
+header "gpu-check"
+echo "gpu-check: $GPU_NAME (sm_${ARCH/./}), python $PY, deadline in $(left) s, results in ${DIRS[*]}"
+{
+  header "environment"
+  echo "commit: $PREFIX_ATTN_COMMIT"
+  "$PY" - <<'EOF' 2>&1
+import platform, sys, torch
+print("python:", sys.version.split()[0], sys.executable)
+print("torch:", torch.__version__, "CUDA", torch.version.cuda, "cuDNN", torch.backends.cudnn.version())
+try:
+    import triton
+    print("triton:", triton.__version__)
+except Exception as e:
+    print("triton: not importable:", e)
+p = torch.cuda.get_device_properties(0)
+print(f"gpu: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB")
+print("host:", platform.node(), platform.platform())
+EOF
+  echo "cpus: $(nproc)"
+  command -v nvcc >/dev/null && nvcc --version | tail -1
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,temperature.gpu --format=csv
+} | to_logs env.txt >/dev/null
+
+FAILED=()
+# ------------------------------------------------------------------ 3. build
+if [ "$SKIP_BUILD" = 0 ]; then
+  export PREFIX_ATTN_CUDA_ARCHS=${PREFIX_ATTN_CUDA_ARCHS:-$ARCH}
+  t0=$(date +%s)
+  budget=$(( $(left) - 120 < 240 ? $(left) - 120 : 240 ))
+  echo "== build (PREFIX_ATTN_CUDA_ARCHS=$PREFIX_ATTN_CUDA_ARCHS, timeout ${budget}s)"
+  {
+    header "build"
+    PREFIX_ATTN_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} timeout -k 5 "$((budget > 1 ? budget : 1))" \
+      "$PY" setup.py build_ext --inplace 2>&1
+    status=$?
+    echo "# build exit status: $status"
+    exit $status
+  } | to_logs build.log | tail -5
+  if [ "${PIPESTATUS[0]}" = 0 ]; then result=ok; else result=FAILED; FAILED+=(build); fi
+  echo "== build: $result, $(( $(date +%s) - t0 )) s"
+fi
+
+# ------------------------------------------------------------------ 4. the test tier
+tier_timeout=$(( $(left) - 90 < TIER_TIMEOUT ? $(left) - 90 : TIER_TIMEOUT ))
+t0=$(date +%s)
+echo "== test tier (timeout ${tier_timeout}s)"
+if [ "$tier_timeout" -gt 10 ]; then
+  run_tier "$tier_timeout" || FAILED+=(tests)
+else
+  echo "gpu-check: no time left for the test tier"; FAILED+=(tests)
+fi
+echo "== test tier: $(( $(date +%s) - t0 )) s"
+
+# ------------------------------------------------------------------ 5. the benchmarks, to the deadline
+tests_rc=0; [[ " ${FAILED[*]} " == *" tests "* ]] && tests_rc=1
+echo "== benchmarks ($(left) s to the deadline)"
+mirror_args=(); [ "${#DIRS[@]}" -gt 1 ] && mirror_args=(--mirror "${DIRS[1]}")
+timeout -k 5 $(( $(left) + 15 > 1 ? $(left) + 15 : 1 )) \
+  "$PY" benchmarks/gpu_suite.py --skip-tests --tests-rc "$tests_rc" --deadline "$DEADLINE" \
+  --out "$OUT_DIR" "${mirror_args[@]}"
+status=$?
+# 124: stopped in a case that overran the deadline; the cases before it are saved
+if [ $status = 124 ]; then
+  echo "gpu-check: the suite overran its deadline and was stopped; the cases it finished are saved"
+elif [ $status != 0 ]; then
+  FAILED+=(benchmarks)
+fi
+
+echo "gpu-check: done in $(( $(date +%s) - START )) s; $(ls "${DIRS[-1]}" | tr '\n' ' ')"
+if [ ${#FAILED[@]} -gt 0 ]; then
+  echo "gpu-check: FAILED: ${FAILED[*]}"
+  return 1
+fi
+echo "gpu-check: passed"
+}
+
+main_check 2>&1 | to_logs gpu-check.log
+exit "${PIPESTATUS[0]}"
