@@ -72,6 +72,15 @@ cuda-check: install
 triton-check: install
 	TRITON_DEFAULT_FP_FUSION=1 $(PY) tools/triton_compile_check.py
 
+# Builds the extension with its CUDA kernels against a CUDA build of torch, as setup.py does with
+# PREFIX_ATTN_CUDA=1 (that torch unpacked, never imported; no GPU), and checks with readelf / nm
+# that the cuda backend's stream resolves at load time (issue 11). Not in CI: it downloads a
+# ~530 MB wheel. TORCH_CUDA_WHEEL=file.whl or TORCH_CUDA_DIR=unpacked/ pick the torch; by default
+# pip downloads the venv's torch version, whose PyPI wheel is a CUDA build. About 70 s.
+.PHONY: cuda-link-check
+cuda-link-check: $(VENV)/.deps
+	PY=$(PY) NVCC=$(NVCC) tools/cuda_link_check.sh
+
 # On a lent GPU machine, no venv and no downloads: tools/gpu_check.sh builds the extension in
 # place with the CUDA kernels (for that GPU's architecture), runs the GPU test tier
 # (`pytest -m gpu_tier`: every kernel path of every GPU backend, <= 150 s) and then the benchmark

@@ -30,6 +30,13 @@ def want_cuda() -> bool:
     return bool(have)
 
 
+# The glue takes the CUDA stream through c10's generic guard interface, so no symbol of ours comes
+# from libc10_cuda, and the linker's --as-needed (the default of Debian's and Ubuntu's gcc) would
+# drop it. Kept as a DT_NEEDED: loading the extension loads the library that implements CUDA
+# streams, or fails naming it. tools/cuda_link_check.sh checks the result against a CUDA torch.
+CUDA_LINK_ARGS = ["-Wl,--push-state,--no-as-needed", "-lc10_cuda", "-Wl,--pop-state"]
+
+
 def extension():
     cpu_arch = os.environ.get("PREFIX_ATTN_CPU_ARCH", "native")
     # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in PyTorch's OpenMP builds,
@@ -48,7 +55,7 @@ def extension():
         sources,
         define_macros=[("PREFIX_ATTN_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"] + CUDA_LINK_ARGS,
     )
 
 

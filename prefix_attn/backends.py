@@ -12,11 +12,13 @@ Adding a backend means registering one here; callers never change.
 
 "auto" picks the available backend of highest priority that runs on the tensors' device and
 supports the call; the environment variable PREFIX_ATTN_BACKEND overrides it. Landing on
-"reference" warns once. `select_backend(q)` tells which backend a call would use.
+"reference" warns once. `select_backend(q)` tells which backend a call would use, and
+`unavailable_reason(name)` why a backend is missing (asking for it by name says so too).
 """
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -61,17 +63,52 @@ _warned_reference = False
 def register_backend(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
     _availability.pop(backend.name, None)
+    _unavailable.pop(backend.name, None)
+
+
+class BackendUnavailable(Exception):
+    """Raised by an availability probe: the backend is not available, and the message says why."""
+
+
+class _ProbeDeferred(Exception):
+    """Raised by an availability probe that cannot run now (a CUDA graph is being captured): the
+    backend counts as available, unchecked, and is probed again at the next call."""
 
 
 _availability: Dict[str, bool] = {}
+_unavailable: Dict[str, str] = {}  # name -> why, for the backends a probe turned down
 
 
 def _is_available(backend: Backend) -> bool:
+    return _available(backend.name)
+
+
+# torch.compile calls it while tracing and takes the answer as a constant: a probe may run kernels
+# and synchronise, which must not land in a graph.
+@torch.compiler.assume_constant_result
+def _available(name: str) -> bool:
     # Probed once per process: the probes (find_spec, torch.cuda.is_available) cost ~60 us, as
     # much as a small attention call, and their answer cannot change while the process runs.
-    if backend.name not in _availability:
-        _availability[backend.name] = bool(backend.is_available())
-    return _availability[backend.name]
+    if name not in _availability:
+        try:
+            _availability[name] = bool(_REGISTRY[name].is_available())
+        except BackendUnavailable as exc:
+            _availability[name] = False
+            _unavailable[name] = str(exc)
+        except _ProbeDeferred:
+            return True
+    return _availability[name]
+
+
+def unavailable_reason(name: str) -> Optional[str]:
+    """Why backend `name` is not available here (probing it first), or None when it is. Backends
+    whose probe gives no reason (triton: not installed, or no GPU) get a generic one."""
+    backend = _REGISTRY.get(name)
+    if backend is None:
+        raise ValueError(f"prefix_attn: unknown backend {name!r}; known: {sorted(_REGISTRY)}")
+    if _is_available(backend):
+        return None
+    return _unavailable.get(name, "its availability check failed")
 
 
 def available_backends() -> List[str]:
@@ -84,7 +121,8 @@ def _get(name: str) -> Backend:
         raise ValueError(f"prefix_attn: unknown backend {name!r}; known: {sorted(_REGISTRY)} or 'auto'")
     backend = _REGISTRY[name]
     if not _is_available(backend):
-        raise NotImplementedError(f"prefix_attn: backend {name!r} is not available here; available: {available_backends()}")
+        raise NotImplementedError(f"prefix_attn: backend {name!r} is not available here ({unavailable_reason(name)}); "
+                                  f"available: {available_backends()}")
     return backend
 
 
@@ -104,10 +142,12 @@ def _resolve(q: Tensor, backend: str, inputs: Optional[AttnInputs]) -> Backend:
         if reason is not None:
             raise NotImplementedError(f"prefix_attn: backend {backend!r} cannot run this call: {reason}")
         return chosen
-    for name in available_backends():
-        candidate = _REGISTRY[name]
+    # Device and dtype before availability: a backend for another device is never probed (the
+    # cuda probe initialises CUDA, which a call on CPU tensors must not do).
+    for candidate in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
         auto_ok = candidate.auto_device_types is None or q.device.type in candidate.auto_device_types
-        if auto_ok and candidate.why_not(q, inputs) is None:
+        if (auto_ok and candidate.why_not(q, None) is None and _is_available(candidate)
+                and candidate.why_not(q, inputs) is None):
             return candidate
     raise NotImplementedError(f"prefix_attn: no backend runs {q.dtype} on {q.device}")
 
@@ -123,9 +163,12 @@ def run(inputs: AttnInputs, backend: str, deterministic: bool) -> Tuple[Tensor, 
     chosen = _resolve(inputs.q, backend, inputs)
     if chosen.name == "reference" and _requested(backend) == "auto" and not _warned_reference:
         _warned_reference = True
+        missing = [f"{name} ({why})" for name, why in _unavailable.items()
+                   if inputs.q.device.type in _REGISTRY[name].device_types]
         warnings.warn(
             f"prefix_attn: no fused backend runs this call (q: {inputs.q.dtype} on {inputs.q.device}, "
-            f"head dim {inputs.q.shape[-1]}); falling back to the slow reference backend",
+            f"head dim {inputs.q.shape[-1]}); falling back to the slow reference backend"
+            + (f"; not available here: {'; '.join(missing)}" if missing else ""),
             stacklevel=3)
     return chosen.run(inputs, deterministic)
 
@@ -169,13 +212,67 @@ def _run_triton(inputs: AttnInputs, deterministic: bool) -> Tuple[Tensor, Tensor
         inputs.key_padding_mask, inputs.attn_mask, inputs.scale, inputs.causal, deterministic)
 
 
-def _cuda_kernels_built() -> bool:
-    return _ops.HAS_EXTENSION and _ops._C._has_cuda_kernels() and torch.cuda.is_available()
+def _cuda_available() -> bool:
+    """The cuda backend is listed only where a real call works: the extension has CUDA kernels,
+    torch sees a GPU, and one tiny forward and backward on the current device runs and matches the
+    reference. Otherwise BackendUnavailable says which of these failed (issue 11: the backend was
+    listed on an H200, and every call failed)."""
+    if not _ops.HAS_EXTENSION:
+        raise BackendUnavailable(f"the compiled extension prefix_attn._C did not load: {_ops.EXTENSION_ERROR}")
+    if not _ops._C._has_cuda_kernels():
+        raise BackendUnavailable("prefix_attn._C has no CUDA kernels: it was built with PREFIX_ATTN_CUDA=0, or "
+                                 "without a CUDA torch or nvcc")
+    if not torch.cuda.is_available():
+        raise BackendUnavailable(f"torch.cuda.is_available() is False (torch {torch.__version__})")
+    if torch.cuda.is_current_stream_capturing():
+        raise _ProbeDeferred()  # its kernels and synchronisation would break the capture
+    device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        error = _cuda_probe(device)
+    except Exception as exc:  # whatever a broken build, driver or GPU raises
+        raise BackendUnavailable(f"a probe call on {device} failed: {type(exc).__name__}: {exc}") from exc
+    if error is not None:
+        raise BackendUnavailable(f"a probe call on {device} gave wrong results: {error}")
+    return True
+
+
+def _cuda_probe(device: torch.device) -> Optional[str]:
+    """One tiny causal, grouped-query call with a shared prefix through the compiled ops, forward
+    and backward, in float16 on `device`, against the reference in float32. Returns what is wrong,
+    or None. Draws no random numbers (a seeded run stays reproducible). Any device works, which
+    lets the CPU tests run it through the CPU kernels."""
+    B, Hq, Hkv, N, P, D = 2, 2, 1, 5, 3, 32
+
+    def values(*shape: int, phase: float) -> Tensor:
+        x = torch.arange(math.prod(shape), device=device, dtype=torch.float32)
+        return torch.sin(x * 0.37 + phase).reshape(shape)
+
+    scale = D ** -0.5
+    with torch.inference_mode(False), torch.enable_grad():  # the reference's gradients need autograd
+        shapes = [(B, Hq, N, D), (B, Hkv, N, D), (B, Hkv, N, D), (1, Hkv, P, D), (1, Hkv, P, D), (B, Hq, N, D)]
+        q, k, v, pk, pv, dout = (values(*shape, phase=0.1 * i).half() for i, shape in enumerate(shapes))
+        out, lse = torch.ops.prefix_attn.fwd(q, k, v, pk, pv, None, None, None, scale, True, False)
+        grads = torch.ops.prefix_attn.bwd(dout, q, k, v, pk, pv, None, None, None, out, lse, None, scale, True, False,
+                                          True, True, True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # a failed launch or a fault surfaces here, not at a later call
+        leaves = [t.float().requires_grad_() for t in (q, k, v, pk, pv)]
+        ref_out, ref_lse = reference_forward(*leaves, None, None, None, scale, True)
+        ref_grads = torch.autograd.grad(ref_out, leaves, dout.float())
+    checks = [("out", out, ref_out), ("lse", lse, ref_lse)]
+    checks += [(f"d{n}", g, r) for n, g, r in zip(("q", "k", "v", "prefix_k", "prefix_v"), grads, ref_grads)]
+    for name, got, want in checks:
+        if got.shape != want.shape:
+            return f"{name} has shape {tuple(got.shape)}, the reference {tuple(want.shape)}"
+        err = (got.float() - want).abs().max().item()
+        if not err <= 2e-2:  # float16 rounding gives ~1e-3 here; NaN fails too
+            return f"max |{name} - reference| = {err:.3g}"
+    return None
 
 
 register_backend(Backend("cpu", ("cpu",), _KERNEL_DTYPES, 10, lambda: _ops.HAS_EXTENSION,
                          _extension_unsupported, _run_extension))
-register_backend(Backend("cuda", ("cuda",), _KERNEL_DTYPES, 20, _cuda_kernels_built,
+register_backend(Backend("cuda", ("cuda",), _KERNEL_DTYPES, 20, _cuda_available,
                          _extension_unsupported, _run_extension))
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 register_backend(Backend("triton", ("cuda", "cpu") if _TRITON_INTERPRET else ("cuda",), _KERNEL_DTYPES, 30,

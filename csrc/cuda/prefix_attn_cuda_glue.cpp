@@ -2,21 +2,17 @@
 // (allocated through torch's caching allocator), and limits the kernels cannot take. Inputs
 // were validated by prefix_attn_api.cpp, shared with the CPU path. Built only with CUDA.
 //
-// It includes no CUDA header, torch's or the toolkit's: the device guard is c10's generic one,
-// and the current stream comes from the stable C shim libtorch_cuda exports for AOTInductor.
-// So it compiles against the CPU torch wheel too, which lets `make cuda-check` check it on a
-// machine without a CUDA build of torch.
+// It includes no CUDA header, torch's or the toolkit's: the device guard and the current stream
+// both come from c10's device-generic guard interface (c10/core), which libc10_cuda implements
+// for CUDA. So the same source compiles against the CPU torch wheel, and `make cuda-check`
+// checks on a machine without a CUDA build of torch exactly what a CUDA build compiles.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <optional>
 
 #include "prefix_attn_cuda.h"
-
-// torch/csrc/inductor/aoti_torch/c/shim.h declares it only when torch was built with CUDA; it
-// returns 0 (AOTI_TORCH_SUCCESS) on success. Weak: a torch without it loads, and we say so.
-extern "C" __attribute__((weak)) int32_t aoti_torch_get_current_cuda_stream(int32_t device_index,
-                                                                           void** ret_stream);
 
 namespace prefix_attn::cuda_glue {
 
@@ -28,15 +24,17 @@ void check_head_dim(const FwdParams& p, const at::Tensor& q) {
                               kMaxHeadDim, "; q has shape ", q.sizes());
 }
 
-// torch's current CUDA stream on q's device (a cudaStream_t).
+// torch's current CUDA stream on q's device, as a cudaStream_t: c10::cuda::getCurrentCUDAStream
+// reached through the CUDA guard implementation that libc10_cuda registers when torch loads it.
+// Every symbol on this path is libc10's, which the extension needs anyway; setup.py also makes
+// libc10_cuda a DT_NEEDED of the extension, so the implementation is loaded whenever we are
+// (tools/cuda_link_check.sh checks both against a CUDA torch).
+// (Issue 11: the AOTI shim's aoti_torch_get_current_cuda_stream, referenced weakly, resolved to
+// null at load: --as-needed had dropped libtorch_cuda, which only that weak reference used.)
+// Without a CUDA build of torch, getDeviceGuardImpl throws "not linked with support for cuda".
 void* current_stream(const at::Tensor& q) {
-  TORCH_CHECK(aoti_torch_get_current_cuda_stream != nullptr,
-              "prefix_attn: this torch exports no aoti_torch_get_current_cuda_stream; the cuda backend needs "
-              "torch built with CUDA");
-  void* stream = nullptr;
-  TORCH_CHECK(aoti_torch_get_current_cuda_stream(q.device().index(), &stream) == 0,
-              "prefix_attn: could not get the current CUDA stream of ", q.device());
-  return stream;
+  const c10::impl::DeviceGuardImplInterface* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+  return impl->getStreamNativeHandle(impl->getStream(q.device()));
 }
 
 void check_launch(const char* what) {
