@@ -335,6 +335,7 @@ def main():
 def save(out_dirs, meta, rows) -> str:
     """results.json / .md / .png, each with the commit, in every folder (the ratios against the best
     incumbent are bc.add_speedups's, computed before)."""
+    meta["tuned_configs"] = _tuned_configs()
     md = _markdown(meta, rows)
     for d in out_dirs:
         with open(os.path.join(d, "results.json"), "w") as f:
@@ -343,6 +344,16 @@ def save(out_dirs, meta, rows) -> str:
             f.write(md)
         _plot(rows, os.path.join(d, "results.png"), f"{meta['gpu']}, commit {meta['commit']}")
     return md
+
+
+def _tuned_configs():
+    """The tile configs Triton's autotuner picked in this process, per kernel and key: the numbers
+    to commit as the defaults in prefix_attn/triton_backend/configs.py."""
+    try:
+        from prefix_attn.triton_backend import tuning
+    except Exception:  # noqa: BLE001 - no triton here: nothing was tuned
+        return []
+    return tuning.tuned_configs()
 
 
 def _version(mod):
@@ -388,6 +399,9 @@ def _markdown(meta, rows):
         else:
             flag = f"FELL BACK ({r['fell_back']}): " if r.get("fell_back") else ""
             lines.append(head + f" - | - | - | - | - | {flag}{r.get('error', '')} |")
+    tuned = meta.get("tuned_configs") or []
+    lines += ["", "## Tile configs the autotuner picked", ""]
+    lines += [f"- {t}" for t in tuned] or ["(none: autotuning off, or no Triton kernel ran)"]
     return "\n".join(lines) + "\n"
 
 

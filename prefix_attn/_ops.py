@@ -44,7 +44,7 @@ def _bwd_fake(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
 
 def register_attention_op(fwd, bwd) -> None:
     """Gives a (fwd, bwd) op pair with the schemas above its fake kernels and autograd. Used for
-    the compiled ops here and for the Triton ops in triton_impl.py."""
+    the compiled ops here and for the Triton ops in triton_backend/ops.py."""
 
     def setup_context(ctx, inputs, output):
         q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask, scale, causal, deterministic = inputs

@@ -205,9 +205,9 @@ def _triton_available() -> bool:
 
 
 def _run_triton(inputs: AttnInputs, deterministic: bool) -> Tuple[Tensor, Tensor]:
-    from . import triton_impl  # imports triton: only when the backend is used
+    from . import triton_backend  # imports triton: only when the backend is used
 
-    return triton_impl.triton_fwd(
+    return triton_backend.triton_fwd(
         inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v, inputs.prefix_index,
         inputs.key_padding_mask, inputs.attn_mask, inputs.scale, inputs.causal, deterministic)
 

@@ -305,7 +305,7 @@ class Case:
     #: contig | qT (q is a [B,N,H,D] tensor transposed) | kvslice (k, v, prefix are
     #: slices of bigger tensors) | qT+kvslice | qstride2 (q's last dim has stride 2)
     layout: str = "contig"
-    #: which inputs require grad: all | none | q | kv | k | v | prefix | prefix_k
+    #: which inputs require grad: all | none | q | kv | k | v | prefix | prefix_k | qkv
     grads: str = "all"
     dtype: str = "fp32"
     scale: Optional[float] = None
@@ -359,6 +359,7 @@ class Case:
             "v": {"v"},
             "prefix": {"prefix_k", "prefix_v"},
             "prefix_k": {"prefix_k"},
+            "qkv": {"q", "k", "v"},  # a frozen prefix in a trained model
         }[self.grads]
         if name.startswith("prefix") and self.prefix == "none":
             return False

@@ -10,7 +10,7 @@ import torch
 
 import prefix_attn
 from attn_testing import Case as C
-from attn_testing import check_against_reference, make_inputs, reference_pair, run_attention
+from attn_testing import check_against_reference, make_inputs, recompute_rel_error, reference_pair, run_attention
 
 if "triton" not in prefix_attn.available_backends():
     pytest.skip("the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 on CPU", allow_module_level=True)
@@ -63,6 +63,49 @@ def test_triton_matches_reference(case):
     check_against_reference(ours, lo, hi, case)
 
 
+# The backward's paths. deterministic=False (the default, and every case above): dQ is added by
+# atomics from the key-major kernels, and the prefix gradient by atomics; a frozen prefix gets a
+# dQ pass of its own over the prefix keys; prefix-only fuses Delta into its one kernel.
+# deterministic=True: the dQ kernel owns its rows, and the prefix gradient is summed from chunk
+# partials in a fixed order.
+PATH_CASES = [
+    (C(B=3, Hq=4, Hkv=2, Nq=21, Nk=30, P=15, D=32, causal=True, grads="qkv"), False),
+    (C(B=3, Hq=4, Hkv=2, Nq=21, Nk=30, P=15, D=32, causal=True, grads="qkv"), True),
+    (C(B=3, Hq=4, Hkv=2, Nq=37, Nk=50, P=33, D=64, causal=True, prefix="bank", kpm="right"), True),
+    (C(B=2, Hq=4, Hkv=2, Nq=37, Nk=50, P=33, D=64, prefix="per_row", mask="bool-NqNk"), True),
+    (C(B=3, Hq=4, Hkv=2, Nq=21, Nk=21, P=40, D=32, causal=True, prefix="per_row", grads="prefix"), False),
+    (C(B=3, Hq=4, Hkv=1, Nq=21, Nk=21, P=40, D=32, causal=True, prefix="bank", grads="prefix"), True),
+    (C(B=2, Hq=4, Hkv=2, Nq=32, Nk=32, P=32, D=32, causal=True), False),  # every tile full: no masks
+    (C(B=2, Hq=4, Hkv=2, Nq=32, Nk=64, P=16, D=32, grads="prefix", dtype="bf16"), False),
+]
+
+
+@pytest.mark.gpu_tier
+@pytest.mark.parametrize("case,deterministic",
+                         [pytest.param(c, d, id=f"{c.id()}-{'det' if d else 'atomic'}") for c, d in PATH_CASES])
+def test_triton_backward_paths(case, deterministic):
+    x = make_inputs(case, device=DEVICE)
+    ours = run_attention(x, "triton", deterministic=deterministic)
+    lo, hi = reference_pair(x)
+    check_against_reference(ours, lo, hi, case)
+
+
+@pytest.mark.gpu_tier
+@pytest.mark.parametrize("case", [
+    pytest.param(c, id=c.id()) for c in [
+        C(B=3, Hq=4, Hkv=2, Nq=21, Nk=30, P=15, D=32, causal=True, grads="prefix"),  # Delta fused with dlse
+        C(B=2, Hq=4, Hkv=2, Nq=21, Nk=30, P=15, D=32, prefix="bank", kpm="left"),
+    ]])
+def test_triton_lse_gradient(case):
+    """A loss on out and lse: Delta = rowsum(dO * O) - dlse, in the preprocess or fused."""
+    x = make_inputs(case, device=DEVICE)
+    ours = run_attention(x, "triton", lse_grad=True)
+    lo = run_attention(x.cast(case.torch_dtype), "reference", lse_grad=True)
+    hi = run_attention(x.cast(torch.float64), "reference", lse_grad=True)
+    hi.recompute_rel = recompute_rel_error(x)
+    check_against_reference(ours, lo, hi, case)
+
+
 @pytest.mark.gpu_tier
 def test_triton_deterministic_prefix_grads():
     case = C(B=5, Hq=4, Hkv=1, Nq=19, Nk=19, P=40, D=32, causal=True, prefix="shared", grads="prefix")
@@ -95,7 +138,7 @@ def test_triton_launchers_cuda_path_read_nothing_back(prefix, monkeypatch):
     would synchronise the stream): the range check is a device assert, the rows are grouped
     without bincount, and the float-mask lse test is not made when there is a prefix. Here on
     CPU, with the range check's device decision forced (test_syncs.py has the rest)."""
-    from prefix_attn import _inputs, triton_impl
+    from prefix_attn import _inputs, triton_backend
     from attn_testing import HostReads
 
     monkeypatch.setattr(_inputs, "_host_reads_are_free", lambda t: False)
@@ -108,8 +151,8 @@ def test_triton_launchers_cuda_path_read_nothing_back(prefix, monkeypatch):
     index = torch.tensor([3, 0, 3]) if prefix == "bank" else None
     mask = torch.randn(B, 1, Nq, Nk, generator=g).expand(B, Hq, Nq, Nk)  # a float mask
     with HostReads() as counter:
-        out, lse = triton_impl.triton_forward(q, k, v, pk, pv, index, None, mask, 0.25, True)
-        grads = triton_impl.triton_backward(dout, q, k, v, pk, pv, index, None, mask, out, lse, None, 0.25, True,
+        out, lse = triton_backend.triton_forward(q, k, v, pk, pv, index, None, mask, 0.25, True)
+        grads = triton_backend.triton_backward(dout, q, k, v, pk, pv, index, None, mask, out, lse, None, 0.25, True,
                                             False, True, True, True)
     assert counter.reads == [], f"host reads: {counter.reads}"
     assert counter.asserts == (2 if prefix == "bank" else 0)

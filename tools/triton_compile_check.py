@@ -8,6 +8,8 @@ pass every interpreter test and still fail to lower to PTX, run out of shared me
 registers. This script drives the real launchers (`triton_forward`, `triton_backward`) with CPU
 tensors under a compile-only driver: every `kernel[grid](...)` call compiles for the chosen GPU
 target exactly as on a GPU (same constexprs, same specialisations) and then skips the launch.
+Every autotuning candidate of configs.py is compiled (each round forces one candidate per kernel
+kind through tuning.FORCED), so a config that cannot fit never reaches the autotuner on a GPU.
 For each compiled kernel it prints, from ptxas / cuobjdump on the cubin:
 
     registers per thread, spilled bytes (stores / loads), local (stack) bytes, shared memory
@@ -80,6 +82,9 @@ class Compiled:
     spill_stores: Optional[int] = None
     spill_loads: Optional[int] = None
     stack: Optional[int] = None
+    #: the kernel's tl.dot lowered to Hopper's warpgroup MMA (wgmma) rather than mma.sync; only
+    #: asked for 16-bit kernels on sm_90 (float32 runs IEEE fp32 without tensor cores)
+    wgmma: Optional[bool] = None
 
 
 _compiled: List[Tuple[str, object]] = []
@@ -124,8 +129,10 @@ def _ptxas_report(ptx: str, arch: int) -> Dict[str, int]:
 
 def _cases(dtype: torch.dtype, D: int):
     """(name, thunk) pairs: launcher calls that together compile every kernel and the constexpr
-    variants that matter (prefix modes, masks, causal, every backward kernel)."""
-    from prefix_attn import triton_impl as ti
+    variants that matter (prefix modes, masks, causal, every backward path: dQ by atomics or by
+    its own kernel, the prefix gradient by atomics or chunk partials, prefix-only with Delta
+    fused, a frozen prefix)."""
+    from prefix_attn import triton_backend as tb
 
     B, Hq, Hkv, N, P = 4, 4, 2, 300, 70
 
@@ -143,66 +150,127 @@ def _cases(dtype: torch.dtype, D: int):
     def fwd(**kw):
         a = dict(prefix_k=pk, prefix_v=pv, prefix_index=None, key_padding_mask=None, attn_mask=None, causal=True)
         a.update(kw)
-        return lambda: ti.triton_forward(q, k, v, a["prefix_k"], a["prefix_v"], a["prefix_index"],
+        return lambda: tb.triton_forward(q, k, v, a["prefix_k"], a["prefix_v"], a["prefix_index"],
                                          a["key_padding_mask"], a["attn_mask"], 0.1, a["causal"])
 
-    def bwd(**kw):
+    def bwd(deterministic=False, **kw):
         a = dict(prefix_k=pk, prefix_v=pv, prefix_index=None, key_padding_mask=None, attn_mask=None, causal=True,
                  need=(True, True, True))
         a.update(kw)
-        return lambda: ti.triton_backward(dout, q, k, v, a["prefix_k"], a["prefix_v"], a["prefix_index"],
+        return lambda: tb.triton_backward(dout, q, k, v, a["prefix_k"], a["prefix_v"], a["prefix_index"],
                                           a["key_padding_mask"], a["attn_mask"], out, lse, None, 0.1, a["causal"],
-                                          True, *a["need"])
+                                          deterministic, *a["need"])
 
     return [
         ("fwd causal, shared prefix", fwd()),
         ("fwd bank + key_padding_mask + float mask", fwd(prefix_k=bk, prefix_v=bv, prefix_index=idx,
                                                        key_padding_mask=kpm, attn_mask=fmask, causal=False)),
-        ("bwd causal, all grads", bwd()),
-        ("bwd prefix only, bank + key_padding_mask", bwd(prefix_k=bk, prefix_v=bv, prefix_index=idx,
-                                                          key_padding_mask=kpm, need=(False, False, True))),
+        ("bwd causal, all grads (dQ by atomics)", bwd()),
+        ("bwd causal, all grads, deterministic", bwd(deterministic=True)),
+        ("bwd frozen prefix (dQ over the prefix by atomics)", bwd(need=(True, True, False))),
+        ("bwd prefix only, shared (Delta fused)", bwd(need=(False, False, True))),
+        ("bwd prefix only, bank + key_padding_mask, deterministic",
+         bwd(deterministic=True, prefix_k=bk, prefix_v=bv, prefix_index=idx, key_padding_mask=kpm,
+             need=(False, False, True))),
     ]
 
 
-def check(archs: List[int], dtypes: List[str], head_dims: List[int]) -> Tuple[List[Compiled], List[str]]:
+def _forced_rounds(dtype: torch.dtype, D: int):
+    """Config assignments that together compile every candidate of every kernel kind: round i
+    forces each kind's i-th candidate (its last one once it has fewer)."""
+    from prefix_attn.triton_backend import configs
+
+    cands = {kind: configs.candidates(kind, D, dtype) for kind in configs.KINDS}
+    rounds = max(len(c) for c in cands.values())
+    return [{kind: c[min(i, len(c) - 1)] for kind, c in cands.items()} for i in range(rounds)]
+
+
+def _kernels():
+    from prefix_attn.triton_backend import backward, forward
+
+    fns = (forward._fwd_kernel, backward._bwd_preprocess_kernel, backward._bwd_dq_kernel,
+           backward._bwd_dkdv_kernel, backward._bwd_dprefix_kernel)
+    out = []
+    for fn in fns:
+        while not isinstance(fn, JITFunction):  # @triton.heuristics wraps the JITFunction
+            fn = fn.fn
+        out.append(fn)
+    return out
+
+
+def check(archs: List[int], dtypes: List[str], head_dims: List[int], every_config: bool = True
+          ) -> Tuple[List[Compiled], List[str]]:
+    from prefix_attn.triton_backend import tuning
+
     results, failures = [], []
+    seen = set()
     JITFunction.run = _compile_only_run  # compile, never launch
     for arch in archs:
         driver.set_active(CompileOnlyDriver(GPUTarget("cuda", arch, 32)))
-        from prefix_attn import triton_impl as ti
-
-        for fn in (ti._fwd_kernel, ti._bwd_preprocess_kernel, ti._bwd_dq_kernel, ti._bwd_dkdv_kernel,
-                   ti._bwd_dprefix_kernel):
+        for fn in _kernels():
             fn.device_caches.clear()  # compiled for the previous target
         for dname in dtypes:
             for D in head_dims:
-                for name, thunk in _cases(DTYPES[dname], D):
-                    case = f"{dname} D={D}: {name}"
-                    _compiled.clear()
-                    try:
-                        thunk()
-                    except Exception as e:  # noqa: BLE001 - report every failing case, then fail
-                        failures.append(f"sm_{arch} {case}: {type(e).__name__}: {str(e)[:2000]}")
-                        print(f"FAIL sm_{arch} {case}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
-                              flush=True)
-                        continue
-                    for kname, kern in _compiled:
-                        md = kern.metadata
-                        rec = Compiled(arch, case, kname, md.num_warps, md.num_stages, md.shared)
+                rounds = _forced_rounds(DTYPES[dname], D)
+                for r, forced in enumerate(rounds if every_config else rounds[:1]):
+                    tuning.FORCED.clear()
+                    tuning.FORCED.update(forced)
+                    for name, thunk in _cases(DTYPES[dname], D):
+                        case = f"{dname} D={D}: {name}"
+                        _compiled.clear()
                         try:
-                            for key, val in _ptxas_report(kern.asm["ptx"], arch).items():
-                                setattr(rec, key, val)
-                        except Exception as e:  # noqa: BLE001
-                            failures.append(f"sm_{arch} {case} {kname}: {e}")
-                        limit = SHARED_LIMIT.get(arch)
-                        if limit is not None and md.shared > limit:
-                            failures.append(f"sm_{arch} {case} {kname}: needs {md.shared} B of shared memory, "
-                                            f"the limit is {limit} B")
-                        results.append(rec)
-                        print(f"sm_{arch}  {case:55s} {kname:24s} warps {rec.num_warps} stages {rec.num_stages} "
-                              f"regs {rec.regs} spill {rec.spill_stores}/{rec.spill_loads} B "
-                              f"shared {rec.shared} B", flush=True)
+                            thunk()
+                        except Exception as e:  # noqa: BLE001 - report every failing case, then fail
+                            failures.append(f"sm_{arch} {case} (config round {r}): {type(e).__name__}: "
+                                            f"{str(e)[:2000]}")
+                            print(f"FAIL sm_{arch} {case} (round {r}): {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]}", flush=True)
+                            continue
+                        for kname, kern in _compiled:
+                            md = kern.metadata
+                            key = (arch, kern.hash if hasattr(kern, "hash") else id(kern))
+                            if key in seen:  # the same specialisation, compiled by an earlier case
+                                continue
+                            seen.add(key)
+                            tile = _tile_of(md, kern)
+                            rec = Compiled(arch, f"{case} [{tile}]", kname, md.num_warps, md.num_stages, md.shared)
+                            try:
+                                for k_, val in _ptxas_report(kern.asm["ptx"], arch).items():
+                                    setattr(rec, k_, val)
+                            except Exception as e:  # noqa: BLE001
+                                failures.append(f"sm_{arch} {case} {kname}: {e}")
+                            ptx = kern.asm["ptx"]
+                            if arch >= 90 and dname != "fp32" and "mma" in ptx:
+                                rec.wgmma = "wgmma.mma_async" in ptx
+                            limit = SHARED_LIMIT.get(arch)
+                            if limit is not None and md.shared > limit:
+                                failures.append(f"sm_{arch} {case} [{tile}] {kname}: needs {md.shared} B of shared "
+                                                f"memory, the limit is {limit} B")
+                            results.append(rec)
+                            print(f"sm_{arch}  {case:62s} {kname:24s} {tile:10s} warps {rec.num_warps} "
+                                  f"stages {rec.num_stages} regs {rec.regs} spill {rec.spill_stores}/"
+                                  f"{rec.spill_loads} B shared {rec.shared} B"
+                                  + ("" if rec.wgmma is None else f" {'wgmma' if rec.wgmma else 'mma.sync'}"),
+                                  flush=True)
+    tuning.FORCED.clear()
     return results, failures
+
+
+def _tile_of(md, kern) -> str:
+    """BLOCK_M x BLOCK_N of a compiled kernel, from its constexprs (Triton keeps them in
+    different places across versions)."""
+    consts = getattr(kern, "constants", None) or getattr(getattr(kern, "src", None), "constants", None) or {}
+    vals = {}
+    for key, val in dict(consts).items():
+        name = key if isinstance(key, str) else None
+        if name is None and hasattr(kern, "src"):
+            try:
+                name = kern.src.fn.arg_names[key[0] if isinstance(key, tuple) else key]
+            except Exception:  # noqa: BLE001
+                name = None
+        if name in ("BLOCK_M", "BLOCK_N"):
+            vals[name] = val
+    return f"{vals.get('BLOCK_M', '?')}x{vals.get('BLOCK_N', '?')}"
 
 
 def main(argv=None) -> int:
@@ -211,15 +279,22 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", nargs="+", default=["fp16", "bf16", "fp32"], choices=list(DTYPES))
     ap.add_argument("--head-dim", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--out", default=None, help="also write the report as a markdown table to this file")
+    ap.add_argument("--defaults-only", action="store_true",
+                    help="compile only each kernel's default config, not every autotuning candidate")
     args = ap.parse_args(argv)
     if not os.path.exists(os.path.join(NVIDIA_BIN, "ptxas")):
         print(f"triton_compile_check: no ptxas under {NVIDIA_BIN}; this Triton has no NVIDIA backend")
         return 1
     print(f"Triton {triton.__version__}, torch {torch.__version__}: compiling for "
           f"{', '.join(f'sm_{a}' for a in args.arch)} (no GPU needed)", flush=True)
-    results, failures = check(args.arch, args.dtype, args.head_dim)
+    results, failures = check(args.arch, args.dtype, args.head_dim, every_config=not args.defaults_only)
     spilled = sorted({(r.arch, r.kernel, r.case) for r in results if (r.spill_stores or 0) > 0})
     print(f"\n{len(results)} kernel compilations, {len(failures)} failures, {len(spilled)} with register spills")
+    no_wgmma = sorted({(r.kernel, r.case) for r in results if r.wgmma is False})
+    print(f"16-bit kernels on sm_90: {sum(r.wgmma is True for r in results)} use wgmma, "
+          f"{len(no_wgmma)} only mma.sync")
+    for kname, case in no_wgmma:
+        print(f"  mma.sync only: {kname} ({case})")
     for arch, kname, case in spilled:
         print(f"  spills: sm_{arch} {kname} ({case})")
     for f in failures:
@@ -235,11 +310,12 @@ def write_markdown(path: str, results: List[Compiled], failures: List[str]) -> N
              "Written by `tools/triton_compile_check.py` (`make triton-check`): each kernel as the launchers "
              "compile it, with registers per thread, spilled bytes (stores / loads) and shared memory per "
              "block from ptxas. Nothing here was run or timed.", "",
-             "| arch | case | kernel | warps | stages | registers | spill B | shared B |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| arch | case | kernel | warps | stages | registers | spill B | shared B | MMA |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in results:
         lines.append(f"| sm_{r.arch} | {r.case} | {r.kernel} | {r.num_warps} | {r.num_stages} | {r.regs} | "
-                     f"{r.spill_stores}/{r.spill_loads} | {r.shared} |")
+                     f"{r.spill_stores}/{r.spill_loads} | {r.shared} | "
+                     f"{'-' if r.wgmma is None else ('wgmma' if r.wgmma else 'mma.sync')} |")
     lines += ["", f"{len(results)} compilations, {len(failures)} failures."]
     lines += [f"- FAILED: {f}" for f in failures]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -1,0 +1,34 @@
+"""torch.library ops for the Triton kernels: the schema, fake kernels and autograd of the compiled
+ops (_ops.py), so that torch.compile sees one opaque op and autograd asks only for the gradients
+it needs."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _ops
+from .backward import triton_backward
+from .forward import triton_forward
+
+
+@torch.library.custom_op("prefix_attn::triton_fwd", mutates_args=())
+def triton_fwd(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
+               prefix_index: Optional[Tensor], key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
+               scale: float, causal: bool, deterministic: bool) -> Tuple[Tensor, Tensor]:
+    return triton_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask, scale, causal,
+                          deterministic)
+
+
+@torch.library.custom_op("prefix_attn::triton_bwd", mutates_args=())
+def triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor],
+               prefix_v: Optional[Tensor], prefix_index: Optional[Tensor], key_padding_mask: Optional[Tensor],
+               attn_mask: Optional[Tensor], out: Tensor, lse: Tensor, dlse: Optional[Tensor], scale: float,
+               causal: bool, deterministic: bool, need_dq: bool, need_dkv: bool,
+               need_dprefix: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return triton_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask, out, lse,
+                           dlse, scale, causal, deterministic, need_dq, need_dkv, need_dprefix)
+
+
+_ops.register_attention_op(triton_fwd, triton_bwd)

@@ -1,0 +1,139 @@
+"""What every kernel shares: which keys a query sees, which tiles need masks, and masked loads.
+
+Visibility (SPEC): prefix keys are visible to every query; sequence key j is visible to query i
+iff j <= i + (Nk - Nq) when causal (bottom-right aligned), the key padding mask keeps it, and a
+bool attn_mask keeps it; an additive float mask is added to the score.
+
+            prefix keys      sequence keys (causal, Nk - Nq = 2)
+    query 0  P P P P          x x x . . . .
+    query 1  P P P P          x x x x . . .
+    query 2  P P P P          x x x x x . .
+
+Tile ranges. A program that owns the query block [i0, i0 + BLOCK_M) walks the sequence keys in
+two stages: [0, full) where no causal or bounds mask is needed, then [full, hi) where one is;
+keys at or past hi are hidden from the whole block. A program that owns the key block
+[j0, j0 + BLOCK_N) walks the queries the same way, the other way round. Both ranges come from
+here and nowhere else.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def seq_key_range(i0, Nq, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(full, hi) for the query block [i0, i0 + BLOCK_M): sequence-key tiles starting below full
+    are wholly visible to every query of the block (and in bounds), those in [full, hi) need the
+    causal / bounds mask, keys >= hi are hidden. full is a multiple of BLOCK_N."""
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(i0 + BLOCK_M + Nk - Nq, 0), Nk)
+        full = tl.minimum(tl.maximum((i0 + Nk - Nq + 1) // BLOCK_N * BLOCK_N, 0), hi // BLOCK_N * BLOCK_N)
+    else:
+        hi = Nk
+        full = Nk // BLOCK_N * BLOCK_N
+    return full, hi
+
+
+@triton.jit
+def query_range(j0, Nq, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(lo, full) for the sequence-key block [j0, j0 + BLOCK_N): query blocks starting below lo
+    see none of its keys; those in [lo, full) need the causal mask; those from full on see
+    every key of the block (the bounds of the last query block are the loads' business).
+    Both are multiples of BLOCK_M."""
+    if CAUSAL:
+        # the first query that sees key j0 is i = j0 - (Nk - Nq); a query block whose first row
+        # is past the block's last key + (Nq - Nk) sees all of it
+        lo = tl.maximum(j0 - (Nk - Nq), 0) // BLOCK_M * BLOCK_M
+        full = tl.minimum(tl.maximum(j0 + BLOCK_N - 1 - (Nk - Nq) + BLOCK_M - 1, 0) // BLOCK_M * BLOCK_M,
+                          tl.cdiv(Nq, BLOCK_M) * BLOCK_M)
+        full = tl.maximum(full, lo)
+    else:
+        lo = 0
+        full = 0
+    return lo, full
+
+
+@triton.jit
+def seq_scores(s, i, j, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h,
+               stride_mask_m, stride_mask_n, CHECK_BOUNDS: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
+               HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Masks scores s of sequence keys j for queries i (i, j broadcast to s's shape): hidden keys
+    get -inf; an additive float mask is added (scores are in natural units then). CHECK_BOUNDS:
+    the tile may hold keys past Nk. On interior tiles with no mask tensors this is the identity.
+    Rows past Nq are never masked here: no kernel stores them, and the backward's lse for them
+    is +inf, which zeroes their probabilities."""
+    if CHECK_BOUNDS or APPLY_CAUSAL or HAS_KPM or MASK_KIND == 1:
+        visible = j < Nk
+        if APPLY_CAUSAL:
+            visible = visible & (j <= i + (Nk - Nq))
+        if HAS_KPM:
+            keep = tl.load(KPM + b * stride_kpm_b + j * stride_kpm_n, mask=j < Nk, other=0)
+            visible = visible & (keep != 0)
+        if MASK_KIND == 1:
+            keep = tl.load(MASK + b * stride_mask_b + h * stride_mask_h + i * stride_mask_m + j * stride_mask_n,
+                           mask=(i < Nq) & (j < Nk), other=0)
+            visible = visible & (keep != 0)
+        s = tl.where(visible, s, float("-inf"))
+    if MASK_KIND == 2:
+        bias = tl.load(MASK + b * stride_mask_b + h * stride_mask_h + i * stride_mask_m + j * stride_mask_n,
+                       mask=(i < Nq) & (j < Nk), other=float("-inf"))
+        s = s + bias
+    return s
+
+
+@triton.jit
+def load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """tl.load of a 2-D tile, masked only along the dimensions that may run past the tensor:
+    interior tiles of an even-sized problem load with no mask at all. rows / cols broadcast to
+    the tile's shape; what is outside reads as 0."""
+    if CHECK_ROWS and CHECK_COLS:
+        return tl.load(ptrs, mask=(rows < n_rows) & (cols < n_cols), other=0.0)
+    elif CHECK_ROWS:
+        return tl.load(ptrs, mask=rows < n_rows, other=0.0)
+    elif CHECK_COLS:
+        return tl.load(ptrs, mask=cols < n_cols, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def prefix_entry(IDX, b, HAS_INDEX: tl.constexpr, PER_ROW: tl.constexpr):
+    """The prefix (bank entry) batch row b reads: prefix_index[b], b itself, or the shared 0."""
+    if HAS_INDEX:
+        return tl.load(IDX + b)
+    elif PER_ROW:
+        return b
+    else:
+        return 0
+
+
+@triton.jit
+def query_block(Hq, group, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """The query block of a query-major program (grid: query blocks x B*Hq): (row index b*Hq + h,
+    b, h, KV head g, first query i0, query offsets, key offsets, head-dim offsets). Causal
+    launches take the last query blocks, which see the most keys, first."""
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    h = pid_bh % Hq
+    i0 = pid_m * BLOCK_M
+    return (pid_bh, pid_bh // Hq, h, h // group, i0, i0 + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N),
+            tl.arange(0, BLOCK_D))
+
+
+@triton.jit
+def load_key_block(K, V, j, n_keys, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, D,
+                   CHECK_KEYS: tl.constexpr, EVEN_D: tl.constexpr, DOT_F32: tl.constexpr):
+    """The [BLOCK_N, BLOCK_D] K and V tiles of keys j that a key-major program keeps for its
+    whole walk over the queries."""
+    k = load_tile(K + j[:, None] * stride_kn + offs_d[None, :] * stride_kd, j[:, None], n_keys, offs_d[None, :], D,
+                  CHECK_KEYS, not EVEN_D)
+    v = load_tile(V + j[:, None] * stride_vn + offs_d[None, :] * stride_vd, j[:, None], n_keys, offs_d[None, :], D,
+                  CHECK_KEYS, not EVEN_D)
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
