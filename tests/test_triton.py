@@ -106,6 +106,41 @@ def test_triton_lse_gradient(case):
     check_against_reference(ours, lo, hi, case)
 
 
+def _candidate_rounds():
+    """(head dim, round): round r forces every kernel kind's r-th autotuning candidate."""
+    from prefix_attn.triton_backend import configs
+
+    out = []
+    for D in (64, 128):
+        n = max(len(configs.candidates(kind, D, torch.bfloat16)) for kind in configs.KINDS)
+        out += [pytest.param(D, r, id=f"D{D}-round{r}") for r in range(n)]
+    return out
+
+
+@pytest.mark.gpu_tier
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU candidate configs run on a GPU only")
+@pytest.mark.parametrize("D,round_", _candidate_rounds())
+def test_triton_every_autotune_candidate(D, round_):
+    """Each tile config the autotuner may pick (configs.py), forced in turn, against the oracle:
+    the tier runs with PREFIX_ATTN_AUTOTUNE=0, so this is where the other candidates run."""
+    from prefix_attn.triton_backend import configs, tuning
+
+    forced = {kind: c[min(round_, len(c) - 1)] for kind in configs.KINDS
+              for c in [configs.candidates(kind, D, torch.bfloat16)]}
+    cases = [C(B=2, Hq=4, Hkv=2, Nq=200, Nk=333, P=70, D=D, causal=True, dtype="bf16"),
+             C(B=3, Hq=4, Hkv=2, Nq=96, Nk=96, P=64, D=D, prefix="bank", grads="prefix", dtype="bf16")]
+    tuning.FORCED.update(forced)
+    try:
+        for case in cases:
+            for det in (False, True):
+                x = make_inputs(case, device=DEVICE)
+                ours = run_attention(x, "triton", deterministic=det)
+                lo, hi = reference_pair(x)
+                check_against_reference(ours, lo, hi, case, what=f"{forced} det={det}: ")
+    finally:
+        tuning.FORCED.clear()
+
+
 @pytest.mark.gpu_tier
 def test_triton_deterministic_prefix_grads():
     case = C(B=5, Hq=4, Hkv=1, Nq=19, Nk=19, P=40, D=32, causal=True, prefix="shared", grads="prefix")

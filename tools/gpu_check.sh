@@ -104,13 +104,14 @@ header() { echo "# prefix_attn $1, commit $PREFIX_ATTN_COMMIT, $(date -u +%Y-%m-
 
 # ------------------------------------------------------------------ the test tier
 GPU_TESTS=(tests/test_correctness.py tests/test_determinism.py tests/test_api.py tests/test_ops.py tests/test_triton.py
-           tests/test_syncs.py)
+           tests/test_syncs.py tests/test_cuda_probe.py)
 run_tier() {  # $1: timeout in seconds; writes tests.log; returns pytest's status, 124 on timeout
   local backends workers xdist=() timeout_args=() missing=0 b
   backends=$("$PY" -c "import prefix_attn as p; print(','.join(b for b in p.available_backends() if b in ('triton', 'cuda')))" 2>&1 | tail -1)
   for b in triton cuda; do
     if [[ ",$backends," != *",$b,"* ]]; then
-      echo "gpu-check: FAIL: the $b backend is not available here (available GPU backends: '$backends'; see build.log)"
+      why=$("$PY" -c "from prefix_attn import backends; print(backends.unavailable_reason('$b'))" 2>&1 | tail -1)
+      echo "gpu-check: FAIL: the $b backend is not available here: $why (available GPU backends: '$backends'; see build.log)"
       missing=1
     fi
   done
@@ -123,7 +124,9 @@ run_tier() {  # $1: timeout in seconds; writes tests.log; returns pytest's statu
   {
     header "GPU test tier (pytest -m gpu_tier)"
     echo "# backends under test: $backends; timeout ${1}s; ${xdist[*]:-no xdist}"
-    PREFIX_ATTN_TEST_BACKENDS=$backends OMP_NUM_THREADS=1 timeout -k 5 "$1" \
+    # autotuning off: it would compile every candidate of every test's kernels; the candidates are
+    # checked against the oracle by test_triton_every_autotune_candidate instead
+    PREFIX_ATTN_TEST_BACKENDS=$backends PREFIX_ATTN_AUTOTUNE=0 OMP_NUM_THREADS=1 timeout -k 5 "$1" \
       "$PY" -m pytest -q -m gpu_tier -p no:cacheprovider -p no:benchmark "${xdist[@]}" "${timeout_args[@]}" \
       --durations=10 "${GPU_TESTS[@]}" 2>&1
     status=$?
