@@ -28,7 +28,8 @@ import triton.language as tl
 from .._inputs import check_prefix_index_range
 from . import configs
 from .scores import as_bytes, dot_args, mask_kind, n_bucket, optional, score_units
-from .tiles import load_key_block, load_tile, prefix_entry, query_block, query_range, seq_key_range, seq_scores
+from .tiles import (block_scores, load_key_block, load_tile, prefix_entry, query_block, query_range,
+                    seq_key_range, seq_scores)
 from .tuning import launch
 
 _EVEN = {
@@ -71,20 +72,14 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, start, n_keys, stride_kn, stride_kd, 
              APPLY_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, EVEN_D: tl.constexpr,
              DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EXP_MUL: tl.constexpr):
     j = start + offs_n
-    kT = load_tile(K + j[None, :] * stride_kn + offs_d[:, None] * stride_kd, j[None, :], n_keys, offs_d[:, None],
-                   D, CHECK_KEYS, not EVEN_D)
+    s, kT = block_scores(q, K, j, n_keys, stride_kn, stride_kd, offs_m, offs_d, D, qk_scale, b, h, Nq, Nk, KPM,
+                             stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m,
+                             stride_mask_n, IS_SEQ, CHECK_KEYS, APPLY_CAUSAL, HAS_KPM, MASK_KIND, EVEN_D, DOT_F32,
+                             PRECISION)
     vT = load_tile(V + j[None, :] * stride_vn + offs_d[:, None] * stride_vd, j[None, :], n_keys, offs_d[:, None],
                    D, CHECK_KEYS, not EVEN_D)
     if DOT_F32:
-        kT = kT.to(tl.float32)
         vT = vT.to(tl.float32)
-    s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-    if IS_SEQ:
-        s = seq_scores(s, offs_m[:, None], j[None, :], b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK,
-                       stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, CHECK_KEYS, APPLY_CAUSAL,
-                       HAS_KPM, MASK_KIND)
-    elif CHECK_KEYS:
-        s = tl.where(j[None, :] < n_keys, s, float("-inf"))
     p = tl.exp2((s - lse2[:, None]) * EXP_MUL)
     dp = tl.dot(do, vT, input_precision=PRECISION)
     ds = p * (dp - delta[:, None])

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .._inputs import check_prefix_index_range
 from .scores import as_bytes, dot_args, mask_kind, n_bucket, optional, score_units
-from .tiles import load_tile, prefix_entry, query_block, seq_key_range, seq_scores
+from .tiles import block_scores, load_tile, prefix_entry, query_block, seq_key_range
 from .tuning import launch
 
 
@@ -25,19 +25,12 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, start, n_keys, stride_kn, stride_kd, strid
               APPLY_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, EVEN_D: tl.constexpr,
               DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EXP_MUL: tl.constexpr):
     j = start + offs_n
-    kT = load_tile(K + j[None, :] * stride_kn + offs_d[:, None] * stride_kd, j[None, :], n_keys, offs_d[:, None],
-                   D, CHECK_KEYS, not EVEN_D)
+    s, _ = block_scores(q, K, j, n_keys, stride_kn, stride_kd, offs_m, offs_d, D, qk_scale, b, h, Nq, Nk, KPM,
+                            stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m,
+                            stride_mask_n, IS_SEQ, CHECK_KEYS, APPLY_CAUSAL, HAS_KPM, MASK_KIND, EVEN_D, DOT_F32,
+                            PRECISION)
     v = load_tile(V + j[:, None] * stride_vn + offs_d[None, :] * stride_vd, j[:, None], n_keys, offs_d[None, :],
                   D, CHECK_KEYS, not EVEN_D)
-    if DOT_F32:
-        kT = kT.to(tl.float32)
-    s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-    if IS_SEQ:
-        s = seq_scores(s, offs_m[:, None], j[None, :], b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK,
-                       stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, CHECK_KEYS, APPLY_CAUSAL,
-                       HAS_KPM, MASK_KIND)
-    elif CHECK_KEYS:
-        s = tl.where(j[None, :] < n_keys, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
     p = tl.exp2((s - m_safe[:, None]) * EXP_MUL)

@@ -137,3 +137,25 @@ def load_key_block(K, V, j, n_keys, stride_kn, stride_kd, stride_vn, stride_vd, 
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     return k, v
+
+
+@triton.jit
+def block_scores(q, K, j, n_keys, stride_kn, stride_kd, offs_m, offs_d, D, qk_scale, b, h, Nq, Nk, KPM,
+                 stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
+                 IS_SEQ: tl.constexpr, CHECK_KEYS: tl.constexpr, APPLY_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                 MASK_KIND: tl.constexpr, EVEN_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """A query-major program's scores against keys j: (s [BLOCK_M, BLOCK_N] in the kernel's units,
+    masked; the K tile, transposed, that made them). IS_SEQ: sequence keys (masks apply);
+    otherwise prefix keys (only the bounds of a partial tile)."""
+    kT = load_tile(K + j[None, :] * stride_kn + offs_d[:, None] * stride_kd, j[None, :], n_keys, offs_d[:, None],
+                   D, CHECK_KEYS, not EVEN_D)
+    if DOT_F32:
+        kT = kT.to(tl.float32)
+    s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+    if IS_SEQ:
+        s = seq_scores(s, offs_m[:, None], j[None, :], b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK,
+                       stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, CHECK_KEYS, APPLY_CAUSAL,
+                       HAS_KPM, MASK_KIND)
+    elif CHECK_KEYS:
+        s = tl.where(j[None, :] < n_keys, s, float("-inf"))
+    return s, kT
