@@ -160,7 +160,8 @@ def check_prefix_index_range(prefix_index: Tensor, prefix_k: Tensor) -> None:
     while torch.compile traces): a device-side assert, as torch's own index ops do. It reads
     nothing back, and is queued before the kernels on the same stream; a failed device assert
     stops all later work on the device, so no kernel reads out of bounds. The error surfaces at
-    the next synchronisation, as a RuntimeError with this message."""
+    the next synchronisation as CUDA's "device-side assert triggered" (a RuntimeError; the
+    message below is what the assert carries, which CUDA may not show)."""
     T = prefix_k.shape[0]
     if prefix_index.numel() == 0:
         return

@@ -142,6 +142,34 @@ def test_triton_every_autotune_candidate(D, round_):
 
 
 @pytest.mark.gpu_tier
+@pytest.mark.parametrize("index_kind", ["every_other", "expanded"])
+def test_triton_strided_prefix_index_and_lse_grad(index_kind):
+    """A prefix_index view with non-unit stride (the kernels read IDX + b) and lse.sum()'s
+    stride-0 gradient: both used to be read as if contiguous."""
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, Nq, Nk, P, D, T = 4, 4, 2, 19, 23, 9, 32, 3
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE)
+
+    if index_kind == "every_other":
+        index = torch.tensor([0, 99, 2, 99, 1, 99, 2, 99], device=DEVICE)[::2]
+    else:
+        index = torch.tensor([1], device=DEVICE).expand(B)
+    leaves = [randn(B, Hq, Nq, D), randn(B, Hkv, Nk, D), randn(B, Hkv, Nk, D), randn(T, Hkv, P, D),
+              randn(T, Hkv, P, D)]
+    results = {}
+    for backend in ("triton", "reference"):
+        x = [t.clone().requires_grad_() for t in leaves]
+        out, lse = prefix_attn.prefix_attention(*x, causal=True, prefix_index=index, return_lse=True,
+                                                backend=backend)
+        (out.sum() + lse.sum()).backward()
+        results[backend] = [out.detach(), lse.detach()] + [t.grad for t in x]
+    for name, got, want in zip(["out", "lse", "dq", "dk", "dv", "dprefix_k", "dprefix_v"], *results.values()):
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.gpu_tier
 def test_triton_deterministic_prefix_grads():
     case = C(B=5, Hq=4, Hkv=1, Nq=19, Nk=19, P=40, D=32, causal=True, prefix="shared", grads="prefix")
     x = make_inputs(case, device=DEVICE)

@@ -86,7 +86,7 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, start, n_keys, stride_kn, stride_kd, 
     return dq + tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_BUCKET"])  # an autotuning key, never read
 def _bwd_dq_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, DOut, Lse2, Delta, DQ,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
@@ -205,7 +205,7 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, O, Lse2, Delta, Lse, DLse, DQ, stride_dqm, s
 
 
 @triton.heuristics(dict(_EVEN, EVEN_N=lambda a: a["Nk"] % a["BLOCK_N"] == 0))
-@triton.jit
+@triton.jit(do_not_specialize=["N_BUCKET"])  # an autotuning key, never read
 def _bwd_dkdv_kernel(Q, K, V, KPM, MASK, DOut, Lse2, Delta, DK, DV, DQ,
                      stride_qb, stride_qh, stride_qm, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
@@ -264,7 +264,7 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, MASK, DOut, Lse2, Delta, DK, DV, DQ,
 
 
 @triton.heuristics(dict(_EVEN, EVEN_N=lambda a: a["P"] % a["BLOCK_N"] == 0))
-@triton.jit
+@triton.jit(do_not_specialize=["N_BUCKET"])  # an autotuning key, never read
 def _bwd_dprefix_kernel(Q, PK, PV, Rows, RowStart, DOut, Out, Lse, DLse, Lse2, Delta, DPK, DPV, DQ,
                         stride_qb, stride_qh, stride_qm, stride_qd,
                         stride_pkt, stride_pkh, stride_pkn, stride_pkd,
@@ -391,6 +391,9 @@ def triton_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding
         return dq, dk, dv, dpk, dpv
     if prefix_index is not None:  # an op of its own, callable directly: the same check as the forward
         check_prefix_index_range(prefix_index, prefix_k)
+        prefix_index = prefix_index.contiguous()  # the kernels read IDX + b
+    if dlse is not None:
+        dlse = dlse.contiguous()  # autograd hands lse.sum()'s gradient as a stride-0 view
     # A row whose scores are all near finfo.min (a Hugging Face float mask hiding every key):
     # float32 lse = max + log(l) lost log(l), and the probabilities rebuilt from it would be
     # wrong. The CPU backend recomputes such rows; this one refuses. Only possible with P == 0:

@@ -43,7 +43,7 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, start, n_keys, stride_kn, stride_kd, strid
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_BUCKET"])  # an autotuning key, never read
 def _fwd_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, Out, Lse,
                 stride_qb, stride_qh, stride_qm, stride_qd,
                 stride_kb, stride_kh, stride_kn, stride_kd,
@@ -131,7 +131,7 @@ def triton_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, 
     pv, spv = optional(prefix_v, q, 4)
     kpm, skpm = optional(as_bytes(key_padding_mask), q, 2)
     mask, smask = optional(as_bytes(attn_mask), q, 4)
-    idx = prefix_index if prefix_index is not None else q
+    idx = prefix_index.contiguous() if prefix_index is not None else q  # the kernel reads IDX + b
     qk_scale, exp_mul = score_units(attn_mask, scale)
     launch(_fwd_kernel, "fwd", lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq), D, q.dtype,
            q, k, v, pk, pv, idx, kpm, mask, out, lse,
