@@ -11,7 +11,7 @@ Tolerance rule (taken from FlashAttention's tests): for every output and gradien
 where ``err(x)`` is the largest absolute difference to the reference run in float64 on
 the same (already rounded) inputs. The bound adapts to dtype, shape and head dim, so no
 per-case tolerances are needed. The floor has two parts: ``FLOOR_REL`` (sums reordered)
-and ``recompute_rel_error``, which grows with the scores (a flash-style backward rebuilds
+and, for gradients, ``recompute_rel_error``, which grows with the scores (a flash-style backward rebuilds
 the probabilities from scores it recomputes; the reference keeps them). test_tolerance.py
 checks that the bound still rejects small bugs.
 
