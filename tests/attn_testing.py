@@ -633,6 +633,19 @@ class OpLog(TorchDispatchMode):
         return [bound for name, bound, _ in self.calls if name.startswith(op_name)]
 
 
+def assert_no_cuda_sync(step) -> None:
+    """Runs step() once to compile, tune and cache (Triton kernels, autotuning, device
+    properties), then again under torch.cuda.set_sync_debug_mode("error"): any host
+    synchronisation in the second run raises."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 class HostReads(TorchDispatchMode):
     """Counts host reads of tensor values: item(), bool(t), int(t), float(t), torch.equal, which
     on CUDA each wait for the stream (a synchronisation). Every one reaches the dispatcher as

@@ -22,7 +22,7 @@ import torch
 
 import prefix_attn
 from prefix_attn import _inputs, _ops
-from attn_testing import HostReads, kernel_backends
+from attn_testing import HostReads, assert_no_cuda_sync, kernel_backends
 
 B, HQ, HKV, NQ, NK, P, D, T = 2, 4, 2, 5, 7, 3, 16, 4
 
@@ -128,13 +128,7 @@ def test_cuda_call_never_synchronises(backend, prefix):
         out = prefix_attn.prefix_attention(**x, causal=True, backend=backend)
         out.backward(dout)
 
-    step()  # compiles and caches (Triton kernels, device properties) before counting
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_no_cuda_sync(step)
     torch.cuda.synchronize()
 
 

@@ -19,7 +19,7 @@ atomics (or writes it to a chunk slot, deterministically).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import triton

@@ -130,11 +130,3 @@ def shared_bytes_estimate(kind: str, cfg: TileConfig, block_d_: int, elem: int) 
     else:
         streamed, resident = 2 * m * block_d_, 2 * n * block_d_
     return elem * (s * streamed + resident)
-
-
-def tile_counts_by_kind() -> Dict[str, int]:
-    """How many candidate configs each kind has over every (dtype size, head dim) key."""
-    out: Dict[str, int] = {}
-    for (kind, _, _), cfgs in CANDIDATES.items():
-        out[kind] = out.get(kind, 0) + len(cfgs)
-    return out

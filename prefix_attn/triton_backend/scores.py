@@ -9,7 +9,6 @@ from torch import Tensor
 from . import configs
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 def score_units(attn_mask: Optional[Tensor], scale: float) -> Tuple[float, float]:

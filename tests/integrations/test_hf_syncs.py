@@ -10,7 +10,7 @@ torch.cuda.set_sync_debug_mode("error") checks the real step.
 import pytest
 import torch
 
-from attn_testing import HostReads, kernel_backends
+from attn_testing import HostReads, assert_no_cuda_sync, kernel_backends
 from hf_testing import padded_batch, tiny_model
 from prefix_attn import _inputs
 from prefix_attn.integrations.transformers import add_prefix_tuning, remove_prefix_tuning
@@ -48,11 +48,5 @@ def test_cuda_training_step_never_synchronises(backend, monkeypatch):
     def step():
         model(input_ids=ids, attention_mask=mask, prefix_index=task).logits.sum().backward()
 
-    step()  # compiles and caches before counting
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_no_cuda_sync(step)
     torch.cuda.synchronize()
