@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "prefix_attn_dropout.h"
+
 namespace prefix_attn {
 
 enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -48,6 +50,9 @@ struct FwdParams {
 
   float scale = 1.f;
   bool causal = false;
+
+  // Attention dropout (prefix_attn_dropout.h); disabled unless dropout_p > 0.
+  DropoutParams dropout;
 
   // Outputs: out [B, Hq, Nq, D] in dtype (any strides); lse [B, Hq, Nq] float32, contiguous.
   MutView4 out;
