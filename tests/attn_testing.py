@@ -676,7 +676,8 @@ class HostReads(TorchDispatchMode):
 def op_kwargs(op, **given):
     """Keyword arguments for a raw op (torch.ops.prefix_attn.*), by schema name, so the
     tests do not depend on argument order: optional tensors default to None, scale to
-    0.25, need_* flags to True and other flags to False."""
+    0.25, need_* flags to True, other flags to False, and arguments with a schema default
+    (dropout's) to that default."""
     kwargs = {}
     for arg in op._schema.arguments:
         if arg.name in given:
@@ -687,6 +688,8 @@ def op_kwargs(op, **given):
             kwargs[arg.name] = 0.25
         elif str(arg.type) == "bool":
             kwargs[arg.name] = arg.name.startswith("need_")
+        elif arg.has_default_value():
+            kwargs[arg.name] = arg.default_value
         else:
             raise KeyError(f"no value for {arg.name} ({arg.type})")
     unknown = set(given) - {arg.name for arg in op._schema.arguments}
