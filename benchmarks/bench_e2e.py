@@ -466,6 +466,15 @@ def model_bytes(model) -> int:
     return total
 
 
+def release(model) -> None:
+    """Undo our prefix tuning on a model about to be dropped: the attention name it registered
+    with transformers goes once no model uses it."""
+    from prefix_attn.integrations.transformers import get_prefix_encoder, remove_prefix_tuning
+
+    if get_prefix_encoder(model) is not None:
+        remove_prefix_tuning(model)
+
+
 def _pad_id(model) -> int:
     pad = model.config.pad_token_id
     return pad if pad is not None else 0
@@ -573,6 +582,7 @@ def run_gpu_case(case: GpuCase, base, dev: Device, case_end: float, end: float, 
             "model_mb": model_bytes(models[impl]) / 1e6, "same_tokens_as_peft": same,
             "case_s": time.perf_counter() - t_case,
         })
+    release(models["ours"])
     peft = rows[1]
     for r in rows:
         r["speed_vs_peft"] = _ratio(r["tokens_per_s"], peft["tokens_per_s"])

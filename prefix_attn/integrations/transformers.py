@@ -371,6 +371,13 @@ def _decoder_pre_hook(state: _PrefixTuning, module: nn.Module, args, kwargs):
         state.encoder.set_reshard_after_forward(False)
     kwargs[PREFIX_KWARG] = state.encoder()
 
+    if (kwargs.get("attention_mask") is None and kwargs.get("position_ids") is None
+            and kwargs.get("cache", kwargs.get("past_key_values")) is None):
+        # With no mask, no positions and no cache, transformers searches the position ids for packed
+        # sequences and reads the answer back: a host synchronisation on CUDA, every step.
+        # Positions made from a range are never packed; an all-ones mask over the new tokens (all
+        # the keys, with no cache) says so, gives the same attention, and skips that search.
+        kwargs["attention_mask"] = torch.ones(batch, length, dtype=torch.long, device=inputs.device)
     if state.position_offset:
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
