@@ -185,17 +185,25 @@ def _extension_unsupported(inputs: AttnInputs) -> Optional[str]:
     return None
 
 
+def _cuda_unsupported(inputs: AttnInputs) -> Optional[str]:
+    if inputs.dropout_p > 0.0:
+        return "attention dropout (not yet in the cuda backend's kernels; the triton backend has it)"
+    return _extension_unsupported(inputs)
+
+
 def _run_extension(inputs: AttnInputs, deterministic: bool) -> Tuple[Tensor, Tensor]:
     return torch.ops.prefix_attn.fwd(
         inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v, inputs.prefix_index,
-        inputs.key_padding_mask, inputs.attn_mask, inputs.scale, inputs.causal, deterministic)
+        inputs.key_padding_mask, inputs.attn_mask, inputs.scale, inputs.causal, deterministic,
+        inputs.dropout_p, inputs.dropout_seed, inputs.dropout_offset)
 
 
 def _run_reference(inputs: AttnInputs, deterministic: bool) -> Tuple[Tensor, Tensor]:
     if inputs.prefix_index is not None:  # torch's indexing would check too, with no word of prefix_index
         check_prefix_index_range(inputs.prefix_index, inputs.prefix_k)
     return reference_forward(inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v, inputs.prefix_index,
-                             inputs.key_padding_mask, inputs.attn_mask, inputs.scale, inputs.causal)
+                             inputs.key_padding_mask, inputs.attn_mask, inputs.scale, inputs.causal,
+                             inputs.dropout_p, inputs.dropout_seed, inputs.dropout_offset)
 
 
 def _triton_available() -> bool:
@@ -209,7 +217,8 @@ def _run_triton(inputs: AttnInputs, deterministic: bool) -> Tuple[Tensor, Tensor
 
     return triton_backend.triton_fwd(
         inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v, inputs.prefix_index,
-        inputs.key_padding_mask, inputs.attn_mask, inputs.scale, inputs.causal, deterministic)
+        inputs.key_padding_mask, inputs.attn_mask, inputs.scale, inputs.causal, deterministic,
+        inputs.dropout_p, inputs.dropout_seed, inputs.dropout_offset)
 
 
 def _cuda_available() -> bool:
@@ -273,7 +282,7 @@ def _cuda_probe(device: torch.device) -> Optional[str]:
 register_backend(Backend("cpu", ("cpu",), _KERNEL_DTYPES, 10, lambda: _ops.HAS_EXTENSION,
                          _extension_unsupported, _run_extension))
 register_backend(Backend("cuda", ("cuda",), _KERNEL_DTYPES, 20, _cuda_available,
-                         _extension_unsupported, _run_extension))
+                         _cuda_unsupported, _run_extension))
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 register_backend(Backend("triton", ("cuda", "cpu") if _TRITON_INTERPRET else ("cuda",), _KERNEL_DTYPES, 30,
                          _triton_available, _extension_unsupported, _run_triton, auto_device_types=("cuda",)))

@@ -85,7 +85,9 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     attention_mask is what `prefix_attention_mask` made: None, a bool padding mask [B, Nk]
     (causal attention over it) or a full mask [B, 1 or Hq, Nq, Nk] (bool or additive float).
     The layer's prefix comes from kwargs[PREFIX_KWARG][module.layer_idx], the task ids from
-    kwargs["prefix_index"]. Returns (out [B, Nq, Hq, D], None): no attention weights.
+    kwargs["prefix_index"]. `dropout` is the model's attention dropout (0 in eval): it drops
+    prefix and sequence probabilities alike. Returns (out [B, Nq, Hq, D], None): no attention
+    weights.
     """
     layers = kwargs.get(PREFIX_KWARG)
     if layers is None:
@@ -96,9 +98,6 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     for name in _UNSUPPORTED_ATTENTION_KWARGS:
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"prefix_attn: attention with {name}={kwargs[name]!r} is not supported")
-    if dropout:
-        raise NotImplementedError(f"prefix_attn: attention dropout ({dropout}) is not supported; set the model "
-                                  "config's attention_dropout to 0.0")
     prefix_k = prefix_v = None
     if len(layers):  # an empty tuple: the prefix is switched off (prefix_disabled)
         layer_idx = getattr(module, "layer_idx", None)
@@ -132,7 +131,8 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
         query, causal = query.reshape(B, Hkv, Hq // Hkv, D), False
     out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, softmax_scale=scaling,
                            key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                           prefix_index=kwargs.get("prefix_index"), backend=backend)
+                           prefix_index=kwargs.get("prefix_index"), dropout_p=float(dropout or 0.0),
+                           backend=backend)
     if grouped:
         out = out.reshape(B, Hq, Nq, D)
     return out.transpose(1, 2), None

@@ -40,6 +40,7 @@ from transformers import AttentionInterface  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
 from prefix_attn.integrations import transformers as hf  # noqa: E402
+from prefix_attn import _dropout  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -141,7 +142,9 @@ ORACLE = "prefix_attn_test_oracle"
 
 def _oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """[prefix ; key] concatenated explicitly, GQA by repetition, softmax in float64, and the
-    mask transformers' own sdpa_mask built for the sequence (the prefix column block: all True)."""
+    mask transformers' own sdpa_mask built for the sequence (the prefix column block: all True).
+    Attention dropout applies prefix_attn/_dropout.py's mask for a stream drawn as
+    prefix_attention draws it, so under the same torch.manual_seed both drop the same entries."""
     layers = kwargs[hf.PREFIX_KWARG]
     B, Hq, Nq, D = query.shape
     Hkv = key.shape[1]
@@ -163,6 +166,9 @@ def _oracle_attention(module, query, key, value, attention_mask, scaling=None, d
     visible = torch.cat([torch.ones(B, 1, Nq, P, dtype=torch.bool), attention_mask[..., : key.shape[2]]
                          .expand(B, 1, Nq, -1)], -1)
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1)
+    if dropout:  # the stream prefix_attention draws, in the same order from the same generator
+        seed, offset = _dropout.next_stream(query.device)
+        probs = _dropout.apply_reference(probs, seed, offset, dropout, P)
     out = (probs @ values).to(query.dtype)
     return out.transpose(1, 2), None
 

@@ -47,6 +47,33 @@ def test_prefix_gradient_matches_oracle(projection):
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("prefix_encoder"))
 
 
+def test_attention_dropout_trains_on_the_oracles_stream():
+    """A config with attention dropout (GPT-2, BERT and RoBERTa default to 0.1) trains: in train
+    mode every layer's attention drops, prefix and sequence probabilities alike, by the stream
+    the float64 oracle applies under the same seed; in eval nothing drops."""
+    from prefix_attn import _dropout
+
+    torch.manual_seed(11)
+    model = add_prefix_tuning(tiny_model(attention_dropout=0.3), 4)
+    model.train()
+    ids, mask = padded_batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    torch.manual_seed(5)
+    with _dropout.record_masks() as calls:
+        loss, got = _prefix_grads(model, **inputs)
+    assert [c.dropout_p for c in calls] == [0.3] * model.config.num_hidden_layers
+    oracle = oracle_copy(model).double()
+    torch.manual_seed(5)
+    oracle_loss, expected = _prefix_grads(oracle, **inputs)
+    torch.testing.assert_close(loss, oracle_loss.float(), rtol=1e-5, atol=1e-6)
+    _assert_grads_close(got, {n: g.float() for n, g in expected.items()})
+
+    model.eval()
+    with _dropout.record_masks() as calls, torch.no_grad():
+        eval_loss = model(**inputs).loss
+    assert calls == [] and not torch.equal(eval_loss, loss), "eval mode must not drop"
+
+
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 def test_gradient_checkpointing(reentrant):
     """Same loss and prefix gradients with checkpointing (PEFT's prefix tuning refuses it)."""
