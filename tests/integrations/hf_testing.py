@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
+import subprocess
 import sys
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(HERE)), "examples")
+ROOT = os.path.dirname(os.path.dirname(HERE))
+EXAMPLES = os.path.join(ROOT, "examples")
 if EXAMPLES not in sys.path:
     sys.path.insert(0, EXAMPLES)
 
@@ -186,3 +189,32 @@ def oracle_copy(model):
     twin = copy.deepcopy(model)
     twin.config._attn_implementation = ORACLE
     return twin
+
+
+# --------------------------------------------------------------------------- several processes
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker: str, out_dir: str, world: int = 2, timeout: float = 600) -> List[str]:
+    """Run `python worker out_dir` as `world` ranks (RANK, WORLD_SIZE, MASTER_ADDR/PORT set, one
+    thread each) and return their outputs; a rank that fails raises with its output's tail.
+    The ranks import prefix_attn from this checkout (PYTHONPATH), not from wherever the installed
+    package points. timeout is generous: the machine may be busy."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=path)
+    procs = [subprocess.Popen([sys.executable, worker, str(out_dir)], env=dict(env, RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"{os.path.basename(worker)} rank {r} failed:\n{out[-3000:]}"
+    return outputs

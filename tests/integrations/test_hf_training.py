@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from hf_testing import HERE, oracle_copy, padded_batch, tiny_model
+from hf_testing import HERE, oracle_copy, padded_batch, run_ranks, tiny_model
 from prefix_attn.integrations.transformers import add_prefix_tuning, get_prefix_encoder
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -172,28 +169,10 @@ def test_trainer_trains_only_the_prefix(mode, tmp_path):
 
 # --------------------------------------------------------------------------- DDP
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_prefix_gradients_agree(tmp_path):
     """2 processes, gloo on CPU: after backward both ranks hold the same prefix gradient, the mean
     of the two halves' gradients (with and without gradient checkpointing)."""
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
-               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    worker = os.path.join(HERE, "ddp_worker.py")
-    procs = [subprocess.Popen([sys.executable, worker, str(tmp_path)], env=dict(env, RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    try:
-        outputs = [p.communicate(timeout=600)[0] for p in procs]  # generous: the machine may be busy
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{out[-3000:]}"
+    run_ranks(os.path.join(HERE, "ddp_worker.py"), str(tmp_path))
     from safetensors.torch import load_file
 
     rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2))
