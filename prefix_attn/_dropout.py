@@ -93,6 +93,10 @@ def keep_mask(seed: int, offset: int, dropout_p: float, B: int, Hq: int, Nq: int
 # ----------------------------------------------------------------------------------------------
 # Drawing (seed, offset) from torch's generators
 
+# Eager even inside torch.compile: the draw reads the generator into Python ints, which a graph
+# cannot hold, so a call with dropout makes one graph break here, and draws what eager would (a
+# compiled model drops exactly as the eager one under the same seed).
+@torch.compiler.disable
 def next_stream(device: torch.device) -> Tuple[int, int]:
     """(seed, offset) for one call's dropout on `device`, advancing torch's generator for it."""
     if device.type == "cuda":

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 import prefix_attn
 from attn_testing import Case as C
-from attn_testing import backend_params, check_dropout_against_reference, device_for, kernel_keep_mask
+from attn_testing import (assert_no_cuda_sync, backend_params, check_dropout_against_reference, device_for,
+                          kernel_keep_mask)
 from prefix_attn import _dropout
 from prefix_attn.backends import _REGISTRY
 from prefix_attn._inputs import check_inputs
@@ -145,6 +146,25 @@ def test_dropout_seeding(backend):
     assert not torch.equal(first, second)
 
 
+@pytest.mark.gpu_tier
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", backend_params())
+def test_dropout_step_makes_no_host_sync(backend):
+    """The stream comes from the CUDA generator's seed and offset, host-side values: drawing it,
+    and the forward and backward with dropout, never wait for the GPU."""
+    _skip_without_dropout(backend)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 64, 64, generator=gen).cuda().bfloat16().requires_grad_()
+    k, v = (torch.randn(2, 2, 64, 64, generator=gen).cuda().bfloat16().requires_grad_() for _ in range(2))
+    pk, pv = (torch.randn(2, 16, 64, generator=gen).cuda().bfloat16().requires_grad_() for _ in range(2))
+
+    def step():
+        out = prefix_attn.prefix_attention(q, k, v, pk, pv, causal=True, dropout_p=0.1, backend=backend)
+        out.sum().backward()
+
+    assert_no_cuda_sync(step)
+
+
 @pytest.mark.parametrize("backend", backend_params())
 def test_zero_dropout_is_no_dropout(backend):
     dev = device_for(backend)
@@ -217,3 +237,24 @@ def test_dropout_gradcheck_with_a_fixed_mask():
         return reference_forward(q, k, v, pk, pv, None, None, None, 0.35, True, 0.3, 99, 5)[0]
 
     assert torch.autograd.gradcheck(f, (q, k, v, pk, pv))
+
+
+def test_compiled_drops_as_eager():
+    """Under torch.compile the stream is drawn eagerly (one graph break, at the draw), so a
+    compiled function drops exactly what the eager one does under the same seed."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 8, 16, generator=gen, requires_grad=True)
+    pk = torch.randn(2, 4, 16, generator=gen, requires_grad=True)
+
+    def f(q, pk):
+        return prefix_attn.prefix_attention(q, q, q, pk, pk, causal=True, dropout_p=0.3).square().sum()
+
+    results = []
+    for fn in (f, torch.compile(f, backend="aot_eager")):
+        torch.manual_seed(1)
+        loss = fn(q, pk)
+        grads = torch.autograd.grad(loss, (q, pk))
+        results.append((loss.detach(), *grads))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager)

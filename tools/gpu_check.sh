@@ -109,7 +109,7 @@ header() { echo "# prefix_attn $1, commit $PREFIX_ATTN_COMMIT, $(date -u +%Y-%m-
 
 # ------------------------------------------------------------------ the test tier
 GPU_TESTS=(tests/test_correctness.py tests/test_determinism.py tests/test_api.py tests/test_ops.py tests/test_triton.py
-           tests/test_syncs.py tests/test_cuda_probe.py tests/integrations/test_hf_syncs.py)
+           tests/test_dropout.py tests/test_syncs.py tests/test_cuda_probe.py tests/integrations/test_hf_syncs.py)
 run_tier() {  # $1: timeout in seconds; writes tests.log; returns pytest's status, 124 on timeout
   local backends workers xdist=() timeout_args=() missing=0 b
   backends=$("$PY" -c "import prefix_attn as p; print(','.join(b for b in p.available_backends() if b in ('triton', 'cuda')))" 2>&1 | tail -1)
