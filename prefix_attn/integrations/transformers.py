@@ -62,6 +62,10 @@ __all__ = [
 ATTN_IMPLEMENTATION = "prefix_attn"
 #: The attention kwarg that carries the per-layer prefixes from the decoder's hook to attention.
 PREFIX_KWARG = "prefix_attn_kv"
+#: An attention kwarg, a list with a slot per layer: attention stores each layer's (key, value)
+#: there, as it attends to them (after rotary, with the KV cache). Prompt tuning's batch-1 pass
+#: over the soft prompt collects its per-layer prefix this way (integrations/prompt_tuning.py).
+KV_SINK_KWARG = "prefix_attn_kv_sink"
 
 CONFIG_NAME = "prefix_config.json"
 WEIGHTS_NAME = "prefix_model.safetensors"
@@ -98,6 +102,9 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     for name in _UNSUPPORTED_ATTENTION_KWARGS:
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"prefix_attn: attention with {name}={kwargs[name]!r} is not supported")
+    sink = kwargs.get(KV_SINK_KWARG)
+    if sink is not None:
+        sink[module.layer_idx] = (key, value)
     prefix_k = prefix_v = None
     if len(layers):  # an empty tuple: the prefix is switched off (prefix_disabled)
         layer_idx = getattr(module, "layer_idx", None)
