@@ -12,6 +12,12 @@ Cases (float32; the model is frozen, only the prefix trains):
                cannot use it (it raises), so PEFT runs without, as in `train`.
     generate   greedy generation of exactly 32 new tokens for B=8 left-padded prompts of 40-64
                tokens, P=64, with a KV cache.
+    prompt_train  prompt tuning (issue 13): one training step, B=8 x N=128 tokens, a soft prompt
+               of P=64 embeddings. Ours runs the prompt once per step as a batch of one and
+               feeds its per-layer K/V to every row through the prefix kernel
+               (prefix_attn.integrations.prompt_tuning); PEFT prepends the prompt to every row.
+               Same prompt values either way. The FLOP floor of the ratio is in
+               benchmarks/README.md ("Prompt tuning").
 
 What is measured:
 
@@ -106,6 +112,7 @@ CASES = {
     "train": dict(kind="train", batch=4, seq=256, prefix=64, checkpointing=False),
     "train_gc": dict(kind="train", batch=4, seq=256, prefix=64, checkpointing=True),
     "generate": dict(kind="generate", batch=8, seq=64, prefix=64, new_tokens=32),
+    "prompt_train": dict(kind="train", batch=8, seq=128, prefix=64, checkpointing=False, method="prompt"),
 }
 IMPLS = ("ours", "peft")
 TARGETS = [  # (case, metric, comparison, bound): ours / PEFT must satisfy it
@@ -113,6 +120,8 @@ TARGETS = [  # (case, metric, comparison, bound): ours / PEFT must satisfy it
     ("train", "peak_mb", "<", 1.0),
     ("train_gc", "peak_mb", "<=", 0.6),
     ("generate", "tokens_per_s", ">=", 1.0),
+    ("prompt_train", "tokens_per_s", ">=", 1.3),  # issue 13
+    ("prompt_train", "peak_mb", "<=", 0.8),
 ]
 
 
@@ -152,6 +161,33 @@ def build_model(impl: str, model, P: int, seed: int = 0, checkpointing: bool = F
     raise ValueError(impl)
 
 
+def build_prompt_model(impl: str, model, P: int, seed: int = 0, checkpointing: bool = False):
+    """`model` prompt-tuned by impl ("ours" or "peft"), with the same soft prompt either way: the
+    embeddings of P tokens drawn from the vocabulary (PEFT's SAMPLE_VOCAB init)."""
+    g = torch.Generator().manual_seed(seed)
+    words = model.get_input_embeddings().weight
+    prompt = words[torch.randint(0, words.shape[0], (P,), generator=g)].detach().clone().float()
+    if impl == "ours":
+        from prefix_attn.integrations.prompt_tuning import add_prompt_tuning
+
+        add_prompt_tuning(model, P)
+        with torch.no_grad():
+            model.prefix_encoder.embedding.weight.copy_(prompt)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        return model
+    if impl == "peft":
+        from peft import PromptTuningConfig, get_peft_model
+
+        peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+        if checkpointing:
+            peft_model.gradient_checkpointing_enable()
+        with torch.no_grad():
+            peft_model.prompt_encoder["default"].embedding.weight.copy_(prompt)
+        return peft_model
+    raise ValueError(impl)
+
+
 def make_inputs(case: dict, vocab: int, pad_id: int, seed: int = 0, pad: bool = True) -> Dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     B, N = case["batch"], case["seq"]
@@ -171,7 +207,7 @@ def build_call(impl: str, case_name: str, seed: int = 0, model=None) -> Tuple[Ca
     if model is None:
         model, _ = smollm2.load_smollm2(tokenizer=False)
     ckpt = case.get("checkpointing", False) and impl == "ours"
-    model = build_model(impl, model, case["prefix"], seed, checkpointing=ckpt)
+    model = METHODS[case.get("method", "prefix")](impl, model, case["prefix"], seed, checkpointing=ckpt)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     inputs = make_inputs(case, model.config.vocab_size, pad_id, seed)
     return make_call(model, case["kind"], inputs, case.get("new_tokens", 0), pad_id), \
@@ -272,7 +308,7 @@ def run_case(case_name: str, reps: int, mem_repeats: int, wait_quiet: float, bas
         t = times[impl]
         median = statistics.median(t)
         rows.append({
-            "case": case_name, "impl": impl, **CASES[case_name],
+            "case": case_name, "impl": impl, "method": "prefix", **CASES[case_name],
             "checkpointing": bool(CASES[case_name].get("checkpointing")) and impl == "ours",
             "tokens_per_call": tokens[impl], "seconds": t, "median_s": median,
             "tokens_per_s": tokens[impl] / median, "min_s": min(t),
@@ -280,6 +316,19 @@ def run_case(case_name: str, reps: int, mem_repeats: int, wait_quiet: float, bas
             "background_cpu_cores": [load_before, load_after],
         })
     return rows
+
+
+def keep_other_cases(rows: List[dict], path: str) -> Tuple[List[dict], Dict[str, dict]]:
+    """rows, plus the rows of the other cases from an earlier e2e.json at path (in its order), and
+    {case: the earlier run's commit and date} for those kept."""
+    if not os.path.exists(path):
+        return rows, {}
+    with open(path) as f:
+        earlier = json.load(f)
+    ran = {r["case"] for r in rows}
+    old = [r for r in earlier.get("rows", []) if r["case"] not in ran]
+    source = {k: earlier.get("meta", {}).get(k) for k in ("git_commit", "date")}
+    return old + rows, {r["case"]: source for r in old}
 
 
 def check_targets(rows: List[dict]) -> List[dict]:
@@ -333,7 +382,7 @@ def plot(rows: List[dict], path: str, title: str) -> bool:
             xs = [c for c in range(len(cases)) if (cases[c], impl) in by]
             vals = [by[(cases[c], impl)][metric] for c in xs]
             bars = ax.bar([x + (i - 0.5) * width for x in xs], vals, width,
-                          label="prefix_attn" if impl == "ours" else "PEFT prefix tuning")
+                          label="prefix_attn" if impl == "ours" else "PEFT")
             ax.bar_label(bars, fmt="%.0f", fontsize=8)
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels([c.replace("train_gc", "train\n(ours: grad. ckpt)") for c in cases])
@@ -358,9 +407,9 @@ LLAMA_TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hid
                   tie_word_embeddings=False)
 
 #: How each tuning method builds the pair (ours, PEFT's) from one base model: a builder with
-#: build_model's signature (impl, model, P, seed, checkpointing) -> the tuned model. Prompt
-#: tuning (its own issue) adds "prompt" here; a GpuCase names its method.
-METHODS: Dict[str, Callable[..., Any]] = {"prefix": build_model}
+#: build_model's signature (impl, model, P, seed, checkpointing) -> the tuned model. A CPU case
+#: names its method in CASES (default "prefix"), a GpuCase in its `method` field.
+METHODS: Dict[str, Callable[..., Any]] = {"prefix": build_model, "prompt": build_prompt_model}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -772,6 +821,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 repeats: a smoke run, not a measurement")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/<hardware>)")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU: torch threads (default: torch's). On a machine shared with other processes, 1 thread "
+                         "avoids OpenMP barriers waiting on descheduled threads, which distort the comparison")
+    ap.add_argument("--keep-other-cases", action="store_true",
+                    help="CPU: keep the rows of the cases not run from the results folder's e2e.json (their run's "
+                         "commit and date are recorded under meta.kept_rows)")
     gpu = ap.add_argument_group("CUDA (issue 14) and --tiny")
     gpu.add_argument("--device", default="cpu", help="cuda: the GPU cases (GPU_CASES), bf16; cpu: the CPU cases")
     gpu.add_argument("--tiny", action="store_true", help="the GPU cases' code paths at tiny shapes (a smoke test)")
@@ -802,6 +857,9 @@ def main(argv=None) -> int:
 
     import prefix_attn
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the fresh processes of the memory measurements
     hw = hardware_info(torch.device("cpu"))
     print(f"{hw['cpu_model']}, {hw['cpu_cores']} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"transformers {transformers.__version__}, peft {peft.__version__}, prefix_attn backend "
@@ -811,6 +869,10 @@ def main(argv=None) -> int:
     for case in args.cases:
         print(f"case {case}: {CASES[case]}", flush=True)
         rows += run_case(case, args.reps, args.mem_repeats, args.wait_quiet, base_model)
+    out_dir = args.out or os.path.join(_HERE, "results", hw["slug"])
+    kept = {}
+    if args.keep_other_cases:
+        rows, kept = keep_other_cases(rows, os.path.join(out_dir, "e2e.json"))
     targets = check_targets(rows)
     table = markdown(rows, targets)
     print()
@@ -822,14 +884,15 @@ def main(argv=None) -> int:
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "peft": peft.__version__, "prefix_attn": prefix_attn.__version__},
             "backend": prefix_attn.select_backend(torch.zeros(1, 1, 1, 64)), "reps": args.reps,
-            "mem_repeats": args.mem_repeats, "notes": __doc__}
-    out_dir = args.out or os.path.join(_HERE, "results", hw["slug"])
+            "mem_repeats": args.mem_repeats, "threads": torch.get_num_threads(), "notes": __doc__}
+    if kept:
+        meta["kept_rows"] = kept
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "e2e.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows, "targets": targets}, f, indent=2)
     with open(os.path.join(out_dir, "e2e.md"), "w") as f:
         f.write(f"# End-to-end: SmolLM2-135M-Instruct, prefix_attn vs PEFT ({hw['cpu_model']})\n\n{table}\n")
-    title = (f"SmolLM2-135M prefix tuning, fp32, P=64: prefix_attn vs PEFT - {hw['cpu_model']}, "
+    title = (f"SmolLM2-135M prefix / prompt tuning, fp32, P=64: prefix_attn vs PEFT - {hw['cpu_model']}, "
              f"{hw['cpu_cores']} cores")
     wrote_png = plot(rows, os.path.join(out_dir, "e2e.png"), title)
     print(f"\nwrote {out_dir}/e2e.json, e2e.md" + (", e2e.png" if wrote_png else " (no matplotlib: no PNG)"))

@@ -336,3 +336,31 @@ def test_encoders_are_refused():
     with pytest.raises(ValueError, match="encoder-decoder"):
         add_prompt_tuning(t5, P)
     assert hf.get_prefix_encoder(bert) is None and hf.get_prefix_encoder(t5) is None
+
+
+def test_bench_e2e_prompt_builders_agree():
+    """benchmarks/bench_e2e.py's prompt-tuning pair: the same soft prompt, the same logits for the
+    real tokens, and a training step that runs for each."""
+    import os
+    import sys
+
+    from hf_testing import ROOT
+
+    bench = os.path.join(ROOT, "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import bench_e2e
+
+    base = tiny_model("llama")
+    models = {impl: bench_e2e.METHODS["prompt"](impl, copy.deepcopy(base), P, seed=3) for impl in bench_e2e.IMPLS}
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        ours = models["ours"](input_ids=ids, attention_mask=mask).logits
+        peft = models["peft"](input_ids=ids, attention_mask=mask).logits[:, P:]
+    torch.testing.assert_close(ours[mask.bool()], peft[mask.bool()], rtol=1e-5, atol=1e-5)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    for impl, model in models.items():
+        before = next(p for p in model.parameters() if p.requires_grad).detach().clone()
+        loss = bench_e2e.make_call(model, "train", inputs, 0, 0)()
+        after = next(p for p in model.parameters() if p.requires_grad)
+        assert torch.isfinite(loss) and not torch.equal(before, after), impl
