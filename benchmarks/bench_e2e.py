@@ -892,6 +892,11 @@ def main(argv=None) -> int:
         json.dump({"meta": meta, "rows": rows, "targets": targets}, f, indent=2)
     with open(os.path.join(out_dir, "e2e.md"), "w") as f:
         f.write(f"# End-to-end: SmolLM2-135M-Instruct, prefix_attn vs PEFT ({hw['cpu_model']})\n\n{table}\n")
+        if kept:
+            ran = sorted({r["case"] for r in rows} - set(kept))
+            f.write(f"\nRows of {', '.join(ran)}: commit {meta['git_commit']}, {meta['date']}, "
+                    f"{meta['threads']} torch thread(s). Rows of {', '.join(sorted(kept))}: kept from the run of "
+                    f"commit {next(iter(kept.values()))['git_commit']}, {next(iter(kept.values()))['date']}.\n")
     title = (f"SmolLM2-135M prefix / prompt tuning, fp32, P=64: prefix_attn vs PEFT - {hw['cpu_model']}, "
              f"{hw['cpu_cores']} cores")
     wrote_png = plot(rows, os.path.join(out_dir, "e2e.png"), title)
