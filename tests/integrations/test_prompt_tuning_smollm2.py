@@ -39,7 +39,7 @@ def test_smollm2_logits_match_peft(smollm2, tmp_path):
 def test_smollm2_prompt_tuning_halves_the_loss(smollm2):
     """30 AdamW steps on the capitals-in-JSON task (examples/prefix_tune_smollm2.py), a soft prompt
     of 16 tokens initialised from text: the loss of the last 5 steps is at most half that of the
-    first 3. About a minute on 2 CPU cores."""
+    first 3. One to three minutes on 2 CPU cores (slow-marked)."""
     from prefix_tune_smollm2 import CAPITALS, CapitalsDataset, collate
 
     model, tokenizer = smollm2
