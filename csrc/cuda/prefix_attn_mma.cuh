@@ -35,6 +35,8 @@
 
 #include <cstdint>
 
+#include "prefix_attn_tiles.cuh"
+
 namespace prefix_attn::cuda::mma {
 
 constexpr int kWarpThreads = 32;
@@ -142,7 +144,7 @@ __device__ __forceinline__ void load_tile(T* tile, const T* src, int64_t row_str
       cp_async_16(dst, valid ? from : src, valid);
     } else {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) dst[e] = valid ? from[e * col_stride] : T(0.f);
+      for (int e = 0; e < 8; ++e) dst[e] = valid ? from[e * col_stride] : from_float<T>(0.f);
     }
   }
 }
@@ -227,7 +229,7 @@ __device__ __forceinline__ void store_acc(const float (&acc)[kN][4], T* base, in
     for (int e = 0; e < 4; ++e) {
       const int r = grp + (e / 2) * 8;
       const int64_t d = d0 + n * 8 + 2 * tig + e % 2;
-      if (r < n_rows && d < D) base[r * row_stride + d * col_stride] = static_cast<T>(acc[n][e] * mul);
+      if (r < n_rows && d < D) base[r * row_stride + d * col_stride] = from_float<T>(acc[n][e] * mul);
     }
   }
 }

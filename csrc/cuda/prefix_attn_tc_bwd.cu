@@ -178,7 +178,7 @@ __device__ __forceinline__ void store_grad(const float (&acc)[kN][4], void* base
       if (as_float) {
         static_cast<float*>(base)[off] = acc[n][e] * mul;
       } else {
-        static_cast<T*>(base)[off] = static_cast<T>(acc[n][e] * mul);
+        static_cast<T*>(base)[off] = from_float<T>(acc[n][e] * mul);
       }
     }
   }
