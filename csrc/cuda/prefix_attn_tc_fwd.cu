@@ -22,7 +22,9 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(FwdParams p) {
   T* Vs = Ks + 2 * kBc * kPitch;
 
   const int64_t bh = blockIdx.x, b = bh / p.Hq, h = bh % p.Hq, g = h / (p.Hq / p.Hkv);
-  const int64_t i0 = int64_t(blockIdx.y) * kBr;
+  // Last query tiles first: under causal masking they visit the most key tiles, and starting
+  // them first keeps them out of the last wave.
+  const int64_t i0 = int64_t(gridDim.y - 1 - blockIdx.y) * kBr;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, grp = lane / 4, tig = lane % 4;
   const int64_t row_i[2] = {i0 + warp * kWarpRows + grp, i0 + warp * kWarpRows + grp + 8};
 
