@@ -680,6 +680,9 @@ def parse_args(argv=None):
     ap.add_argument("--redo-busy", action="store_true",
                     help="load the results JSON this command line would write, time again the rows that "
                          "other processes disturbed, and rewrite it (use with --wait-quiet/--retries)")
+    ap.add_argument("--dropout", type=float, default=0.0,
+                    help="attention dropout for every shape, ours and the incumbent alike (training passes; "
+                         "the default sweep otherwise)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/<hardware-slug>)")
     ap.add_argument("--name", default=None, help="file stem (default attention, attention-quick, attention-custom)")
@@ -693,13 +696,20 @@ def configs_from_args(args) -> tuple[list[Config], str]:
     targets = [] if args.no_targets else target_configs()
     if not custom:
         if args.quick or args.targets_only:
-            return target_configs(), "attention-quick" if args.quick else "attention-targets"
-        return list(dict.fromkeys(targets + default_sweep())), "attention"
+            shapes, name = target_configs(), "attention-quick" if args.quick else "attention-targets"
+        else:
+            shapes, name = list(dict.fromkeys(targets + default_sweep())), "attention"
+        if args.dropout:
+            shapes = [dataclasses.replace(c, dropout=args.dropout) for c in shapes]
+            name += f"-dropout{args.dropout:g}"
+        return shapes, name
     causals = {"both": (True, False), "true": (True,), "false": (False,), None: (True, False)}[args.causal]
-    sweep = [Config(B=b, H=h, N=n, P=p, D=d, causal=c, Hkv=hkv, Nk=nk)
+    sweep = [Config(B=b, H=h, N=n, P=p, D=d, causal=c, Hkv=hkv, Nk=nk, dropout=args.dropout)
              for b, h, hkv, n, nk, p, d, c in itertools.product(
                  args.batch or [2], args.heads or [8], args.hkv or [0], args.seqlen or [512],
                  args.nk or [0], args.prefix if args.prefix is not None else [64], args.headdim or [64], causals)]
+    if args.dropout:
+        targets = [dataclasses.replace(c, dropout=args.dropout) for c in targets]
     return list(dict.fromkeys(targets + sweep)), "attention-custom"
 
 

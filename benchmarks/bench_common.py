@@ -132,6 +132,7 @@ class Shape:
     causal: bool
     Hkv: int = 0    # 0: = H (MHA)
     Nk: int = 0     # 0: = N
+    dropout: float = 0.0  # attention dropout, ours and the incumbents alike (training with it)
 
     @property
     def hkv(self) -> int:
@@ -154,6 +155,8 @@ class Shape:
         if self.nk != self.N:
             s += f"-Nk{self.nk}"
         s += f"-P{self.P}-D{self.D}"
+        if self.dropout:
+            s += f"-drop{self.dropout:g}"
         return s + ("-causal" if self.causal else "")
 
     def to_dict(self) -> dict[str, Any]:
@@ -209,6 +212,11 @@ DECODE_CASE = GpuCase("decode", "bf16", Shape(B=64, H=32, Hkv=8, N=1, Nk=4096, P
 # Grouped heads for the training step (Llama-3-8B's 32 / 8), as many visible pairs as the
 # target. N = 4096 appears nowhere else in the grid: one (dtype, N, P, D) per case.
 GQA_CASE = GpuCase("gqa", "bf16", Shape(B=2, H=32, Hkv=8, N=4096, P=128, D=128, causal=True))
+# Training with attention dropout 0.1 (GPT-2's, BERT's default), against cat + SDPA with the same
+# dropout: what the counter-based mask regeneration costs. FlexAttention has no dropout. N = 1024
+# appears nowhere else in the grid (one (dtype, N, P, D) per case).
+DROPOUT_CASE = GpuCase("dropout", "bf16", Shape(B=16, H=16, N=1024, P=128, D=64, causal=True, dropout=0.1),
+                       causals=(True, False), passes=("train_step",))
 
 
 def gpu_cases(quick: bool = False) -> list[GpuCase]:
@@ -221,7 +229,7 @@ def gpu_cases(quick: bool = False) -> list[GpuCase]:
             for P in (128, 512, 16)]
     seen = {(c.dtype, c.shape.D, c.shape.P, c.shape.N) for c in targets}
     rest = [c for c in grid if (c.dtype, c.shape.D, c.shape.P, c.shape.N) not in seen]
-    return targets + [DECODE_CASE, GQA_CASE] + rest
+    return targets + [DECODE_CASE, GQA_CASE, DROPOUT_CASE] + rest
 
 
 # --- counts --------------------------------------------------------------------------------------
@@ -288,10 +296,10 @@ def ours(shape: Shape, backend: str = "auto") -> Callable:
     """prefix_attn reading the prefix in place: fn(q, k, v, prefix_k, prefix_v)."""
     import prefix_attn
 
-    causal = shape.causal
+    causal, dropout = shape.causal, shape.dropout
 
     def fn(q, k, v, pk, pv):
-        return prefix_attn.prefix_attention(q, k, v, pk, pv, causal=causal, backend=backend)
+        return prefix_attn.prefix_attention(q, k, v, pk, pv, causal=causal, dropout_p=dropout, backend=backend)
     return fn
 
 
@@ -328,7 +336,8 @@ def sdpa_cat(shape: Shape, device) -> Callable:
 
     def fn(q, k, v, pk, pv):
         K, V = cat_prefix(k, v, pk, pv)
-        return F.scaled_dot_product_attention(q, _repeat_kv(K, n_rep), _repeat_kv(V, n_rep), attn_mask=mask)
+        return F.scaled_dot_product_attention(q, _repeat_kv(K, n_rep), _repeat_kv(V, n_rep), attn_mask=mask,
+                                              dropout_p=shape.dropout)
     return fn
 
 
@@ -345,7 +354,8 @@ def sdpa_cat_lower_right(shape: Shape, device) -> Callable:
 
     def fn(q, k, v, pk, pv):
         K, V = cat_prefix(k, v, pk, pv)
-        return F.scaled_dot_product_attention(q, _repeat_kv(K, n_rep), _repeat_kv(V, n_rep), attn_mask=mask)
+        return F.scaled_dot_product_attention(q, _repeat_kv(K, n_rep), _repeat_kv(V, n_rep), attn_mask=mask,
+                                              dropout_p=shape.dropout)
     return fn
 
 
@@ -354,7 +364,7 @@ def sdpa_cat_gqa(shape: Shape, device) -> Callable:
 
     def fn(q, k, v, pk, pv):
         K, V = cat_prefix(k, v, pk, pv)
-        return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=True, dropout_p=shape.dropout)
     return fn
 
 
@@ -487,9 +497,12 @@ class Incumbent:
     compiled: bool = False                    # its first call compiles; fallbacks are watched
     prepare_inputs: Callable | None = None    # per input set, untimed (the decoding cache)
     available: Callable[[], bool] = lambda: True
+    dropout: bool = False                     # runs attention dropout (shapes with dropout need it)
 
     def applies(self, shape: Shape, kind: str = "train") -> bool:
         if kind not in self.kinds or (self.grouped_only and not shape.grouped):
+            return False
+        if shape.dropout and not self.dropout:
             return False
         if self.lower_right and shape.causal and shape.nk < shape.N:
             return False
@@ -498,11 +511,12 @@ class Incumbent:
 
 INCUMBENTS = {i.name: i for i in [
     Incumbent("sdpa-cat", "expand + cat the prefix, repeat kv heads (HF repeat_kv), SDPA with the bool mask "
-                          "(HF PEFT)", sdpa_cat),
+                          "(HF PEFT)", sdpa_cat, dropout=True),
     Incumbent("sdpa-cat-lower-right", "the same, causal_lower_right instead of a mask tensor (SDPA may pick "
-                                      "flash)", sdpa_cat_lower_right, lower_right=True),
+                                      "flash)", sdpa_cat_lower_right, lower_right=True, dropout=True),
     Incumbent("sdpa-cat-gqa", "cat the prefix, SDPA with enable_gqa (no kv-head expansion) and "
-                              "causal_lower_right", sdpa_cat_gqa, grouped_only=True, lower_right=True),
+                              "causal_lower_right", sdpa_cat_gqa, grouped_only=True, lower_right=True,
+              dropout=True),
     Incumbent("flex-cat", "cat the prefix, FlexAttention with a block mask, compiled per shape "
                           "(dynamic=False, fullgraph=True)", flex_cat, compiled=True),
     Incumbent("flash-attn-cat", "cat the prefix, flash_attn_func", flash_attn_cat,

@@ -180,6 +180,24 @@ Sizes check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   return s;
 }
 
+// Attention dropout's parameters (prefix_attn_dropout.h), checked: p in [0, 1), the seed a
+// non-negative int64, the offset a uint32 (what prefix_attn/_dropout.py draws).
+DropoutParams dropout_params(double dropout_p, int64_t seed, int64_t offset) {
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0,
+                    "prefix_attn: dropout_p must lie in [0, 1), got ", dropout_p);
+  TORCH_CHECK_VALUE(seed >= 0, "prefix_attn: dropout_seed must be non-negative, got ", seed);
+  TORCH_CHECK_VALUE(offset >= 0 && offset <= int64_t{0xFFFFFFFF},
+                    "prefix_attn: dropout_offset must lie in [0, 2^32), got ", offset);
+  DropoutParams d;
+  d.enabled = dropout_p > 0.0;
+  // floor(p * 2^32) is exact in double; p < 1 keeps it below 2^32.
+  d.threshold = static_cast<uint32_t>(std::floor(dropout_p * 4294967296.0));
+  d.scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  d.seed = static_cast<uint64_t>(seed);
+  d.offset = static_cast<uint32_t>(offset);
+  return d;
+}
+
 View4 view4(const Tensor& t) {
   View4 out;
   out.ptr = t.data_ptr();
@@ -244,7 +262,8 @@ std::tuple<Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v
                                const OptTensor& prefix_k, const OptTensor& prefix_v,
                                const OptTensor& prefix_index, const OptTensor& key_padding_mask,
                                const OptTensor& attn_mask, double scale, bool causal,
-                               bool /*deterministic: only the backward reads it*/) {
+                               bool /*deterministic: only the backward reads it*/, double dropout_p,
+                               int64_t dropout_seed, int64_t dropout_offset) {
   const Sizes s = check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
                                attn_mask, scale);
   Tensor out = alloc_like(q);
@@ -253,6 +272,7 @@ std::tuple<Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v
   Tensor index;
   fill_common(p, s, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask, scale,
               causal, index);
+  p.dropout = dropout_params(dropout_p, dropout_seed, dropout_offset);
   p.out = mut_view4(out);
   p.lse = lse.data_ptr<float>();
   if (q.is_cpu()) {
@@ -281,7 +301,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd(
     const OptTensor& prefix_k, const OptTensor& prefix_v, const OptTensor& prefix_index,
     const OptTensor& key_padding_mask, const OptTensor& attn_mask, const Tensor& out,
     const Tensor& lse, const OptTensor& dlse, double scale, bool causal, bool deterministic,
-    bool need_dq, bool need_dkv, bool need_dprefix) {
+    bool need_dq, bool need_dkv, bool need_dprefix, double dropout_p, int64_t dropout_seed,
+    int64_t dropout_offset) {
   const Sizes s = check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
                                attn_mask, scale);
   check_like(dout, "dout", q, "q");
@@ -293,6 +314,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd(
   check_device(lse, "lse", q);
   if (dlse.has_value()) check_like(*dlse, "dlse", lse, "lse");
   need_dprefix = need_dprefix && prefix_k.has_value();
+  const DropoutParams dropout = dropout_params(dropout_p, dropout_seed, dropout_offset);
 
   auto none = [&] { return q.new_empty({0}); };
   Tensor dq = need_dq ? alloc_like(q) : none();
@@ -309,6 +331,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd(
   Tensor index;
   fill_common(p, s, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask, scale,
               causal, index);
+  p.dropout = dropout;
   const Tensor lse_c = lse.contiguous();
   const Tensor dlse_c = dlse.has_value() ? dlse->contiguous() : Tensor();
   p.dout = view4(dout);
@@ -348,13 +371,15 @@ TORCH_LIBRARY(prefix_attn, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, "
       "Tensor? prefix_index, Tensor? key_padding_mask, Tensor? attn_mask, float scale, "
-      "bool causal, bool deterministic) -> (Tensor out, Tensor lse)");
+      "bool causal, bool deterministic, float dropout_p=0., int dropout_seed=0, "
+      "int dropout_offset=0) -> (Tensor out, Tensor lse)");
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, "
       "Tensor? prefix_index, Tensor? key_padding_mask, Tensor? attn_mask, Tensor out, "
       "Tensor lse, Tensor? dlse, float scale, bool causal, bool deterministic, bool need_dq, "
-      "bool need_dkv, bool need_dprefix) -> (Tensor dq, Tensor dk, Tensor dv, "
-      "Tensor dprefix_k, Tensor dprefix_v)");
+      "bool need_dkv, bool need_dprefix, float dropout_p=0., int dropout_seed=0, "
+      "int dropout_offset=0) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dprefix_k, "
+      "Tensor dprefix_v)");
 }
 
 TORCH_LIBRARY_IMPL(prefix_attn, CPU, m) {

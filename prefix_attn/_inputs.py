@@ -39,6 +39,10 @@ class AttnInputs:
     attn_mask: Optional[Tensor]
     scale: float
     causal: bool
+    # Attention dropout: probability and the call's stream (see _dropout.py); 0.0 = none.
+    dropout_p: float = 0.0
+    dropout_seed: int = 0
+    dropout_offset: int = 0
 
     @property
     def num_prefix(self) -> int:

@@ -188,14 +188,16 @@ def _extension_unsupported(inputs: AttnInputs) -> Optional[str]:
 def _run_extension(inputs: AttnInputs, deterministic: bool) -> Tuple[Tensor, Tensor]:
     return torch.ops.prefix_attn.fwd(
         inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v, inputs.prefix_index,
-        inputs.key_padding_mask, inputs.attn_mask, inputs.scale, inputs.causal, deterministic)
+        inputs.key_padding_mask, inputs.attn_mask, inputs.scale, inputs.causal, deterministic,
+        inputs.dropout_p, inputs.dropout_seed, inputs.dropout_offset)
 
 
 def _run_reference(inputs: AttnInputs, deterministic: bool) -> Tuple[Tensor, Tensor]:
     if inputs.prefix_index is not None:  # torch's indexing would check too, with no word of prefix_index
         check_prefix_index_range(inputs.prefix_index, inputs.prefix_k)
     return reference_forward(inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v, inputs.prefix_index,
-                             inputs.key_padding_mask, inputs.attn_mask, inputs.scale, inputs.causal)
+                             inputs.key_padding_mask, inputs.attn_mask, inputs.scale, inputs.causal,
+                             inputs.dropout_p, inputs.dropout_seed, inputs.dropout_offset)
 
 
 def _triton_available() -> bool:
@@ -209,7 +211,8 @@ def _run_triton(inputs: AttnInputs, deterministic: bool) -> Tuple[Tensor, Tensor
 
     return triton_backend.triton_fwd(
         inputs.q, inputs.k, inputs.v, inputs.prefix_k, inputs.prefix_v, inputs.prefix_index,
-        inputs.key_padding_mask, inputs.attn_mask, inputs.scale, inputs.causal, deterministic)
+        inputs.key_padding_mask, inputs.attn_mask, inputs.scale, inputs.causal, deterministic,
+        inputs.dropout_p, inputs.dropout_seed, inputs.dropout_offset)
 
 
 def _cuda_available() -> bool:

@@ -6,7 +6,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import backends
+from . import _dropout, backends
 from ._inputs import check_inputs
 
 
@@ -14,7 +14,7 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
                      prefix_v: Optional[Tensor] = None, *, causal: bool = False,
                      softmax_scale: Optional[float] = None, key_padding_mask: Optional[Tensor] = None,
                      attn_mask: Optional[Tensor] = None, prefix_index: Optional[Tensor] = None,
-                     return_lse: bool = False, deterministic: bool = False,
+                     dropout_p: float = 0.0, return_lse: bool = False, deterministic: bool = False,
                      backend: str = "auto") -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Attention of q over [prefix ; sequence] keys and values, without concatenating them.
 
@@ -49,9 +49,23 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
     prefix's gradient is summed over rows inside the kernels; a bank's accumulates into the
     entries used. deterministic=True gives bit-identical gradients run to run. backend is
     "auto" (see `select_backend`) or one of `available_backends()`.
+
+    dropout_p > 0 drops attention probabilities, of prefix and sequence keys alike, with that
+    probability and scales the kept ones by 1 / (1 - dropout_p): dropout over the concatenated
+    keys, as a model's attention dropout does in training. It applies whenever it is nonzero
+    (pass 0.0 in eval, as with torch's SDPA). The mask comes from a counter-based stream seeded
+    from torch's generator for q's device, so torch.manual_seed makes runs reproducible; the
+    backward regenerates it. lse is the undropped softmax's.
     """
     inputs = check_inputs(q, k, v, prefix_k, prefix_v, causal=causal, softmax_scale=softmax_scale,
                           key_padding_mask=key_padding_mask, attn_mask=attn_mask, prefix_index=prefix_index)
+    inputs.dropout_p = _dropout.check_dropout_p(dropout_p)
+    if inputs.dropout_p > 0.0:
+        inputs.dropout_seed, inputs.dropout_offset = _dropout.next_stream(q.device)
+        if _dropout._recorders:
+            B, Hq, Nq, _ = q.shape
+            _dropout.note_call(inputs.dropout_seed, inputs.dropout_offset, inputs.dropout_p,
+                               (B, Hq, Nq, inputs.num_prefix, k.shape[2]), q.device)
     out, lse = backends.run(inputs, backend, bool(deterministic))
     return (out, lse) if return_lse else out
 
@@ -69,11 +83,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
     Where torch's meaning and ours differ, this raises rather than guess: is_causal with
     L != S (torch aligns the mask top-left, prefix_attention bottom-right; call
-    prefix_attention(causal=True) for the latter). dropout_p > 0 is not implemented.
+    prefix_attention(causal=True) for the latter). dropout_p drops attention probabilities (of
+    the prefix's keys too) whenever it is nonzero, as torch's does: pass 0.0 in eval.
     """
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"prefix_attn.scaled_dot_product_attention: dropout_p={dropout_p} is not "
-                                  "supported yet; pass dropout_p=0.0")
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise TypeError(f"prefix_attn.scaled_dot_product_attention: {name} must be a Tensor, got {type(t).__name__}")
@@ -96,5 +108,5 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                          "prefix_attn bottom-right. Use prefix_attn.prefix_attention(..., causal=True) for "
                          "bottom-right alignment, or pass an explicit attn_mask")
     out = prefix_attention(query, key, value, prefix_key, prefix_value, causal=is_causal, softmax_scale=scale,
-                           attn_mask=attn_mask)
+                           attn_mask=attn_mask, dropout_p=dropout_p)
     return out.squeeze(0) if unbatched else out

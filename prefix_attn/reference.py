@@ -11,15 +11,24 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _dropout
+
 
 def reference_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
                       prefix_index: Optional[Tensor], key_padding_mask: Optional[Tensor],
-                      attn_mask: Optional[Tensor], scale: float, causal: bool) -> Tuple[Tensor, Tensor]:
+                      attn_mask: Optional[Tensor], scale: float, causal: bool, dropout_p: float = 0.0,
+                      dropout_seed: int = 0, dropout_offset: int = 0,
+                      dropout_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """out [B, Hq, Nq, D] in q's dtype and lse [B, Hq, Nq] in float32 (float64 for float64 inputs).
 
     prefix_k / prefix_v: [T, Hkv, P, D]; row b uses entry prefix_index[b], else 0 when T == 1,
     else b. key_padding_mask: bool [B, Nk]. attn_mask: bool or float, broadcastable to
     [B, Hq, Nq, Nk]. All masks apply to the sequence keys only.
+
+    dropout_p > 0 drops probabilities of prefix and sequence keys alike by the stream of
+    (dropout_seed, dropout_offset) (see _dropout.py), or by `dropout_mask` (bool
+    [B, Hq, Nq, P + Nk], True = kept) when given, and rescales the kept ones by 1 / (1 - p).
+    lse is the undropped softmax's.
     """
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -63,5 +72,7 @@ def reference_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor
     # zero gradients: give softmax finite inputs there and zero its result.
     empty = torch.isneginf(lse)[..., None]
     probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    if dropout_p > 0.0:
+        probs = _dropout.apply_reference(probs, dropout_seed, dropout_offset, dropout_p, P, dropout_mask)
     out = probs.to(values.dtype) @ values
     return out.to(q.dtype), lse

@@ -676,7 +676,8 @@ class HostReads(TorchDispatchMode):
 def op_kwargs(op, **given):
     """Keyword arguments for a raw op (torch.ops.prefix_attn.*), by schema name, so the
     tests do not depend on argument order: optional tensors default to None, scale to
-    0.25, need_* flags to True and other flags to False."""
+    0.25, need_* flags to True, other flags to False, and arguments with a schema default
+    (dropout's) to that default."""
     kwargs = {}
     for arg in op._schema.arguments:
         if arg.name in given:
@@ -687,6 +688,8 @@ def op_kwargs(op, **given):
             kwargs[arg.name] = 0.25
         elif str(arg.type) == "bool":
             kwargs[arg.name] = arg.name.startswith("need_")
+        elif arg.has_default_value():
+            kwargs[arg.name] = arg.default_value
         else:
             raise KeyError(f"no value for {arg.name} ({arg.type})")
     unknown = set(given) - {arg.name for arg in op._schema.arguments}
@@ -697,3 +700,59 @@ def op_kwargs(op, **given):
 def op_args(op, **given):
     """The same, as a positional tuple in schema order."""
     return tuple(op_kwargs(op, **given).values())
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def run_with_dropout(x: Inputs, backend: str, dropout_p: float, seed: int, deterministic: bool = False,
+                     lse_grad: bool = False):
+    """run_attention with attention dropout after torch.manual_seed(seed): (Result, the
+    _dropout.DropoutCall the call recorded). The same seed gives every backend the same stream."""
+    from prefix_attn import _dropout
+
+    torch.manual_seed(seed)
+    with _dropout.record_masks() as calls:
+        result = run_attention(x, backend, deterministic, lse_grad, dropout_p=dropout_p)
+    assert len(calls) == 1, f"{len(calls)} dropout calls recorded, expected 1"
+    return result, calls[0]
+
+
+def check_dropout_against_reference(c: Case, backend: str, dropout_p: float, device: str, deterministic: bool = False,
+                                    lse_grad: bool = False, seed: int = 7) -> None:
+    """out, lse and every gradient of `backend` with dropout against the references run on the
+    same stream: the float64 oracle and the same-precision reference apply the mask that
+    prefix_attn/_dropout.py computes, the kernels compute theirs, so any difference in the
+    mask, or a backward that drops differently from its forward, moves results by O(1)."""
+    x = make_inputs(c, device=device)
+    ours, call = run_with_dropout(x, backend, dropout_p, seed, deterministic, lse_grad)
+    lo, _ = run_with_dropout(x.cast(c.torch_dtype), "reference", dropout_p, seed, lse_grad=lse_grad)
+    hi, hi_call = run_with_dropout(x.cast(torch.float64), "reference", dropout_p, seed, lse_grad=lse_grad)
+    assert (call.seed, call.offset) == (hi_call.seed, hi_call.offset), "the same seed gave different streams"
+    hi.recompute_rel = recompute_rel_error(x)
+    kept = call.mask().float().mean().item()
+    assert 0.0 < kept < 1.0, f"the mask keeps {kept:.3f} of the probabilities: the test would prove nothing"
+    check_against_reference(ours, lo, hi, c, what=f"dropout {dropout_p} ({backend}): ")
+
+
+def kernel_keep_mask(backend: str, device: str, B: int, Hq: int, Hkv: int, Nq: int, P: int, Nk: int,
+                     dropout_p: float, seed: int):
+    """The keep mask a backend's forward applies, read from its output: with q = 0 every visible
+    probability is 1 / L (L = P + Nk), and with one-hot values (prefix key p has value e_p,
+    sequence key n has e_(P+n)) out[..., j] = keep_j / ((1 - p) L). Returns (bool mask
+    [B, Hq, Nq, L], the recorded DropoutCall)."""
+    from prefix_attn import _dropout
+
+    L = P + Nk
+    eye = torch.eye(L, device=device)
+    q = torch.zeros(B, Hq, Nq, L, device=device)
+    k = torch.randn(B, Hkv, Nk, L, device=device)  # irrelevant: q = 0 makes every score 0
+    v = eye[P:].expand(B, Hkv, Nk, L)
+    pk = torch.randn(Hkv, P, L, device=device)
+    pv = eye[:P].expand(Hkv, P, L)
+    torch.manual_seed(seed)
+    with _dropout.record_masks() as calls:
+        out = prefix_attn.prefix_attention(q, k, v, pk, pv, dropout_p=dropout_p, backend=backend)
+    units = out.double() * (1.0 - dropout_p) * L  # 1 where kept, 0 where dropped
+    assert torch.all((units - units.round()).abs() < 1e-3), "output is not keep / ((1 - p) L)"
+    return units.round() == 1, calls[0]

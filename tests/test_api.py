@@ -178,13 +178,6 @@ def test_sdpa_is_causal_with_unequal_lengths_raises(Nq, Nk):
     assert "is_causal" in str(excinfo.value)
 
 
-def test_sdpa_dropout_not_implemented():
-    q, k, v = _randn(2, 4, 5, 16), _randn(2, 4, 5, 16), _randn(2, 4, 5, 16)
-    with pytest.raises(NotImplementedError) as excinfo:
-        prefix_attn.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
-    assert "dropout" in str(excinfo.value)
-
-
 def test_sdpa_gqa_needs_enable_gqa_like_torch():
     q, k, v = _randn(2, 4, 5, 16), _randn(2, 2, 5, 16), _randn(2, 2, 5, 16)
     with pytest.raises(RuntimeError):

@@ -88,7 +88,8 @@ def test_commit_without_git(tmp_path):
 
 def test_fake_cuda_flow_files_and_deadline(tmp_path):
     """On a faked device with a 20 s budget: no build, no time for the tier (a failure), the suite
-    stops at its deadline; every file is written in both folders, flat, with the commit."""
+    stops at its deadline, the end-to-end benchmark skips its cases for lack of time; every file
+    is written in both folders, flat, with the commit; the mirror stays within 7 files."""
     local, mirror = tmp_path / "local", tmp_path / "out"
     env = {"PYTHONPATH": os.path.join(ROOT, "tools", "fake_cuda"), "PREFIX_ATTN_FAKE_CUDA": "1",
            "GPU_PYTHON": sys.executable, "PREFIX_ATTN_COMMIT": "c0ffee"}
@@ -97,10 +98,16 @@ def test_fake_cuda_flow_files_and_deadline(tmp_path):
     assert r.returncode == 1, log
     assert "no time left for the test tier" in log and "deadline reached after 0 of" in log, log
     assert "FAILED: tests" in log
+    assert "== end to end" in log and "FAILED: tests" in log and "e2e" not in log.split("FAILED:")[-1], log
     for d in (local, mirror):
         names = sorted(os.listdir(d))
-        assert names == ["env.txt", "gpu-check.log", "results.json", "results.md", "results.png"], names
+        local_only = ["e2e.json", "e2e.md"] if d == local else []
+        assert names == sorted(["env.txt", "gpu-check.log", "results.json", "results.md", "results.png",
+                                *local_only]), names
         assert all((d / n).is_file() for n in names)
         for n in ("env.txt", "gpu-check.log", "results.md"):
             assert "c0ffee" in (d / n).read_text(), n
-        assert json.loads((d / "results.json").read_text())["meta"]["commit"] == "c0ffee"
+        results = json.loads((d / "results.json").read_text())
+        assert results["meta"]["commit"] == "c0ffee" and results["e2e"]["meta"]["commit"] == "c0ffee"
+        assert results["e2e"]["rows"] and all(r["skipped"].startswith("not run") for r in results["e2e"]["rows"])
+        assert "## End to end" in (d / "results.md").read_text()

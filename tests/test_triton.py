@@ -10,7 +10,8 @@ import torch
 
 import prefix_attn
 from attn_testing import Case as C
-from attn_testing import check_against_reference, make_inputs, recompute_rel_error, reference_pair, run_attention
+from attn_testing import (check_against_reference, check_dropout_against_reference, kernel_keep_mask, make_inputs,
+                          recompute_rel_error, reference_pair, run_attention)
 
 if "triton" not in prefix_attn.available_backends():
     pytest.skip("the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 on CPU", allow_module_level=True)
@@ -104,6 +105,34 @@ def test_triton_lse_gradient(case):
     hi = run_attention(x.cast(torch.float64), "reference", lse_grad=True)
     hi.recompute_rel = recompute_rel_error(x)
     check_against_reference(ours, lo, hi, case)
+
+
+# Attention dropout: every kernel regenerates the stream of csrc/prefix_attn_dropout.h; the
+# references apply _dropout.py's mask for the same seed (see test_dropout.py).
+DROPOUT_CASES = [
+    (C(B=3, Hq=4, Hkv=2, Nq=37, Nk=50, P=13, D=32, causal=True, prefix="bank", kpm="right"), False),  # fused dQ
+    (C(B=3, Hq=4, Hkv=2, Nq=37, Nk=50, P=13, D=32, causal=True, prefix="bank", kpm="right"), True),
+    (C(B=3, Hq=4, Hkv=1, Nq=21, Nk=21, P=40, D=32, causal=True, grads="prefix"), False),  # one fused kernel
+    (C(B=2, Hq=4, Hkv=2, Nq=21, Nk=30, P=15, D=32, grads="q", mask="float-B1NqNk"), False),
+    (C(B=2, Hq=4, Hkv=2, Nq=21, Nk=30, P=15, D=32, causal=True, grads="kv"), False),
+    (C(B=2, Hq=4, Hkv=2, Nq=32, Nk=64, P=32, D=64, causal=True, dtype="bf16"), False),
+    (C(B=2, Hq=2, Hkv=1, Nq=17, Nk=23, P=5, D=80, layout="qT+kvslice", dtype="fp16"), False),
+]
+
+
+@pytest.mark.gpu_tier
+@pytest.mark.parametrize("case,deterministic",
+                         [pytest.param(c, d, id=f"{c.id()}-{'det' if d else 'atomic'}") for c, d in DROPOUT_CASES])
+def test_triton_dropout_matches_reference(case, deterministic):
+    check_dropout_against_reference(case, "triton", 0.3, DEVICE, deterministic=deterministic,
+                                    lse_grad=case.grads == "prefix")
+
+
+@pytest.mark.gpu_tier
+def test_triton_dropout_mask_is_the_recorded_one():
+    mask, call = kernel_keep_mask("triton", DEVICE, 2, 2, 1, 24, 20, 44, 0.4, seed=5)
+    assert torch.equal(mask.cpu(), call.mask().cpu())
+    assert 0.5 < mask.double().mean().item() < 0.7
 
 
 def _candidate_rounds():

@@ -9,10 +9,14 @@
 #   4. the cuda backend's kernels under compute-sanitizer (memcheck, racecheck: tools/cuda_sanitize.sh,
 #      < 60 s), when compute-sanitizer exists, then the GPU test tier, `pytest -m gpu_tier`, on the
 #      GPU backends present, under its own timeout (both in tests.log);
-#   5. the benchmark suite to the deadline, targets first (results.md / .json / .png).
+#   5. the kernel benchmark suite to its deadline, targets first (results.md / .json / .png);
+#   6. the end-to-end benchmark (benchmarks/bench_e2e.py --device cuda: a 1 B Llama and SmolLM2,
+#      prefix tuning against PEFT) in the time kept back for it: GPU_CHECK_E2E_SECONDS (default
+#      150), at most 45% of what is left when the suite starts. Its rows go into results.md and
+#      results.json (key "e2e"), and e2e.md / e2e.json in the results folder (not mirrored).
 #
-# Everything finishes within --seconds of the start (default 450): the suite is killed 15 s after
-# its deadline if a shape overruns it. A failed build or tier makes the exit status 1, but the
+# Everything finishes within --seconds of the start (default 450): each benchmark is killed 15 s
+# after its deadline if a case overruns it. A failed build or tier makes the exit status 1, but the
 # later steps still run, so a GPU window is never wasted. Every file records the commit
 # (tools/project_commit.py). Files go to benchmarks/results/<gpu>/ and, with --mirror DIR (or
 # $PREFIX_ATTN_MIRROR), to DIR too, flat: at most 7 files, what a device tool's $OUT takes back.
@@ -31,6 +35,7 @@ export PYTHONUNBUFFERED=1
 
 SECONDS_TOTAL=${GPU_CHECK_SECONDS:-450}
 TIER_TIMEOUT=${GPU_CHECK_TIER_TIMEOUT:-150}
+E2E_SECONDS=${GPU_CHECK_E2E_SECONDS:-150}
 MIRROR=${PREFIX_ATTN_MIRROR:-}
 OUT_DIR=""
 SKIP_BUILD=0
@@ -106,7 +111,7 @@ header() { echo "# prefix_attn $1, commit $PREFIX_ATTN_COMMIT, $(date -u +%Y-%m-
 
 # ------------------------------------------------------------------ the test tier
 GPU_TESTS=(tests/test_correctness.py tests/test_determinism.py tests/test_api.py tests/test_ops.py tests/test_triton.py
-           tests/test_syncs.py tests/test_cuda_probe.py)
+           tests/test_dropout.py tests/test_syncs.py tests/test_cuda_probe.py tests/integrations/test_hf_syncs.py)
 run_tier() {  # $1: timeout in seconds; writes tests.log; returns pytest's status, 124 on timeout
   local backends workers xdist=() timeout_args=() missing=0 b
   backends=$("$PY" -c "import prefix_attn as p; print(','.join(b for b in p.available_backends() if b in ('triton', 'cuda')))" 2>&1 | tail -1)
@@ -221,12 +226,16 @@ else
 fi
 echo "== test tier: $(( $(date +%s) - t0 )) s"
 
-# ------------------------------------------------------------------ 5. the benchmarks, to the deadline
+# ------------------------------------------------------------------ 5. the kernel suite, to its deadline
 tests_rc=0; [[ " ${FAILED[*]} " == *" tests "* ]] && tests_rc=1
-echo "== benchmarks ($(left) s to the deadline)"
+e2e_share=$(( $(left) * 45 / 100 < E2E_SECONDS ? $(left) * 45 / 100 : E2E_SECONDS ))
+[ "$e2e_share" -lt 0 ] && e2e_share=0
+SUITE_DEADLINE=$((DEADLINE - e2e_share))
+suite_left() { echo $((SUITE_DEADLINE - $(date +%s))); }
+echo "== benchmarks ($(suite_left) s for the kernel suite, then ${e2e_share} s for end to end)"
 mirror_args=(); [ "${#DIRS[@]}" -gt 1 ] && mirror_args=(--mirror "${DIRS[1]}")
-timeout -k 5 $(( $(left) + 15 > 1 ? $(left) + 15 : 1 )) \
-  "$PY" benchmarks/gpu_suite.py --skip-tests --tests-rc "$tests_rc" --deadline "$DEADLINE" \
+timeout -k 5 $(( $(suite_left) + 15 > 1 ? $(suite_left) + 15 : 1 )) \
+  "$PY" benchmarks/gpu_suite.py --skip-tests --tests-rc "$tests_rc" --deadline "$SUITE_DEADLINE" \
   --out "$OUT_DIR" "${mirror_args[@]}"
 status=$?
 # 124: stopped in a case that overran the deadline; the cases before it are saved
@@ -234,6 +243,19 @@ if [ $status = 124 ]; then
   echo "gpu-check: the suite overran its deadline and was stopped; the cases it finished are saved"
 elif [ $status != 0 ]; then
   FAILED+=(benchmarks)
+fi
+
+# ------------------------------------------------------------------ 6. end to end, to the deadline
+echo "== end to end ($(left) s to the deadline)"
+merge_args=(); for d in "${DIRS[@]}"; do merge_args+=(--merge-into "$d"); done
+timeout -k 5 $(( $(left) + 15 > 1 ? $(left) + 15 : 1 )) \
+  "$PY" benchmarks/bench_e2e.py --device cuda --deadline "$DEADLINE" --budget "$(( $(left) > 0 ? $(left) : 0 ))" \
+  --out "$OUT_DIR" "${merge_args[@]}"
+status=$?
+if [ $status = 124 ]; then
+  echo "gpu-check: the end-to-end benchmark overran the deadline and was stopped; the cases it finished are saved"
+elif [ $status != 0 ]; then
+  FAILED+=(e2e)
 fi
 
 echo "gpu-check: done in $(( $(date +%s) - START )) s; $(ls "${DIRS[-1]}" | tr '\n' ' ')"

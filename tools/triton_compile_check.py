@@ -131,7 +131,7 @@ def _cases(dtype: torch.dtype, D: int):
     """(name, thunk) pairs: launcher calls that together compile every kernel and the constexpr
     variants that matter (prefix modes, masks, causal, every backward path: dQ by atomics or by
     its own kernel, the prefix gradient by atomics or chunk partials, prefix-only with Delta
-    fused, a frozen prefix)."""
+    fused, a frozen prefix), and attention dropout on each path."""
     from prefix_attn import triton_backend as tb
 
     B, Hq, Hkv, N, P = 4, 4, 2, 300, 70
@@ -147,19 +147,21 @@ def _cases(dtype: torch.dtype, D: int):
     fmask = torch.zeros(B, Hq, N, N)
     out, lse, dout = t(B, Hq, N, D), torch.zeros(B, Hq, N), t(B, Hq, N, D)
 
-    def fwd(**kw):
+    drop = (0.1, 2 ** 40 + 5, 3)  # dropout_p, a 64-bit seed, offset
+
+    def fwd(dropout=(0.0, 0, 0), **kw):
         a = dict(prefix_k=pk, prefix_v=pv, prefix_index=None, key_padding_mask=None, attn_mask=None, causal=True)
         a.update(kw)
         return lambda: tb.triton_forward(q, k, v, a["prefix_k"], a["prefix_v"], a["prefix_index"],
-                                         a["key_padding_mask"], a["attn_mask"], 0.1, a["causal"])
+                                         a["key_padding_mask"], a["attn_mask"], 0.1, a["causal"], False, *dropout)
 
-    def bwd(deterministic=False, **kw):
+    def bwd(deterministic=False, dropout=(0.0, 0, 0), **kw):
         a = dict(prefix_k=pk, prefix_v=pv, prefix_index=None, key_padding_mask=None, attn_mask=None, causal=True,
                  need=(True, True, True))
         a.update(kw)
         return lambda: tb.triton_backward(dout, q, k, v, a["prefix_k"], a["prefix_v"], a["prefix_index"],
                                           a["key_padding_mask"], a["attn_mask"], out, lse, None, 0.1, a["causal"],
-                                          deterministic, *a["need"])
+                                          deterministic, *a["need"], *dropout)
 
     return [
         ("fwd causal, shared prefix", fwd()),
@@ -172,6 +174,10 @@ def _cases(dtype: torch.dtype, D: int):
         ("bwd prefix only, bank + key_padding_mask, deterministic",
          bwd(deterministic=True, prefix_k=bk, prefix_v=bv, prefix_index=idx, key_padding_mask=kpm,
              need=(False, False, True))),
+        ("fwd causal, dropout", fwd(dropout=drop)),
+        ("bwd causal, all grads, dropout", bwd(dropout=drop)),
+        ("bwd causal, all grads, deterministic, dropout", bwd(deterministic=True, dropout=drop)),
+        ("bwd prefix only, dropout", bwd(need=(False, False, True), dropout=drop)),
     ]
 
 

@@ -17,6 +17,11 @@
 //            pass 2, one task per (bank entry, KV head, prefix block, row chunk): dprefix_k /
 //            dprefix_v, summed over the rows that use the entry and the group's query heads.
 //            Chunk partials are added in a fixed order, so the result is the same run to run.
+// Dropout:   the forward zeroes dropped probabilities after the row sum has taken them (the
+//            normaliser is the undropped one) and scales the output by 1 / (1 - p) with 1 / l;
+//            the backward rebuilds the same keep flags per tile from the counter-based stream
+//            (prefix_attn_dropout.h, 16 Philox counters per vector). Tiles start at multiples
+//            of kBlockN, so a tile's columns group into whole Philox calls.
 #include "prefix_attn_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -34,8 +39,8 @@
 namespace prefix_attn::cpu {
 namespace {
 
-constexpr int64_t kBlockM = 128;  // queries per tile  // queries per tile  // queries per tile   // queries per tile   // queries per tile   // queries per tile   // queries per tile
-constexpr int64_t kBlockN = 256;  // keys per tile  // keys per tile  // keys per tile  // keys per tile  // keys per tile  // keys per tile  // keys per tile
+constexpr int64_t kBlockM = 128;  // queries per tile
+constexpr int64_t kBlockN = 256;  // keys per tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -79,6 +84,70 @@ inline vfloat vexp2(vfloat x) {
 }
 
 inline float fast_exp2(float x) { return vexp2(vsplat(x))[0]; }
+
+// ---- Dropout ----------------------------------------------------------------------------
+
+typedef uint32_t vu32 __attribute__((vector_size(64)));   // 16 lanes, as vfloat
+typedef uint64_t vu64 __attribute__((vector_size(128)));  // 16 lanes, widened for products
+
+// Philox4x32-10 on 16 counters at once (the scalar definition is philox4x32_10 in
+// prefix_attn_dropout.h; tests check the two agree through the kernels' outputs).
+inline void vphilox4x32_10(vu32 c[4], uint32_t k0, uint32_t k1) {
+  for (int round = 0; round < 10; ++round) {
+    const vu64 pa = __builtin_convertvector(c[0], vu64) * uint64_t{0xD2511F53u};
+    const vu64 pb = __builtin_convertvector(c[2], vu64) * uint64_t{0xCD9E8D57u};
+    const vu32 hi_a = __builtin_convertvector(pa >> 32, vu32), lo_a = __builtin_convertvector(pa, vu32);
+    const vu32 hi_b = __builtin_convertvector(pb >> 32, vu32), lo_b = __builtin_convertvector(pb, vu32);
+    c[0] = hi_b ^ c[1] ^ k0;
+    c[2] = hi_a ^ c[3] ^ k1;
+    c[1] = lo_b;
+    c[3] = lo_a;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+}
+
+// The keep factors of one row of a tile: f[c] = kept ? value : 0 for columns j0 + c, c in [0, n),
+// of query i of row-head bh, in the prefix or the sequence segment. j0 is a multiple of 4.
+void dropout_factors(const DropoutParams& d, bool is_prefix, int64_t bh, int64_t i, int64_t j0,
+                     int64_t n, float value, float* f) {
+  const int64_t n4 = (n + 3) / 4;
+  const uint32_t k0 = static_cast<uint32_t>(d.seed), k1 = static_cast<uint32_t>(d.seed >> 32);
+  const uint32_t segment = is_prefix ? 0x80000000u : 0u;
+  for (int64_t t0 = 0; t0 < n4; t0 += kLanes) {
+    vu32 c[4];
+    for (int64_t t = 0; t < kLanes; ++t) c[0][t] = static_cast<uint32_t>(j0 / 4 + t0 + t) | segment;
+    c[1] = static_cast<uint32_t>(i) - vu32{};
+    c[2] = static_cast<uint32_t>(bh) - vu32{};
+    c[3] = d.offset - vu32{};
+    vphilox4x32_10(c, k0, k1);
+    const int64_t t_end = std::min<int64_t>(kLanes, n4 - t0);
+    for (int64_t t = 0; t < t_end; ++t) {
+      for (int w = 0; w < 4; ++w) {
+        const int64_t col = 4 * (t0 + t) + w;
+        if (col < n) f[col] = c[w][t] >= d.threshold ? value : 0.f;
+      }
+    }
+  }
+}
+
+// Where a tile's rows and columns sit in the dropout stream.
+struct DropoutTile {
+  const DropoutParams* d;
+  bool is_prefix;
+  int64_t bh, i0, j0;
+};
+
+// Zeroes the dropped entries of a [bm, bn] tile of probabilities (kept ones are not rescaled:
+// the forward folds 1 / (1 - p) into its final 1 / l).
+void drop_probs(float* S, int64_t ld, int64_t bm, int64_t bn, const DropoutTile& t) {
+  float f[kBlockN];
+  for (int64_t r = 0; r < bm; ++r) {
+    dropout_factors(*t.d, t.is_prefix, t.bh, t.i0 + r, t.j0, bn, 1.f, f);
+    float* s = S + r * ld;
+    for (int64_t c = 0; c < bn; ++c) s[c] *= f[c];
+  }
+}
 
 // Columns [n, round_up_lanes(n)) of each row get `value`, so the vector loops below can run
 // whole vectors past a ragged tile edge: -inf scores give 0 probabilities.
@@ -452,6 +521,7 @@ void forward_impl(const FwdParams& p) {
       std::fill(m.begin(), m.begin() + bm, kNegInf);
       std::fill(l.begin(), l.begin() + bm, 0.f);
       std::fill(acc.begin(), acc.begin() + bm * D, 0.f);
+      bool in_prefix = true;  // which segment attend() is walking, for the dropout stream
 
       auto attend = [&](const float* K, const float* V, int64_t bn, const SeqMask* mask,
                         int64_t j0) {
@@ -459,6 +529,11 @@ void forward_impl(const FwdParams& p) {
         if (mask != nullptr) mask->apply(S.data(), ldS, i0, bm, j0, bn);
         pad_columns(S.data(), ldS, bm, bn, kNegInf);
         online_softmax_step(S.data(), ldS, bm, bn, m.data(), l.data(), acc.data(), D);
+        if (p.dropout.enabled) {
+          // prefix tiles are attended with mask == nullptr and sequence tiles with one unless
+          // they need none: the segment is passed explicitly instead.
+          drop_probs(S.data(), ldS, bm, bn, DropoutTile{&p.dropout, in_prefix, bh, i0, j0});
+        }
         gemm(false, false, bm, D, bn, 1.f, S.data(), ldS, V, ldv, 1.f, acc.data(), D);
       };
 
@@ -476,6 +551,7 @@ void forward_impl(const FwdParams& p) {
         }
       }
 
+      in_prefix = false;
       const SeqMask mask(p, b, h);
       const T* kb = k + b * p.k.s[0] + g * p.k.s[1];
       const T* vb = v + b * p.v.s[0] + g * p.v.s[1];
@@ -493,7 +569,7 @@ void forward_impl(const FwdParams& p) {
       float* lse = p.lse + (b * p.Hq + h) * p.Nq + i0;
       for (int64_t r = 0; r < bm; ++r) {
         // l == 0 only when no key was visible (possible only with P == 0): out 0, lse -inf.
-        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        const float inv = l[r] > 0.f ? p.dropout.scale / l[r] : 0.f;
         store_rows(acc.data() + r * D, D, 1, D, inv, o + r * p.out.s[2], p.out.s[2], p.out.s[3]);
         lse[r] = l[r] > 0.f ? m[r] + std::log2(l[r]) * kLn2 : kNegInf;
       }
@@ -579,11 +655,16 @@ RowStats backward_row_stats(const BwdParams& p) {
 //   S  <- P  = exp(S - shift - logl)             (S: scores, masked entries -inf)
 //   dP <- dS = P * (dP - Delta)                  (dP: dout @ V^T)
 // Rows whose shift is -inf saw no key at all; their P is 0. Columns past bn are padded first.
+// With dropout (drop != nullptr), Z = P * M / (1 - p) is what multiplied V, so
+//   S  <- Z                                      (for dV = Z^T dO)
+//   dP <- dS = P * (dP * M / (1 - p) - Delta)    (Delta = rowsum(dO * O) holds as before)
 void probs_and_dscores(float* S, float* dP, int64_t ld, int64_t bm, int64_t bn,
-                       const RowStats& st, int64_t row0) {
+                       const RowStats& st, int64_t row0, const DropoutTile* drop) {
   pad_columns(S, ld, bm, bn, kNegInf);
   pad_columns(dP, ld, bm, bn, 0.f);
   const int64_t n_up = round_up_lanes(bn);
+  alignas(64) float f[kBlockN];
+  if (drop != nullptr) std::fill(f + bn, f + n_up, 0.f);
   for (int64_t r = 0; r < bm; ++r) {
     float* s = S + r * ld;
     float* dp = dP + r * ld;
@@ -593,10 +674,20 @@ void probs_and_dscores(float* S, float* dP, int64_t ld, int64_t bm, int64_t bn,
       std::fill(dp, dp + n_up, 0.f);
       continue;
     }
+    if (drop == nullptr) {
+      for (int64_t c = 0; c < n_up; c += kLanes) {
+        const vfloat pr = vexp2(((vload(s + c) - L) - ll) * kLog2e);
+        vstore(s + c, pr);
+        vstore(dp + c, pr * (vload(dp + c) - dl));
+      }
+      continue;
+    }
+    dropout_factors(*drop->d, drop->is_prefix, drop->bh, drop->i0 + r, drop->j0, bn, drop->d->scale, f);
     for (int64_t c = 0; c < n_up; c += kLanes) {
       const vfloat pr = vexp2(((vload(s + c) - L) - ll) * kLog2e);
-      vstore(s + c, pr);
-      vstore(dp + c, pr * (vload(dp + c) - dl));
+      const vfloat keep = vload(f + c);
+      vstore(s + c, pr * keep);
+      vstore(dp + c, pr * (vload(dp + c) * keep - dl));
     }
   }
 }
@@ -671,7 +762,9 @@ void backward_sequence(const BwdParams& p, const RowStats& st) {
                    S.data(), kBlockN);
               gemm(false, true, bm, bn, D, 1.f, dO, lddo, PV + j0 * ldpv, ldpv, 0.f, dP.data(),
                    kBlockN);
-              probs_and_dscores(S.data(), dP.data(), kBlockN, bm, bn, st, row0);
+              const DropoutTile drop{&p.dropout, true, b * p.Hq + h, i0, j0};
+              probs_and_dscores(S.data(), dP.data(), kBlockN, bm, bn, st, row0,
+                                p.dropout.enabled ? &drop : nullptr);
               gemm(false, false, bm, D, bn, 1.f, dP.data(), kBlockN, PK + j0 * ldpk, ldpk, 1.f,
                    dqacc.data(), D);
             }
@@ -684,7 +777,9 @@ void backward_sequence(const BwdParams& p, const RowStats& st) {
             if (mask.tile_needs_mask(i0, j0, bn)) mask.apply(S.data(), kBlockN, i0, bm, j0, bn);
             gemm(false, true, bm, bn, D, 1.f, dO, lddo, V + j0 * ldv, ldv, 0.f, dP.data(),
                  kBlockN);
-            probs_and_dscores(S.data(), dP.data(), kBlockN, bm, bn, st, row0);
+            const DropoutTile drop{&p.dropout, false, b * p.Hq + h, i0, j0};
+            probs_and_dscores(S.data(), dP.data(), kBlockN, bm, bn, st, row0,
+                              p.dropout.enabled ? &drop : nullptr);
             if (p.need_dkv) {
               gemm(true, false, bn, D, bm, 1.f, S.data(), kBlockN, dO, lddo, 1.f,
                    dvacc.data() + j0 * D, D);
@@ -788,7 +883,9 @@ void backward_prefix(const BwdParams& p, const RowStats& st) {
                               p.dout.s[2], p.dout.s[3], bm, D, dobuf.data(), &lddo);
             gemm(false, true, bm, bn, D, p.scale, Q, ldq, K, ldk, 0.f, S.data(), kBlockN);
             gemm(false, true, bm, bn, D, 1.f, dO, lddo, V, ldv, 0.f, dP.data(), kBlockN);
-            probs_and_dscores(S.data(), dP.data(), kBlockN, bm, bn, st, row0);
+            const DropoutTile drop{&p.dropout, true, b * p.Hq + h, i0, j0};
+            probs_and_dscores(S.data(), dP.data(), kBlockN, bm, bn, st, row0,
+                              p.dropout.enabled ? &drop : nullptr);
             gemm(true, false, bn, D, bm, 1.f, S.data(), kBlockN, dO, lddo, 1.f, dv.data(), D);
             gemm(true, false, bn, D, bm, 1.f, dP.data(), kBlockN, Q, ldq, 1.f, dk.data(), D);
           }

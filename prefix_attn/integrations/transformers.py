@@ -39,7 +39,7 @@ import os
 import types
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -85,7 +85,9 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     attention_mask is what `prefix_attention_mask` made: None, a bool padding mask [B, Nk]
     (causal attention over it) or a full mask [B, 1 or Hq, Nq, Nk] (bool or additive float).
     The layer's prefix comes from kwargs[PREFIX_KWARG][module.layer_idx], the task ids from
-    kwargs["prefix_index"]. Returns (out [B, Nq, Hq, D], None): no attention weights.
+    kwargs["prefix_index"]. `dropout` is the model's attention dropout (0 in eval): it drops
+    prefix and sequence probabilities alike. Returns (out [B, Nq, Hq, D], None): no attention
+    weights.
     """
     layers = kwargs.get(PREFIX_KWARG)
     if layers is None:
@@ -96,9 +98,6 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     for name in _UNSUPPORTED_ATTENTION_KWARGS:
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"prefix_attn: attention with {name}={kwargs[name]!r} is not supported")
-    if dropout:
-        raise NotImplementedError(f"prefix_attn: attention dropout ({dropout}) is not supported; set the model "
-                                  "config's attention_dropout to 0.0")
     prefix_k = prefix_v = None
     if len(layers):  # an empty tuple: the prefix is switched off (prefix_disabled)
         layer_idx = getattr(module, "layer_idx", None)
@@ -132,7 +131,8 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
         query, causal = query.reshape(B, Hkv, Hq // Hkv, D), False
     out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, softmax_scale=scaling,
                            key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                           prefix_index=kwargs.get("prefix_index"), backend=backend)
+                           prefix_index=kwargs.get("prefix_index"), dropout_p=float(dropout or 0.0),
+                           backend=backend)
     if grouped:
         out = out.reshape(B, Hq, Nq, D)
     return out.transpose(1, 2), None
@@ -364,8 +364,20 @@ def _decoder_pre_hook(state: _PrefixTuning, module: nn.Module, args, kwargs):
     index = _as_prefix_index(index, state.encoder.num_tasks, batch, inputs.device, from_generate)
     if index is not None:
         kwargs["prefix_index"] = index
+    if _owns_fsdp_unit(state.encoder):
+        # The pairs are views of the encoder's parameters, read by every layer's forward and
+        # backward; FSDP2 would free an unit's gathered parameters as soon as its forward returns.
+        # Kept until its backward instead (a few MB). In the root unit, the usual setup, they are.
+        state.encoder.set_reshard_after_forward(False)
     kwargs[PREFIX_KWARG] = state.encoder()
 
+    if (kwargs.get("attention_mask") is None and kwargs.get("position_ids") is None
+            and kwargs.get("cache", kwargs.get("past_key_values")) is None):
+        # With no mask, no positions and no cache, transformers searches the position ids for packed
+        # sequences and reads the answer back: a host synchronisation on CUDA, every step.
+        # Positions made from a range are never packed; an all-ones mask over the new tokens (all
+        # the keys, with no cache) says so, gives the same attention, and skips that search.
+        kwargs["attention_mask"] = torch.ones(batch, length, dtype=torch.long, device=inputs.device)
     if state.position_offset:
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
@@ -375,6 +387,15 @@ def _decoder_pre_hook(state: _PrefixTuning, module: nn.Module, args, kwargs):
         # PEFT's prefix is P tokens already in the cache, so its real tokens sit at P, P+1, ...
         kwargs["position_ids"] = position_ids + state.encoder.num_virtual_tokens
     return args, kwargs
+
+
+def _owns_fsdp_unit(module: nn.Module) -> bool:
+    """Whether fully_shard (FSDP2) made `module` an FSDP unit of its own."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, prefix_projection: bool = False,
@@ -394,7 +415,9 @@ def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, prefix_proje
     Works with model.generate (the prefix stays out of the KV cache), gradient checkpointing
     (non-reentrant, transformers' default), torch.compile, the HF Trainer and DDP. Multi-task
     training with the Trainer needs remove_unused_columns=False so prefix_index reaches the
-    model. Undo with `remove_prefix_tuning(model)`.
+    model. Under FSDP2 (`fully_shard`), call it before sharding: the prefix then shards with the
+    unit that holds it (the root, unless the encoder gets a unit of its own). Undo with
+    `remove_prefix_tuning(model)`.
     """
     if _state(model) is not None:
         raise ValueError("prefix_attn: this model already has prefix tuning; call remove_prefix_tuning(model) first")
@@ -494,17 +517,41 @@ def _check_geometry(geometry: _Geometry, num_layers, num_kv_heads, head_dim, wha
         raise _mismatch_error(what, path, mismatches)
 
 
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
+
+
+def _full_state_dict(encoder: PrefixEncoder) -> Tuple[Dict[str, Tensor], bool]:
+    """The encoder's tensors, whole and on the CPU, and whether any was sharded (a DTensor, as
+    FSDP2 makes them); gathering a sharded one is a collective every rank must join."""
+    tensors, sharded = {}, False
+    for name, t in encoder.state_dict().items():
+        if _is_dtensor(t):
+            t, sharded = t.full_tensor(), True
+        tensors[name] = t.detach().contiguous().cpu()
+    return tensors, sharded
+
+
 def save_prefix(model: nn.Module, path: str) -> None:
     """Save the prefix of a prefix-tuned model to the directory `path`: prefix_model.safetensors
-    (the PrefixEncoder's tensors, MLP included, so training can resume) and prefix_config.json."""
+    (the PrefixEncoder's tensors, MLP included, so training can resume) and prefix_config.json.
+
+    From a model sharded by FSDP2, call it on every rank: the prefix is gathered whole (a
+    collective) and global rank 0 writes the files."""
     from safetensors.torch import save_file
 
     state = _require_state(model, "save_prefix")
+    tensors, sharded = _full_state_dict(state.encoder)
+    if sharded and torch.distributed.get_rank() != 0:
+        return
     os.makedirs(path, exist_ok=True)
     config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "prefix_attn_version": __version__,
               "model_type": state.geometry.model_type, "position_offset": state.position_offset,
               "encoder": state.encoder.config()}
-    tensors = {name: t.detach().contiguous().cpu() for name, t in state.encoder.state_dict().items()}
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
@@ -516,7 +563,8 @@ def load_prefix(model: nn.Module, path: str) -> nn.Module:
 
     A model without prefix tuning gets it (add_prefix_tuning with the saved settings); a model
     that has it must have the same settings. Shapes are checked against the model first, and a
-    mismatch raises a ValueError that lists every field that does not fit.
+    mismatch raises a ValueError that lists every field that does not fit. Into a model sharded
+    by FSDP2, every rank loads the file and keeps its own shard (no communication).
     """
     from safetensors.torch import load_file
 
@@ -555,6 +603,14 @@ def load_prefix(model: nn.Module, path: str) -> nn.Module:
                        list(expected[name]) if name in expected else "nothing")
                       for name in sorted(set(got) | set(expected)) if got.get(name) != expected.get(name)]
         raise _mismatch_error("the prefix tensors", path, mismatches)
+    current = state.encoder.state_dict()
+    for name, t in tensors.items():
+        if _is_dtensor(current[name]):  # sharded by FSDP2: every rank read the file and keeps its own shard
+            from torch.distributed.tensor import distribute_tensor
+
+            target = current[name]
+            tensors[name] = distribute_tensor(t.to(device=target.device, dtype=target.dtype), target.device_mesh,
+                                              target.placements, src_data_rank=None)
     state.encoder.load_state_dict(tensors)
     return model
 

@@ -27,8 +27,8 @@ import triton.language as tl
 
 from .._inputs import check_prefix_index_range
 from . import configs
-from .scores import as_bytes, dot_args, mask_kind, n_bucket, optional, score_units
-from .tiles import (block_scores, load_key_block, load_tile, prefix_entry, query_block, query_range,
+from .scores import as_bytes, dot_args, dropout_args, mask_kind, n_bucket, optional, score_units
+from .tiles import (block_scores, dropout_keep, load_key_block, load_tile, prefix_entry, query_block, query_range,
                     seq_key_range, seq_scores)
 from .tuning import launch
 
@@ -70,7 +70,8 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, start, n_keys, stride_kn, stride_kd, 
              offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK, stride_mask_b,
              stride_mask_h, stride_mask_m, stride_mask_n, IS_SEQ: tl.constexpr, CHECK_KEYS: tl.constexpr,
              APPLY_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, EVEN_D: tl.constexpr,
-             DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EXP_MUL: tl.constexpr):
+             DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EXP_MUL: tl.constexpr, seed, drop_offset, drop_threshold,
+             drop_scale, bh, DROPOUT: tl.constexpr):
     j = start + offs_n
     s, kT = block_scores(q, K, j, n_keys, stride_kn, stride_kd, offs_m, offs_d, D, qk_scale, b, h, Nq, Nk, KPM,
                              stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m,
@@ -82,11 +83,14 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, start, n_keys, stride_kn, stride_kd, 
         vT = vT.to(tl.float32)
     p = tl.exp2((s - lse2[:, None]) * EXP_MUL)
     dp = tl.dot(do, vT, input_precision=PRECISION)
+    if DROPOUT:  # dP of the dropped, rescaled probabilities that multiplied V
+        keep = dropout_keep(seed, drop_offset, drop_threshold, bh, offs_m, start, not IS_SEQ, p.shape[1])
+        dp = tl.where(keep, dp * drop_scale, 0.0)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
 
 
-@triton.jit(do_not_specialize=["N_BUCKET"])  # an autotuning key, never read
+@triton.jit(do_not_specialize=["N_BUCKET", "seed", "drop_offset", "drop_threshold"])  # never specialised on
 def _bwd_dq_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, DOut, Lse2, Delta, DQ,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
@@ -97,8 +101,8 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, DOut, Lse2, Delta, DQ,
                    stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
                    stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                   Hq, Nq, Nk, P, D, group, qk_scale, dq_scale, N_BUCKET,
-                   HAS_PREFIX: tl.constexpr, HAS_INDEX: tl.constexpr, PER_ROW: tl.constexpr,
+                   Hq, Nq, Nk, P, D, group, qk_scale, dq_scale, N_BUCKET, seed, drop_offset, drop_threshold,
+                   drop_scale, DROPOUT: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_INDEX: tl.constexpr, PER_ROW: tl.constexpr,
                    HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DO_SEQ: tl.constexpr,
                    ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_F32: tl.constexpr,
                    PRECISION: tl.constexpr, EXP_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -125,12 +129,14 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, DOut, Lse2, Delta, DQ,
             dq = _dq_tile(dq, q, do, lse2, delta, pk, pv, start, P, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
                           offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK,
                           stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, False, False, False, False,
-                          0, EVEN_D, DOT_F32, PRECISION, EXP_MUL)
+                          0, EVEN_D, DOT_F32, PRECISION, EXP_MUL, seed, drop_offset, drop_threshold, drop_scale, pid_bh,
+                          DROPOUT)
         if p_full < P:
             dq = _dq_tile(dq, q, do, lse2, delta, pk, pv, p_full, P, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
                           offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK,
                           stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, False, True, False, False,
-                          0, EVEN_D, DOT_F32, PRECISION, EXP_MUL)
+                          0, EVEN_D, DOT_F32, PRECISION, EXP_MUL, seed, drop_offset, drop_threshold, drop_scale, pid_bh,
+                          DROPOUT)
 
     if DO_SEQ:
         kb = K + b * stride_kb + g * stride_kh
@@ -140,12 +146,14 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, DOut, Lse2, Delta, DQ,
             dq = _dq_tile(dq, q, do, lse2, delta, kb, vb, start, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
                           offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK,
                           stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, True, False, False, HAS_KPM,
-                          MASK_KIND, EVEN_D, DOT_F32, PRECISION, EXP_MUL)
+                          MASK_KIND, EVEN_D, DOT_F32, PRECISION, EXP_MUL, seed, drop_offset, drop_threshold, drop_scale,
+                          pid_bh, DROPOUT)
         for start in range(full, hi, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse2, delta, kb, vb, start, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
                           offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK,
                           stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, True, True, CAUSAL, HAS_KPM,
-                          MASK_KIND, EVEN_D, DOT_F32, PRECISION, EXP_MUL)
+                          MASK_KIND, EVEN_D, DOT_F32, PRECISION, EXP_MUL, seed, drop_offset, drop_threshold, drop_scale,
+                          pid_bh, DROPOUT)
     ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     row_mask = (offs_m[:, None] < Nq) & (offs_d[None, :] < D)
     if ATOMIC:
@@ -161,7 +169,8 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, O, Lse2, Delta, Lse, DLse, DQ, stride_dqm, s
                stride_mask_h, stride_mask_m, stride_mask_n, IS_SEQ: tl.constexpr, CHECK_KEYS: tl.constexpr,
                CHECK_ROWS: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
                FUSE_DELTA: tl.constexpr, HAS_DLSE: tl.constexpr, FUSE_DQ: tl.constexpr, EVEN_D: tl.constexpr,
-               DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EXP_MUL: tl.constexpr):
+               DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EXP_MUL: tl.constexpr, seed, drop_offset,
+               drop_threshold, drop_scale, bh, j0, DROPOUT: tl.constexpr):
     """Adds one query block's share to the key block's dk (unscaled) and dv, in transposed form
     (sT is [keys, queries]); with FUSE_DQ also adds the block's dS K (unscaled) into DQ (float32,
     atomics).
@@ -193,8 +202,13 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, O, Lse2, Delta, Lse, DLse, DQ, stride_dqm, s
     elif CHECK_KEYS:
         sT = tl.where(j[:, None] < n_keys, sT, float("-inf"))
     pT = tl.exp2((sT - lse2[None, :]) * EXP_MUL)
-    dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    if DROPOUT:  # V was multiplied by the dropped, rescaled probabilities: dV and dP see those
+        keepT = tl.trans(dropout_keep(seed, drop_offset, drop_threshold, bh, i, j0, not IS_SEQ, pT.shape[0]))
+        dv += tl.dot(tl.where(keepT, pT * drop_scale, 0.0).to(do.dtype), do, input_precision=PRECISION)
+        dpT = tl.where(keepT, dpT * drop_scale, 0.0)
+    else:
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
     dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
     dk += tl.dot(dsT, tl.trans(qT), input_precision=PRECISION)
     if FUSE_DQ:
@@ -205,7 +219,7 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, O, Lse2, Delta, Lse, DLse, DQ, stride_dqm, s
 
 
 @triton.heuristics(dict(_EVEN, EVEN_N=lambda a: a["Nk"] % a["BLOCK_N"] == 0))
-@triton.jit(do_not_specialize=["N_BUCKET"])  # an autotuning key, never read
+@triton.jit(do_not_specialize=["N_BUCKET", "seed", "drop_offset", "drop_threshold"])  # never specialised on
 def _bwd_dkdv_kernel(Q, K, V, KPM, MASK, DOut, Lse2, Delta, DK, DV, DQ,
                      stride_qb, stride_qh, stride_qm, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
@@ -216,8 +230,8 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, MASK, DOut, Lse2, Delta, DK, DV, DQ,
                      stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                      stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                      stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                     Hq, Hkv, Nq, Nk, D, group, qk_scale, scale, N_BUCKET,
-                     HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, FUSE_DQ: tl.constexpr,
+                     Hq, Hkv, Nq, Nk, D, group, qk_scale, scale, N_BUCKET, seed, drop_offset, drop_threshold,
+                     drop_scale, DROPOUT: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, FUSE_DQ: tl.constexpr,
                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
                      EXP_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
                      EVEN_N: tl.constexpr):
@@ -248,14 +262,16 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, MASK, DOut, Lse2, Delta, DK, DV, DQ,
                                 stride_qd, stride_dom, stride_dod, 0, 0, b, h, Nq, Nk, KPM, stride_kpm_b,
                                 stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, True,
                                 not EVEN_N, not EVEN_M, True, HAS_KPM, MASK_KIND, False, False, FUSE_DQ, EVEN_D,
-                                DOT_F32, PRECISION, EXP_MUL)
+                                DOT_F32, PRECISION, EXP_MUL, seed, drop_offset, drop_threshold, drop_scale, b * Hq + h, j0,
+                                DROPOUT)
         for m0 in range(full, Nq, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, qh, doh, doh, Lse2, Delta, Lse2, Lse2, dqh, stride_dqm, stride_dqd,
                                 row_base, m0, offs_m, offs_n, offs_d, j, Nk, D, qk_scale, stride_qm,
                                 stride_qd, stride_dom, stride_dod, 0, 0, b, h, Nq, Nk, KPM, stride_kpm_b,
                                 stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, True,
                                 not EVEN_N, not EVEN_M, False, HAS_KPM, MASK_KIND, False, False, FUSE_DQ, EVEN_D,
-                                DOT_F32, PRECISION, EXP_MUL)
+                                DOT_F32, PRECISION, EXP_MUL, seed, drop_offset, drop_threshold, drop_scale, b * Hq + h, j0,
+                                DROPOUT)
     key_mask = (j[:, None] < Nk) & (offs_d[None, :] < D)
     tl.store(DK + b * stride_dkb + g * stride_dkh + j[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              (dk * scale).to(DK.dtype.element_ty), mask=key_mask)
@@ -264,7 +280,7 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, MASK, DOut, Lse2, Delta, DK, DV, DQ,
 
 
 @triton.heuristics(dict(_EVEN, EVEN_N=lambda a: a["P"] % a["BLOCK_N"] == 0))
-@triton.jit(do_not_specialize=["N_BUCKET"])  # an autotuning key, never read
+@triton.jit(do_not_specialize=["N_BUCKET", "seed", "drop_offset", "drop_threshold"])  # never specialised on
 def _bwd_dprefix_kernel(Q, PK, PV, Rows, RowStart, DOut, Out, Lse, DLse, Lse2, Delta, DPK, DPV, DQ,
                         stride_qb, stride_qh, stride_qm, stride_qd,
                         stride_pkt, stride_pkh, stride_pkn, stride_pkd,
@@ -273,8 +289,8 @@ def _bwd_dprefix_kernel(Q, PK, PV, Rows, RowStart, DOut, Out, Lse, DLse, Lse2, D
                         stride_ob, stride_oh, stride_om, stride_od,
                         stride_dpc, stride_dpt, stride_dph, stride_dpn, stride_dpd,
                         stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                        B, Hq, Hkv, Nq, P, D, group, qk_scale, scale, N_BUCKET,
-                        ROWS: tl.constexpr, FUSE_DELTA: tl.constexpr, HAS_DLSE: tl.constexpr,
+                        B, Hq, Hkv, Nq, P, D, group, qk_scale, scale, N_BUCKET, seed, drop_offset, drop_threshold,
+                        drop_scale, DROPOUT: tl.constexpr, ROWS: tl.constexpr, FUSE_DELTA: tl.constexpr, HAS_DLSE: tl.constexpr,
                         FUSE_DQ: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                         DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EXP_MUL: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr):
@@ -325,7 +341,8 @@ def _bwd_dprefix_kernel(Q, PK, PV, Rows, RowStart, DOut, Out, Lse, DLse, Lse2, D
                                 offs_m, offs_n, offs_d, j, P, D, qk_scale, stride_qm, stride_qd, stride_dom,
                                 stride_dod, stride_om, stride_od, b, h, Nq, P, Rows, 0, 0, Rows, 0, 0, 0, 0, False,
                                 not EVEN_N, not EVEN_M, False, False, 0, FUSE_DELTA, HAS_DLSE, FUSE_DQ, EVEN_D,
-                                DOT_F32, PRECISION, EXP_MUL)
+                                DOT_F32, PRECISION, EXP_MUL, seed, drop_offset, drop_threshold, drop_scale, b * Hq + h, j0,
+                                DROPOUT)
     key_mask = (j[:, None] < P) & (offs_d[None, :] < D)
     if ATOMIC:
         base = t * stride_dpt + g * stride_dph + j[:, None] * stride_dpn + offs_d[None, :] * stride_dpd
@@ -373,7 +390,8 @@ def _num_chunks(rows_per_entry: int, Nq: int, T: int, Hkv: int, P: int, meta: di
 
 
 def triton_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask, out, lse, dlse,
-                    scale, causal, deterministic, need_dq, need_dkv, need_dprefix):
+                    scale, causal, deterministic, need_dq, need_dkv, need_dprefix, dropout_p=0.0, dropout_seed=0,
+                    dropout_offset=0):
     """(dq, dk, dv, dprefix_k, dprefix_v); gradients not asked for are empty tensors."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -406,6 +424,8 @@ def triton_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding
 
     qk_scale, exp_mul = score_units(attn_mask, scale)
     dot = dict(EXP_MUL=exp_mul, **dot_args(q.dtype, D))
+    drop = dropout_args(dropout_p, dropout_seed, dropout_offset)
+    dot["DROPOUT"] = dropout_p > 0.0
     tune = not deterministic
     pk, spk = optional(prefix_k, q, 4)
     pv, spv = optional(prefix_v, q, 4)
@@ -435,7 +455,7 @@ def triton_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding
         launch(_bwd_dq_kernel, "dq", lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq), D, q.dtype,
                q, k, v, pk, pv, prefix_index if prefix_index is not None else q, kpm, mask, dout, lse2, delta,
                target, *q.stride(), *k.stride(), *v.stride(), *spk, *spv, *skpm, *smask, *dout.stride(),
-               *target.stride(), Hq, Nq, Nk, P, D, Hq // Hkv, qk_scale, dq_scale, bucket,
+               *target.stride(), Hq, Nq, Nk, P, D, Hq // Hkv, qk_scale, dq_scale, bucket, *drop,
                HAS_PREFIX=P > 0, HAS_INDEX=prefix_index is not None, PER_ROW=per_row, DO_SEQ=do_seq,
                ATOMIC=atomic, tune=tune, **flags, **dot)
 
@@ -445,14 +465,15 @@ def triton_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding
         launch(_bwd_dkdv_kernel, "dkv", lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv), D, q.dtype,
                q, k, v, kpm, mask, dout, lse2, delta, dk, dv, dq_arg,
                *q.stride(), *k.stride(), *v.stride(), *skpm, *smask, *dout.stride(), *dk.stride(), *dv.stride(),
-               *sdq, Hq, Hkv, Nq, Nk, D, Hq // Hkv, qk_scale, scale, bucket, FUSE_DQ=fuse_dq, tune=tune, **flags,
+               *sdq, Hq, Hkv, Nq, Nk, D, Hq // Hkv, qk_scale, scale, bucket, *drop, FUSE_DQ=fuse_dq, tune=tune,
+               **flags,
                **dot)
     elif need_dkv:
         dk.zero_()
         dv.zero_()
     if need_dprefix and P > 0:
         _launch_dprefix(q, prefix_k, prefix_v, prefix_index, dout, out, lse, dlse, lse2, delta, dpk, dpv, dq_arg, sdq,
-                        qk_scale, scale, per_row, fuse_dq, prefix_only, deterministic, dot)
+                        qk_scale, scale, per_row, fuse_dq, prefix_only, deterministic, dot, drop)
     elif need_dprefix:
         dpk.zero_()
         dpv.zero_()
@@ -464,7 +485,7 @@ def triton_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding
 
 
 def _launch_dprefix(q, prefix_k, prefix_v, prefix_index, dout, out, lse, dlse, lse2, delta, dpk, dpv, dq_arg, sdq,
-                    qk_scale, scale, per_row, fuse_dq, prefix_only, deterministic, dot):
+                    qk_scale, scale, per_row, fuse_dq, prefix_only, deterministic, dot, drop):
     B, Hq, Nq, D = q.shape
     T, Hkv, P = prefix_k.shape[0], prefix_k.shape[1], prefix_k.shape[2]
     if prefix_index is not None:
@@ -495,7 +516,7 @@ def _launch_dprefix(q, prefix_k, prefix_v, prefix_index, dout, out, lse, dlse, l
            q, prefix_k, prefix_v, rows, start, dout, out, lse, dlse if dlse is not None else lse, lse2, delta,
            tk, tv, dq_arg,
            *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(), *out.stride(), *tk.stride(), *sdq,
-           B, Hq, Hkv, Nq, P, D, Hq // Hkv, qk_scale, scale, n_bucket(B * Nq),
+           B, Hq, Hkv, Nq, P, D, Hq // Hkv, qk_scale, scale, n_bucket(B * Nq), *drop,
            ROWS=mode, FUSE_DELTA=prefix_only, HAS_DLSE=dlse is not None, FUSE_DQ=fuse_dq, ATOMIC=atomic,
            tune=not deterministic, **dot)
     if atomic:

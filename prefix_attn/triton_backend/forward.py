@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from .._inputs import check_prefix_index_range
-from .scores import as_bytes, dot_args, mask_kind, n_bucket, optional, score_units
-from .tiles import block_scores, load_tile, prefix_entry, query_block, seq_key_range
+from .scores import as_bytes, dot_args, dropout_args, mask_kind, n_bucket, optional, score_units
+from .tiles import block_scores, dropout_keep, load_tile, prefix_entry, query_block, seq_key_range
 from .tuning import launch
 
 
@@ -23,7 +23,8 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, start, n_keys, stride_kn, stride_kd, strid
               offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK, stride_mask_b,
               stride_mask_h, stride_mask_m, stride_mask_n, IS_SEQ: tl.constexpr, CHECK_KEYS: tl.constexpr,
               APPLY_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, EVEN_D: tl.constexpr,
-              DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EXP_MUL: tl.constexpr):
+              DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EXP_MUL: tl.constexpr, seed, drop_offset,
+              drop_threshold, bh, DROPOUT: tl.constexpr):
     j = start + offs_n
     s, _ = block_scores(q, K, j, n_keys, stride_kn, stride_kd, offs_m, offs_d, D, qk_scale, b, h, Nq, Nk, KPM,
                             stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m,
@@ -35,7 +36,10 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, start, n_keys, stride_kn, stride_kd, strid
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
     p = tl.exp2((s - m_safe[:, None]) * EXP_MUL)
     alpha = tl.exp2((m_i - m_safe) * EXP_MUL)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    l_i = l_i * alpha + tl.sum(p, 1)  # the undropped normaliser
+    if DROPOUT:  # the kept ones' 1 / (1 - p) is applied with 1 / l at the end
+        p = tl.where(dropout_keep(seed, drop_offset, drop_threshold, bh, offs_m, start, not IS_SEQ, p.shape[1]),
+                     p, 0.0)
     if DOT_F32:
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
     else:
@@ -43,7 +47,7 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, start, n_keys, stride_kn, stride_kd, strid
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["N_BUCKET"])  # an autotuning key, never read
+@triton.jit(do_not_specialize=["N_BUCKET", "seed", "drop_offset", "drop_threshold"])  # never specialised on
 def _fwd_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, Out, Lse,
                 stride_qb, stride_qh, stride_qm, stride_qd,
                 stride_kb, stride_kh, stride_kn, stride_kd,
@@ -53,8 +57,8 @@ def _fwd_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, Out, Lse,
                 stride_kpm_b, stride_kpm_n,
                 stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
                 stride_ob, stride_oh, stride_om, stride_od,
-                Hq, Nq, Nk, P, D, group, qk_scale, N_BUCKET,
-                HAS_PREFIX: tl.constexpr, HAS_INDEX: tl.constexpr, PER_ROW: tl.constexpr,
+                Hq, Nq, Nk, P, D, group, qk_scale, N_BUCKET, seed, drop_offset, drop_threshold, drop_scale,
+                DROPOUT: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_INDEX: tl.constexpr, PER_ROW: tl.constexpr,
                 HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
                 BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
                 EXP_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -77,13 +81,13 @@ def _fwd_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, Out, Lse,
                                       stride_pvd, offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM,
                                       stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h,
                                       stride_mask_m, stride_mask_n, False, False, False, False, 0, EVEN_D, DOT_F32,
-                                      PRECISION, EXP_MUL)
+                                      PRECISION, EXP_MUL, seed, drop_offset, drop_threshold, pid_bh, DROPOUT)
         if p_full < P:
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, pk, pv, p_full, P, stride_pkn, stride_pkd, stride_pvn,
                                       stride_pvd, offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM,
                                       stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h,
                                       stride_mask_m, stride_mask_n, False, True, False, False, 0, EVEN_D, DOT_F32,
-                                      PRECISION, EXP_MUL)
+                                      PRECISION, EXP_MUL, seed, drop_offset, drop_threshold, pid_bh, DROPOUT)
 
     kb = K + b * stride_kb + g * stride_kh
     vb = V + b * stride_vb + g * stride_vh
@@ -92,16 +96,21 @@ def _fwd_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, Out, Lse,
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kb, vb, start, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
                                   offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b,
                                   stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
-                                  True, False, False, HAS_KPM, MASK_KIND, EVEN_D, DOT_F32, PRECISION, EXP_MUL)
+                                  True, False, False, HAS_KPM, MASK_KIND, EVEN_D, DOT_F32, PRECISION, EXP_MUL,
+                                  seed, drop_offset, drop_threshold, pid_bh, DROPOUT)
     for start in range(full, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kb, vb, start, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
                                   offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b,
                                   stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
-                                  True, True, CAUSAL, HAS_KPM, MASK_KIND, EVEN_D, DOT_F32, PRECISION, EXP_MUL)
+                                  True, True, CAUSAL, HAS_KPM, MASK_KIND, EVEN_D, DOT_F32, PRECISION, EXP_MUL,
+                                  seed, drop_offset, drop_threshold, pid_bh, DROPOUT)
 
     # l == 0 only when no key was visible (P == 0): out 0, lse -inf
     has_any = l_i > 0
-    out = acc / tl.where(has_any, l_i, 1.0)[:, None]
+    if DROPOUT:
+        out = acc * (drop_scale / tl.where(has_any, l_i, 1.0))[:, None]
+    else:
+        out = acc / tl.where(has_any, l_i, 1.0)[:, None]
     lse = tl.where(has_any, m_i * (0.6931471805599453 * EXP_MUL) + tl.log2(tl.where(has_any, l_i, 1.0)) * 0.6931471805599453,
                    float("-inf"))  # natural log
     row_ok = offs_m[:, None] < Nq
@@ -115,7 +124,7 @@ def _fwd_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, Out, Lse,
 
 
 def triton_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask, scale, causal,
-                   deterministic=False):
+                   deterministic=False, dropout_p=0.0, dropout_seed=0, dropout_offset=0):
     """out [B, Hq, Nq, D] and lse [B, Hq, Nq] (float32). Inputs are checked by the caller
     (_inputs.py); prefix_index's range is checked here, the only place that indexes with it."""
     B, Hq, Nq, D = q.shape
@@ -137,7 +146,7 @@ def triton_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, 
            q, k, v, pk, pv, idx, kpm, mask, out, lse,
            *q.stride(), *k.stride(), *v.stride(), *spk, *spv, *skpm, *smask, *out.stride(),
            Hq, Nq, Nk, P, D, Hq // Hkv, qk_scale, n_bucket(max(Nq, Nk)),
-           HAS_PREFIX=P > 0, HAS_INDEX=prefix_index is not None,
+           *dropout_args(dropout_p, dropout_seed, dropout_offset), DROPOUT=dropout_p > 0.0, HAS_PREFIX=P > 0, HAS_INDEX=prefix_index is not None,
            PER_ROW=prefix_k is not None and prefix_index is None and prefix_k.shape[0] > 1,
            HAS_KPM=key_padding_mask is not None, MASK_KIND=mask_kind(attn_mask), CAUSAL=bool(causal),
            EXP_MUL=exp_mul, tune=not deterministic, **dot_args(q.dtype, D))

@@ -16,19 +16,22 @@ from .forward import triton_forward
 @torch.library.custom_op("prefix_attn::triton_fwd", mutates_args=())
 def triton_fwd(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
                prefix_index: Optional[Tensor], key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
-               scale: float, causal: bool, deterministic: bool) -> Tuple[Tensor, Tensor]:
+               scale: float, causal: bool, deterministic: bool, dropout_p: float = 0.0, dropout_seed: int = 0,
+               dropout_offset: int = 0) -> Tuple[Tensor, Tensor]:
     return triton_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask, scale, causal,
-                          deterministic)
+                          deterministic, dropout_p, dropout_seed, dropout_offset)
 
 
 @torch.library.custom_op("prefix_attn::triton_bwd", mutates_args=())
 def triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor],
                prefix_v: Optional[Tensor], prefix_index: Optional[Tensor], key_padding_mask: Optional[Tensor],
                attn_mask: Optional[Tensor], out: Tensor, lse: Tensor, dlse: Optional[Tensor], scale: float,
-               causal: bool, deterministic: bool, need_dq: bool, need_dkv: bool,
-               need_dprefix: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+               causal: bool, deterministic: bool, need_dq: bool, need_dkv: bool, need_dprefix: bool,
+               dropout_p: float = 0.0, dropout_seed: int = 0,
+               dropout_offset: int = 0) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return triton_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, attn_mask, out, lse,
-                           dlse, scale, causal, deterministic, need_dq, need_dkv, need_dprefix)
+                           dlse, scale, causal, deterministic, need_dq, need_dkv, need_dprefix, dropout_p,
+                           dropout_seed, dropout_offset)
 
 
 _ops.register_attention_op(triton_fwd, triton_bwd)

@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _dropout
 from . import configs
 
 LOG2E = 1.4426950408889634
@@ -50,3 +51,11 @@ def as_bytes(mask: Optional[Tensor]) -> Optional[Tensor]:
 def n_bucket(n: int) -> int:
     """Autotuning key for a length: the next power of two, so that a tuned config serves a range."""
     return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def dropout_args(dropout_p: float, seed: int, offset: int) -> Tuple[int, int, int, float]:
+    """(seed, offset, threshold, 1 / (1 - p)): the kernels' dropout arguments (any values when
+    dropout_p == 0: the DROPOUT constexpr is off and they are never read)."""
+    if dropout_p <= 0.0:
+        return 0, 0, 0, 1.0
+    return seed, offset, _dropout.threshold(dropout_p), _dropout.keep_scale(dropout_p)

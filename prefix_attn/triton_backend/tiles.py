@@ -83,6 +83,23 @@ def seq_scores(s, i, j, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK, str
 
 
 @triton.jit
+def dropout_keep(seed, offset, threshold, bh, i, j0, IS_PREFIX: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Attention dropout's keep flags [len(i), BLOCK_N] for queries i of row-head bh (b * Hq + h)
+    and the keys j0 .. j0 + BLOCK_N - 1 of one segment (j0 a multiple of 4): the stream of
+    csrc/prefix_attn_dropout.h. One Philox call gives the four words of four consecutive keys,
+    interleaved back into key order."""
+    zero = tl.zeros((i.shape[0], BLOCK_N // 4), dtype=tl.uint32)
+    col4 = (j0 // 4 + tl.arange(0, BLOCK_N // 4)).to(tl.uint32)
+    if IS_PREFIX:
+        col4 = col4 | 0x80000000
+    r0, r1, r2, r3 = tl.philox(seed, zero + col4[None, :], zero + i.to(tl.uint32)[:, None],
+                               zero + bh.to(tl.uint32), zero + offset.to(tl.uint32))
+    # join(join(r0, r2), join(r1, r3))[m, t, y, x] = r_{2y + x}: key 4t + w takes word w
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (i.shape[0], BLOCK_N))
+    return words >= threshold.to(tl.uint32)
+
+
+@triton.jit
 def load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
     """tl.load of a 2-D tile, masked only along the dimensions that may run past the tensor:
     interior tiles of an even-sized problem load with no mask at all. rows / cols broadcast to

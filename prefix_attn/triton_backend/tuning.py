@@ -26,10 +26,10 @@ from .configs import TileConfig
 
 # Arguments each kind's autotuning is keyed on, beyond the tensors' dtypes (which Triton adds).
 _KEYS = {
-    "fwd": ["D", "N_BUCKET", "HAS_PREFIX", "HAS_KPM", "MASK_KIND", "CAUSAL"],
-    "dq": ["D", "N_BUCKET", "HAS_PREFIX", "HAS_KPM", "MASK_KIND", "CAUSAL", "DO_SEQ"],
-    "dkv": ["D", "N_BUCKET", "HAS_KPM", "MASK_KIND", "CAUSAL", "FUSE_DQ"],
-    "dprefix": ["D", "N_BUCKET", "ROWS", "FUSE_DQ", "FUSE_DELTA", "ATOMIC"],
+    "fwd": ["D", "N_BUCKET", "HAS_PREFIX", "HAS_KPM", "MASK_KIND", "CAUSAL", "DROPOUT"],
+    "dq": ["D", "N_BUCKET", "HAS_PREFIX", "HAS_KPM", "MASK_KIND", "CAUSAL", "DO_SEQ", "DROPOUT"],
+    "dkv": ["D", "N_BUCKET", "HAS_KPM", "MASK_KIND", "CAUSAL", "FUSE_DQ", "DROPOUT"],
+    "dprefix": ["D", "N_BUCKET", "ROWS", "FUSE_DQ", "FUSE_DELTA", "ATOMIC", "DROPOUT"],
 }
 _RESET = {"dkv": ["DQ"], "dprefix": ["DPK", "DPV"]}
 _RESTORE = {"dq": ["DQ"], "dprefix": ["DQ"]}

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
+import subprocess
 import sys
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(HERE)), "examples")
+ROOT = os.path.dirname(os.path.dirname(HERE))
+EXAMPLES = os.path.join(ROOT, "examples")
 if EXAMPLES not in sys.path:
     sys.path.insert(0, EXAMPLES)
 
@@ -37,6 +40,7 @@ from transformers import AttentionInterface  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
 from prefix_attn.integrations import transformers as hf  # noqa: E402
+from prefix_attn import _dropout  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -138,7 +142,9 @@ ORACLE = "prefix_attn_test_oracle"
 
 def _oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """[prefix ; key] concatenated explicitly, GQA by repetition, softmax in float64, and the
-    mask transformers' own sdpa_mask built for the sequence (the prefix column block: all True)."""
+    mask transformers' own sdpa_mask built for the sequence (the prefix column block: all True).
+    Attention dropout applies prefix_attn/_dropout.py's mask for a stream drawn as
+    prefix_attention draws it, so under the same torch.manual_seed both drop the same entries."""
     layers = kwargs[hf.PREFIX_KWARG]
     B, Hq, Nq, D = query.shape
     Hkv = key.shape[1]
@@ -160,6 +166,9 @@ def _oracle_attention(module, query, key, value, attention_mask, scaling=None, d
     visible = torch.cat([torch.ones(B, 1, Nq, P, dtype=torch.bool), attention_mask[..., : key.shape[2]]
                          .expand(B, 1, Nq, -1)], -1)
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1)
+    if dropout:  # the stream prefix_attention draws, in the same order from the same generator
+        seed, offset = _dropout.next_stream(query.device)
+        probs = _dropout.apply_reference(probs, seed, offset, dropout, P)
     out = (probs @ values).to(query.dtype)
     return out.transpose(1, 2), None
 
@@ -180,3 +189,32 @@ def oracle_copy(model):
     twin = copy.deepcopy(model)
     twin.config._attn_implementation = ORACLE
     return twin
+
+
+# --------------------------------------------------------------------------- several processes
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker: str, out_dir: str, world: int = 2, timeout: float = 600) -> List[str]:
+    """Run `python worker out_dir` as `world` ranks (RANK, WORLD_SIZE, MASTER_ADDR/PORT set, one
+    thread each) and return their outputs; a rank that fails raises with its output's tail.
+    The ranks import prefix_attn from this checkout (PYTHONPATH), not from wherever the installed
+    package points. timeout is generous: the machine may be busy."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=path)
+    procs = [subprocess.Popen([sys.executable, worker, str(out_dir)], env=dict(env, RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"{os.path.basename(worker)} rank {r} failed:\n{out[-3000:]}"
+    return outputs

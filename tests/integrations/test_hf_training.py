@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from hf_testing import HERE, oracle_copy, padded_batch, tiny_model
+from hf_testing import HERE, oracle_copy, padded_batch, run_ranks, tiny_model
 from prefix_attn.integrations.transformers import add_prefix_tuning, get_prefix_encoder
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -48,6 +45,33 @@ def test_prefix_gradient_matches_oracle(projection):
     _, expected = _prefix_grads(oracle, **inputs)
     _assert_grads_close(got, {n: g.float() for n, g in expected.items()})
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("prefix_encoder"))
+
+
+def test_attention_dropout_trains_on_the_oracles_stream():
+    """A config with attention dropout (GPT-2, BERT and RoBERTa default to 0.1) trains: in train
+    mode every layer's attention drops, prefix and sequence probabilities alike, by the stream
+    the float64 oracle applies under the same seed; in eval nothing drops."""
+    from prefix_attn import _dropout
+
+    torch.manual_seed(11)
+    model = add_prefix_tuning(tiny_model(attention_dropout=0.3), 4)
+    model.train()
+    ids, mask = padded_batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    torch.manual_seed(5)
+    with _dropout.record_masks() as calls:
+        loss, got = _prefix_grads(model, **inputs)
+    assert [c.dropout_p for c in calls] == [0.3] * model.config.num_hidden_layers
+    oracle = oracle_copy(model).double()
+    torch.manual_seed(5)
+    oracle_loss, expected = _prefix_grads(oracle, **inputs)
+    torch.testing.assert_close(loss, oracle_loss.float(), rtol=1e-5, atol=1e-6)
+    _assert_grads_close(got, {n: g.float() for n, g in expected.items()})
+
+    model.eval()
+    with _dropout.record_masks() as calls, torch.no_grad():
+        eval_loss = model(**inputs).loss
+    assert calls == [] and not torch.equal(eval_loss, loss), "eval mode must not drop"
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
@@ -145,28 +169,10 @@ def test_trainer_trains_only_the_prefix(mode, tmp_path):
 
 # --------------------------------------------------------------------------- DDP
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_prefix_gradients_agree(tmp_path):
     """2 processes, gloo on CPU: after backward both ranks hold the same prefix gradient, the mean
     of the two halves' gradients (with and without gradient checkpointing)."""
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
-               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    worker = os.path.join(HERE, "ddp_worker.py")
-    procs = [subprocess.Popen([sys.executable, worker, str(tmp_path)], env=dict(env, RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    try:
-        outputs = [p.communicate(timeout=600)[0] for p in procs]  # generous: the machine may be busy
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{out[-3000:]}"
+    run_ranks(os.path.join(HERE, "ddp_worker.py"), str(tmp_path))
     from safetensors.torch import load_file
 
     rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2))

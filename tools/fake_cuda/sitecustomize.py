@@ -82,5 +82,6 @@ if os.environ.get("PREFIX_ATTN_FAKE_CUDA") == "1":
     for _name in ("synchronize", "empty_cache", "reset_peak_memory_stats", "set_device", "manual_seed",
                   "manual_seed_all"):
         setattr(torch.cuda, _name, lambda *a, **k: None)
-    for _name in ("memory_allocated", "max_memory_allocated"):
+    for _name in ("memory_allocated", "max_memory_allocated", "memory_reserved"):
         setattr(torch.cuda, _name, lambda *a, **k: 0)
+    torch.cuda.mem_get_info = lambda device=None: (_props.total_memory, _props.total_memory)
