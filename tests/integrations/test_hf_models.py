@@ -283,13 +283,13 @@ def test_prefix_tuning_with_lora(order, tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, expected, rtol=0, atol=0)
         with model.disable_adapter():  # the prefix alone: LoRA did change the outputs
             assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-4)
-    tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    assert torch.equal(reloaded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False),
+    tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(reloaded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False),
                        tokens)
     # the oracle: the merged LoRA weights, our prefix, explicit attention
     merged = reloaded.merge_and_unload()
     oracle = oracle_copy(merged)
-    assert torch.equal(oracle.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False), tokens)
+    assert torch.equal(oracle.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False), tokens)
     remove_prefix_tuning(reloaded)
 
 
