@@ -46,12 +46,15 @@ bench: install
 # Runs wherever nvcc is; no GPU needed.
 NVCC       ?= nvcc
 CUDA_ARCHS ?= 80 90
+# what torch.utils.cpp_extension adds to every nvcc command: no implicit half / bfloat16 conversions
+TORCH_NVCC_DEFINES := -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+                      -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
 cuda-check: install
 	@mkdir -p build/cuda-check
 	@for f in $$(find csrc -name '*.cu' | sort); do \
 	  for a in $(CUDA_ARCHS); do \
 	    echo "== $$f: sm_$$a"; \
-	    $(NVCC) -std=c++17 -O3 -Icsrc -gencode arch=compute_$$a,code=sm_$$a -Xptxas -v \
+	    $(NVCC) -std=c++17 -O3 -Icsrc -gencode arch=compute_$$a,code=sm_$$a -Xptxas -v $(TORCH_NVCC_DEFINES) \
 	      -c $$f -o build/cuda-check/$$(basename $$f .cu).sm_$$a.o 2>&1 \
 	      | grep -E "error|warning|Compiling entry|registers|spill" ; \
 	    test $${PIPESTATUS[0]} -eq 0 || exit 1; \

@@ -279,9 +279,6 @@ std::tuple<Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v
     cpu::forward(p);
   } else {
 #ifdef PREFIX_ATTN_WITH_CUDA
-    TORCH_CHECK_NOT_IMPLEMENTED(!p.dropout.enabled,
-                                "prefix_attn: the cuda backend has no attention dropout yet; use the "
-                                "triton backend, or dropout_p=0");
     cuda_glue::forward(p, q);
 #else
     TORCH_CHECK_NOT_IMPLEMENTED(false, "prefix_attn: this build has no CUDA kernels; q is on ",
@@ -358,9 +355,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd(
     cpu::backward(p);
   } else {
 #ifdef PREFIX_ATTN_WITH_CUDA
-    TORCH_CHECK_NOT_IMPLEMENTED(!p.dropout.enabled,
-                                "prefix_attn: the cuda backend has no attention dropout yet; use the "
-                                "triton backend, or dropout_p=0");
     cuda_glue::backward(p, q, prefix_index, lse_c, dpk, dpv);
 #else
     TORCH_CHECK_NOT_IMPLEMENTED(false, "prefix_attn: this build has no CUDA kernels; q is on ",

@@ -6,7 +6,7 @@
 //   key     (k0, k1) = (seed & 0xffffffff, seed >> 32)
 //   counter (c0, c1, c2, c3) = ((col >> 2) | (is_prefix << 31), i, b * Hq + h, offset)
 //   r       = Philox4x32-10(counter, key)[col & 3]
-//   keep    iff r >= threshold, threshold = round(dropout_p * 2^32) clamped to 2^32 - 1
+//   keep    iff r >= threshold, threshold = floor(dropout_p * 2^32) (exact in double; < 2^32 as p < 1)
 //
 // col is the key's index within its segment (prefix key p, or sequence key n), so a tile of
 // four-aligned columns of one segment takes its four words from a single Philox call. Kept

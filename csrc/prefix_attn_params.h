@@ -58,7 +58,7 @@ struct FwdParams {
   MutView4 out;
   float* lse = nullptr;
 
-  int64_t prefix_entry(int64_t b) const {
+  PREFIX_ATTN_HD int64_t prefix_entry(int64_t b) const {
     if (prefix_index != nullptr) return prefix_index[b];
     return T == 1 ? 0 : b;
   }

@@ -100,6 +100,11 @@ def keep_mask(seed: int, offset: int, dropout_p: float, B: int, Hq: int, Nq: int
 def next_stream(device: torch.device) -> Tuple[int, int]:
     """(seed, offset) for one call's dropout on `device`, advancing torch's generator for it."""
     if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            # the (seed, offset) drawn now would be baked into the graph: every replay would drop
+            # the same entries
+            raise NotImplementedError("prefix_attn: attention dropout inside CUDA graph capture is not supported "
+                                      "(each replay would reuse one mask); capture with dropout_p=0")
         index = device.index if device.index is not None else torch.cuda.current_device()
         gen = torch.cuda.default_generators[index]
         offset = gen.get_offset()

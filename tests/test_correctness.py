@@ -308,6 +308,14 @@ GPU_TIER_CASES = [
     C(B=2, Hq=8, Hkv=2, Nq=50, Nk=50, P=15, D=64, causal=True, prefix="bank", kpm="int_right", grads="prefix", dtype="bf16"),
     C(B=2, Hq=4, Hkv=2, Nq=17, Nk=40, P=7, D=256, mask="bool-NqNk", dtype="fp16"),
     C(B=2, Hq=4, Hkv=2, Nq=33, Nk=47, P=5, D=64, kpm="left", mask="fmin-B11Nk", dtype="bf16"),
+    # the cuda backend's tensor-core kernels (16-bit, head dims multiple of 16), beyond the above:
+    # D = 256 with a tail in every tile and Nk < Nq; MQA with a bank and strided views (the
+    # element-wise tile loads); q with a column stride (D = 32's bucket); large scores at D = 96
+    C(B=2, Hq=4, Hkv=2, Nq=130, Nk=97, P=70, D=256, causal=True, dtype="bf16"),
+    C(B=3, Hq=4, Hkv=1, Nq=77, Nk=150, P=40, D=64, causal=True, prefix="bank", kpm="left", layout="qT+kvslice",
+      dtype="fp16"),
+    C(B=2, Hq=2, Hkv=2, Nq=23, Nk=29, P=5, D=32, layout="qstride2", dtype="bf16"),
+    C(B=2, Hq=4, Hkv=2, Nq=65, Nk=130, P=17, D=96, causal=True, amp=30, dtype="fp16"),
 ]
 _IN_GPU_TIER = set(GPU_TIER_CASES)
 

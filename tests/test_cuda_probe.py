@@ -1,11 +1,14 @@
 """The cuda backend's availability probe (prefix_attn/backends.py, issue 11): `cuda` is listed
-only where a real call works, the probe runs once, and when it fails the reason reaches
-`unavailable_reason`, the error of an explicit request, and the reference fallback's warning.
+only where a real call works and passes a self-check against the reference (on the tensor-core
+path), the probe runs once, and when it fails the reason ("cuda backend failed its self-check:
+...", with the worst error) reaches `unavailable_reason`, the error of an explicit request, and
+the reference fallback's warning.
 
 The CUDA parts are faked (torch.cuda.*, the extension's _has_cuda_kernels, the probe call), so
 this runs on CPU; the probe's own call runs for real through the CPU kernels. On a GPU the last
 test checks that the real probe passes."""
 
+import re
 import warnings
 
 import pytest
@@ -59,7 +62,8 @@ def test_a_failing_probe_leaves_cuda_out_and_says_why(fake_gpu):
         assert "cuda" not in prefix_attn.available_backends()
     assert fake_gpu.calls == [torch.device("cuda", 0)], "the probe must run once per process"
     reason = backends.unavailable_reason("cuda")
-    assert "probe call on cuda:0 failed" in reason and "no kernel image" in reason
+    assert "cuda backend failed its self-check on cuda:0: the call raised RuntimeError" in reason
+    assert "no kernel image" in reason
     with pytest.raises(NotImplementedError) as excinfo:
         prefix_attn.select_backend(torch.zeros(1, 1, 1, 16), backend="cuda")
     assert "not available here" in str(excinfo.value) and "no kernel image" in str(excinfo.value)
@@ -74,9 +78,10 @@ def test_the_h200_failure_is_caught_by_the_probe(fake_gpu):
 
 
 def test_wrong_results_leave_cuda_out(fake_gpu):
-    fake_gpu.result = "max |out - reference| = 0.5"
+    fake_gpu.result = "max |out - reference| = 0.5 (tolerance 0.06)"
     assert "cuda" not in prefix_attn.available_backends()
-    assert "gave wrong results: max |out - reference| = 0.5" in backends.unavailable_reason("cuda")
+    assert backends.unavailable_reason("cuda") == ("cuda backend failed its self-check on cuda:0: "
+                                                   "max |out - reference| = 0.5 (tolerance 0.06)")
 
 
 def test_a_passing_probe_lists_cuda(fake_gpu):
@@ -151,19 +156,28 @@ def test_the_probe_call_itself_on_cpu():
 
 
 @needs_extension
-def test_the_probe_call_catches_a_wrong_gradient(monkeypatch):
+@pytest.mark.parametrize("wrong", ["dprefix_v", "nan"])
+def test_the_probe_call_reports_the_worst_error(monkeypatch, wrong):
+    """A kernel that computes the wrong thing fails the self-check, which names the worst output
+    (relative to its tolerance): here one gradient off by 1, or a NaN in dq."""
     real_bwd = torch.ops.prefix_attn.bwd
 
-    class Ops:  # torch.ops.prefix_attn with a bwd whose dprefix_v is off by 0.1
+    class Ops:  # torch.ops.prefix_attn with one gradient spoiled
         fwd = torch.ops.prefix_attn.fwd
 
         @staticmethod
         def bwd(*args):
             dq, dk, dv, dpk, dpv = real_bwd(*args)
-            return dq, dk, dv, dpk, dpv + 0.1
+            if wrong == "nan":
+                dq = dq.clone()
+                dq[1, 2, 3, 4] = float("nan")
+            return dq, dk, dv, dpk, dpv + 1.0 if wrong == "dprefix_v" else dpv
 
     monkeypatch.setattr(torch.ops, "prefix_attn", Ops)
-    assert backends._cuda_probe(torch.device("cpu")) == "max |dprefix_v - reference| = 0.1"
+    error = backends._cuda_probe(torch.device("cpu"))
+    want = {"dprefix_v": r"max \|dprefix_v - reference\| = 1(\.0\d*)? \(tolerance [0-9.]+\)",
+            "nan": r"max \|dq - reference\| = nan \(tolerance [0-9.]+\)"}[wrong]
+    assert error is not None and re.fullmatch(want, error), error
 
 
 @needs_extension

@@ -19,6 +19,7 @@ CASES = [
     C(B=4, Hq=4, Hkv=2, Nq=150, Nk=150, P=33, D=80, causal=True, prefix="bank", T=3),  # entry 2 used twice
     C(B=2, Hq=8, Hkv=2, Nq=1, Nk=500, P=128, D=128, prefix="per_row"),  # decode
     C(B=4, Hq=8, Hkv=2, Nq=129, Nk=257, P=63, D=64, prefix="bank", mask="float-B1NqNk", dtype="bf16"),
+    C(B=2, Hq=8, Hkv=2, Nq=150, Nk=150, P=33, D=128, causal=True, prefix="bank", T=3, dtype="fp16"),
 ]
 
 REPEATS = 3

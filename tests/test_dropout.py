@@ -87,7 +87,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("backend", backend_params())
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id()) for c in CASES])
+# the 16-bit cases join the GPU tier: they take the cuda backend's tensor-core kernels
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id(), marks=[pytest.mark.gpu_tier] * (c.dtype != "fp32"))
+                                  for c in CASES])
 def test_dropout_matches_reference_on_the_same_stream(backend, case):
     _skip_without_dropout(backend)
     check_dropout_against_reference(case, backend, 0.25, device_for(backend))

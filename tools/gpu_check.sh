@@ -6,8 +6,9 @@
 #   2. env.txt: GPU, driver, python, torch, Triton, CUDA, the project's commit;
 #   3. build the extension in place with the CUDA kernels, for this GPU's architecture only
 #      (build.log);
-#   4. the GPU test tier, `pytest -m gpu_tier`, on the GPU backends present, under its own timeout
-#      (tests.log);
+#   4. the cuda backend's kernels under compute-sanitizer (memcheck, racecheck: tools/cuda_sanitize.sh,
+#      < 60 s), when compute-sanitizer exists, then the GPU test tier, `pytest -m gpu_tier`, on the
+#      GPU backends present, under its own timeout (both in tests.log);
 #   5. the kernel benchmark suite to its deadline, targets first (results.md / .json / .png);
 #   6. the end-to-end benchmark (benchmarks/bench_e2e.py --device cuda: a 1 B Llama and SmolLM2,
 #      prefix tuning against PEFT) in the time kept back for it: GPU_CHECK_E2E_SECONDS (default
@@ -100,8 +101,9 @@ if [ -n "$MIRROR" ]; then
   mkdir -p "$MIRROR" || exit 2
   [ "$(cd "$MIRROR" && pwd)" != "$(cd "$OUT_DIR" && pwd)" ] && DIRS+=("$MIRROR")
 fi
-# write one log file in every results folder at once (so a killed run still leaves it everywhere)
-to_logs() { local name=$1; shift; local files=(); for d in "${DIRS[@]}"; do files+=("$d/$name"); done; tee "${files[@]}"; }
+# write one log file in every results folder at once (so a killed run still leaves it everywhere);
+# TEE_ARGS=-a appends
+to_logs() { local name=$1; shift; local files=(); for d in "${DIRS[@]}"; do files+=("$d/$name"); done; tee ${TEE_ARGS:-} "${files[@]}"; }
 
 PREFIX_ATTN_COMMIT=$("$PY" tools/project_commit.py 2>/dev/null || echo unknown)
 export PREFIX_ATTN_COMMIT
@@ -140,7 +142,7 @@ run_tier() {  # $1: timeout in seconds; writes tests.log; returns pytest's statu
     echo "# Triton kernels compiled during the tier: $((after - before)) (new entries in $cache)"
     echo "# pytest exit status: $status$([ $status = 124 ] && echo ' (timed out)')"
     exit $status
-  } | to_logs tests.log | tail -25
+  } | TEE_ARGS=${TESTS_LOG_APPEND:+-a} to_logs tests.log | tail -25
   status=${PIPESTATUS[0]}
   [ "$status" = 0 ] && status=$missing
   return "$status"
@@ -196,7 +198,24 @@ if [ "$SKIP_BUILD" = 0 ]; then
   echo "== build: $result, $(( $(date +%s) - t0 )) s"
 fi
 
-# ------------------------------------------------------------------ 4. the test tier
+# ------------------------------------------------------------------ 4. sanitizer, then the test tier
+# The cuda kernels were written without a GPU: an out-of-bounds access or a shared-memory race is
+# the first thing to know, before any test reads their results. tests.log starts with it.
+if command -v compute-sanitizer >/dev/null && [ "$(left)" -gt 240 ]; then
+  t0=$(date +%s)
+  echo "== compute-sanitizer (tools/cuda_sanitize.sh, timeout 90s)"
+  {
+    header "compute-sanitizer on the cuda backend's kernels"
+    timeout -k 5 90 tools/cuda_sanitize.sh "$PY" 2>&1
+    status=$?
+    echo "# cuda-sanitize exit status: $status$([ $status = 124 ] && echo ' (timed out)')"
+    echo
+    exit $status
+  } | to_logs tests.log | tail -6
+  if [ "${PIPESTATUS[0]}" = 0 ]; then result=ok; else result=FAILED; FAILED+=(sanitizer); fi
+  TESTS_LOG_APPEND=1
+  echo "== compute-sanitizer: $result, $(( $(date +%s) - t0 )) s"
+fi
 tier_timeout=$(( $(left) - 90 < TIER_TIMEOUT ? $(left) - 90 : TIER_TIMEOUT ))
 t0=$(date +%s)
 echo "== test tier (timeout ${tier_timeout}s)"

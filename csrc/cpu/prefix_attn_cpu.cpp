@@ -108,25 +108,45 @@ inline void vphilox4x32_10(vu32 c[4], uint32_t k0, uint32_t k1) {
 }
 
 // The keep factors of one row of a tile: f[c] = kept ? value : 0 for columns j0 + c, c in [0, n),
-// of query i of row-head bh, in the prefix or the sequence segment. j0 is a multiple of 4.
+// of query i of row-head bh, in the prefix or the sequence segment. j0 is a multiple of 4. One
+// vector Philox call covers 64 columns: word w of counter t decides column 4t + w, so the four
+// word vectors are interleaved back into column order with two rounds of shuffles.
 void dropout_factors(const DropoutParams& d, bool is_prefix, int64_t bh, int64_t i, int64_t j0,
                      int64_t n, float value, float* f) {
-  const int64_t n4 = (n + 3) / 4;
+  typedef double vpair __attribute__((vector_size(64)));  // 8 lanes of two floats each
+  constexpr int64_t kCols = 4 * kLanes;                   // columns per vector Philox call
   const uint32_t k0 = static_cast<uint32_t>(d.seed), k1 = static_cast<uint32_t>(d.seed >> 32);
   const uint32_t segment = is_prefix ? 0x80000000u : 0u;
-  for (int64_t t0 = 0; t0 < n4; t0 += kLanes) {
+  const vu32 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const vfloat keep = vsplat(value), drop{};
+  for (int64_t c0 = 0; c0 < n; c0 += kCols) {
     vu32 c[4];
-    for (int64_t t = 0; t < kLanes; ++t) c[0][t] = static_cast<uint32_t>(j0 / 4 + t0 + t) | segment;
+    c[0] = (static_cast<uint32_t>((j0 + c0) / 4) + lane) | segment;
     c[1] = static_cast<uint32_t>(i) - vu32{};
     c[2] = static_cast<uint32_t>(bh) - vu32{};
     c[3] = d.offset - vu32{};
     vphilox4x32_10(c, k0, k1);
-    const int64_t t_end = std::min<int64_t>(kLanes, n4 - t0);
-    for (int64_t t = 0; t < t_end; ++t) {
-      for (int w = 0; w < 4; ++w) {
-        const int64_t col = 4 * (t0 + t) + w;
-        if (col < n) f[col] = c[w][t] >= d.threshold ? value : 0.f;
-      }
+    vfloat w[4];
+    for (int k = 0; k < 4; ++k) w[k] = c[k] >= d.threshold ? keep : drop;
+    // [w0_t w1_t] pairs, then [w0_t w1_t w2_t w3_t] quads: columns 4t .. 4t + 3 in order
+    const vfloat ab_lo = __builtin_shufflevector(w[0], w[1], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const vfloat ab_hi = __builtin_shufflevector(w[0], w[1], 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30,
+                                                 15, 31);
+    const vfloat cd_lo = __builtin_shufflevector(w[2], w[3], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const vfloat cd_hi = __builtin_shufflevector(w[2], w[3], 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30,
+                                                 15, 31);
+    const vpair pl = reinterpret_cast<vpair>(ab_lo), ph = reinterpret_cast<vpair>(ab_hi);
+    const vpair ql = reinterpret_cast<vpair>(cd_lo), qh = reinterpret_cast<vpair>(cd_hi);
+    const vpair out[4] = {__builtin_shufflevector(pl, ql, 0, 8, 1, 9, 2, 10, 3, 11),
+                          __builtin_shufflevector(pl, ql, 4, 12, 5, 13, 6, 14, 7, 15),
+                          __builtin_shufflevector(ph, qh, 0, 8, 1, 9, 2, 10, 3, 11),
+                          __builtin_shufflevector(ph, qh, 4, 12, 5, 13, 6, 14, 7, 15)};
+    if (c0 + kCols <= n) {
+      std::memcpy(f + c0, out, sizeof out);
+    } else {
+      float tail[kCols];
+      std::memcpy(tail, out, sizeof out);
+      std::copy(tail, tail + (n - c0), f + c0);
     }
   }
 }

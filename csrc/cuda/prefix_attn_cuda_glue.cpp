@@ -17,11 +17,22 @@
 namespace prefix_attn::cuda_glue {
 
 namespace {
-constexpr int64_t kMaxHeadDim = 256;  // kMaxPerLane * 32 in the kernels
+constexpr int64_t kMaxHeadDim = 256;  // the SIMT kernels' kMaxPerLane * 32, the tensor-core kernels' largest tile
+// The kernels put query tiles or key tiles on the grid's y axis, at most 65535 blocks; the
+// smallest tiles are the SIMT kernels' (16 queries, 8 keys), and batch rows times heads go on x.
+constexpr int64_t kMaxGridY = 65535;
+constexpr int64_t kMaxQueries = 16 * kMaxGridY, kMaxKeys = 8 * kMaxGridY;
 
-void check_head_dim(const FwdParams& p, const at::Tensor& q) {
+void check_sizes(const FwdParams& p, const at::Tensor& q) {
   TORCH_CHECK_NOT_IMPLEMENTED(p.D <= kMaxHeadDim, "prefix_attn: the cuda backend runs head dims up to ",
                               kMaxHeadDim, "; q has shape ", q.sizes());
+  TORCH_CHECK_NOT_IMPLEMENTED(p.Nq <= kMaxQueries && p.Nk <= kMaxKeys && p.P <= kMaxKeys,
+                              "prefix_attn: the cuda backend runs up to ", kMaxQueries, " queries and ", kMaxKeys,
+                              " keys in the sequence and in the prefix; got Nq = ", p.Nq, ", Nk = ", p.Nk,
+                              ", P = ", p.P, " (q has shape ", q.sizes(), ")");
+  TORCH_CHECK_NOT_IMPLEMENTED(p.B * p.Hq <= INT32_MAX && p.T * p.Hkv <= INT32_MAX,
+                              "prefix_attn: the cuda backend runs up to 2^31 - 1 (batch row, head) pairs; q has shape ",
+                              q.sizes());
 }
 
 // torch's current CUDA stream on q's device, as a cudaStream_t: c10::cuda::getCurrentCUDAStream
@@ -44,7 +55,7 @@ void check_launch(const char* what) {
 }  // namespace
 
 void forward(const FwdParams& p, const at::Tensor& q) {
-  check_head_dim(p, q);
+  check_sizes(p, q);
   const c10::DeviceGuard guard(q.device());
   cuda::forward(p, current_stream(q));
   check_launch("forward");
@@ -52,7 +63,7 @@ void forward(const FwdParams& p, const at::Tensor& q) {
 
 void backward(const BwdParams& p, const at::Tensor& q, const std::optional<at::Tensor>& prefix_index,
               const at::Tensor& lse, at::Tensor& dprefix_k, at::Tensor& dprefix_v) {
-  check_head_dim(p, q);
+  check_sizes(p, q);
   if (p.mask_kind == MaskKind::kFloat && p.P == 0) {
     // A row whose visible scores all sit near finfo.min (a float mask hiding every key) lost
     // log(l) in its float32 lse; the probabilities rebuilt from it would be wrong. Only possible

@@ -44,7 +44,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask, sdpa_mask
 
 from .. import __version__, _inputs
@@ -73,7 +73,7 @@ FORMAT_NAME = "prefix_attn.prefix_tuning"
 FORMAT_VERSION = 1
 
 # Attention kwargs some models pass that change the math and that the kernel does not implement.
-_UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks")
+_UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,6 +230,7 @@ def _text_config(model: nn.Module):
 def _geometry(model: nn.Module) -> _Geometry:
     """Layers, KV heads and head dim of the model's attention, from its config, checked against
     its attention modules (GQA and head_dim != hidden / heads are the usual traps)."""
+    model = _hf_model(model)
     config = _text_config(model)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -274,8 +275,24 @@ class _PrefixTuning:
 _STATE_ATTR = "_prefix_attn_tuning"
 
 
+def _hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (PeftModel -> LoraModel -> model), else model.
+
+    Prefix tuning always lives on the transformers model itself, so that a LoRA model can get a
+    prefix, and a prefix-tuned model can get LoRA, in either order."""
+    if isinstance(model, PreTrainedModel):
+        return model
+    get_base_model = getattr(model, "get_base_model", None)  # peft.PeftModel's
+    return get_base_model() if callable(get_base_model) else model
+
+
+def _has_peft_adapters(model: nn.Module, hf_model: nn.Module) -> bool:
+    """A PeftModel wrapper, or a transformers model with adapters injected (model.add_adapter)."""
+    return hf_model is not model or bool(getattr(hf_model, "_hf_peft_config_loaded", False))
+
+
 def _state(model: nn.Module) -> Optional[_PrefixTuning]:
-    return model.__dict__.get(_STATE_ATTR)
+    return _hf_model(model).__dict__.get(_STATE_ATTR)
 
 
 def _require_state(model: nn.Module, what: str) -> _PrefixTuning:
@@ -386,14 +403,34 @@ def _decoder_pre_hook(state: _PrefixTuning, module: nn.Module, args, kwargs):
         # the keys, with no cache) says so, gives the same attention, and skips that search.
         kwargs["attention_mask"] = torch.ones(batch, length, dtype=torch.long, device=inputs.device)
     if state.position_offset:
+        P = state.encoder.num_virtual_tokens
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             past = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(past, past + length, device=inputs.device).unsqueeze(0)
+            position_ids = _padding_aware_positions(module, kwargs.get("input_ids"), past + P, length, inputs.device)
+            if position_ids is None:
+                position_ids = torch.arange(past, past + length, device=inputs.device).unsqueeze(0) + P
+        else:
+            position_ids = position_ids + P
         # PEFT's prefix is P tokens already in the cache, so its real tokens sit at P, P+1, ...
-        kwargs["position_ids"] = position_ids + state.encoder.num_virtual_tokens
+        kwargs["position_ids"] = position_ids
     return args, kwargs
+
+
+def _padding_aware_positions(module: nn.Module, input_ids: Optional[Tensor], past: int, length: int,
+                             device: torch.device) -> Optional[Tensor]:
+    """Positions by the model's own rule where it numbers real tokens past the padding (RoBERTa
+    and its kin: padding_idx + 1 + the token's rank among the row's real tokens), shifted by
+    `past` tokens, as that rule does for a cache; None for models that count 0, 1, ..."""
+    embeddings = getattr(module, "embeddings", None)
+    rule = getattr(embeddings, "create_position_ids_from_input_ids", None)
+    padding_idx = getattr(embeddings, "padding_idx", None)
+    if rule is None or padding_idx is None:
+        return None
+    if input_ids is None:  # inputs_embeds: the rule counts every token as real
+        return torch.arange(past, past + length, device=device).unsqueeze(0) + padding_idx + 1
+    return rule(input_ids, padding_idx, past)
 
 
 def _owns_fsdp_unit(module: nn.Module) -> bool:
@@ -413,6 +450,11 @@ def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, prefix_proje
     - Every existing parameter is frozen; a trainable `PrefixEncoder` is attached as
       `model.prefix_encoder` (P = num_virtual_tokens prefix keys/values for every layer and KV
       head; see PrefixEncoder for prefix_projection, encoder_hidden_size, num_tasks, dropout).
+    - On a PEFT model (e.g. LoRA: a `peft.PeftModel`, or adapters added with `model.add_adapter`)
+      the adapters' trainable parameters stay trainable, so both train; the prefix goes on the
+      transformers model inside, and every function here accepts the wrapper. LoRA added after
+      (`get_peft_model(model, LoraConfig(...))`) freezes the prefix, as it freezes everything but
+      LoRA: `get_prefix_encoder(peft_model).requires_grad_(True)` trains it again.
     - Attention runs through prefix_attn (config._attn_implementation = "prefix_attn").
     - num_tasks > 1: each row picks its prefix: `model(..., prefix_index=task_ids)`,
       `model.generate(..., prefix_index=task_ids)` (an int tensor [B], or one int for all rows).
@@ -426,12 +468,14 @@ def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, prefix_proje
     unit that holds it (the root, unless the encoder gets a unit of its own). Undo with
     `remove_prefix_tuning(model)`.
     """
+    outer, model = model, _hf_model(model)
     if _state(model) is not None:
         raise ValueError("prefix_attn: this model already has prefix tuning; call remove_prefix_tuning(model) first")
     if not hasattr(model, "config") or not hasattr(model.config, "_attn_implementation"):
         raise TypeError(f"prefix_attn: add_prefix_tuning needs a transformers PreTrainedModel, got {type(model).__name__}")
     if hasattr(model, "prefix_encoder"):
         raise ValueError(f"prefix_attn: {type(model).__name__} already has an attribute 'prefix_encoder'")
+    _check_supported(model)
     geometry = _geometry(model)
     decoder = getattr(model, "base_model", model)
 
@@ -452,8 +496,9 @@ def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, prefix_proje
     except Exception:
         _unregister()
         raise
+    keep_adapters = _has_peft_adapters(outer, model)  # PEFT froze the base already; its adapters train on
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(keep_adapters and p.requires_grad)
     model.prefix_encoder = encoder  # a submodule: .to(), state_dict, DDP and optimizers see it
     state.hook = decoder.register_forward_pre_hook(functools.partial(_decoder_pre_hook, state), with_kwargs=True)
     model.__dict__[_STATE_ATTR] = state
@@ -462,7 +507,21 @@ def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, prefix_proje
         # A bound method (not a closure), so that copy.deepcopy(model) rebinds it to the copy.
         model.generate = types.MethodType(_generate, model)
         state.wrapped_generate = True
-    return model
+    return outer
+
+
+def _check_supported(model: nn.Module) -> None:
+    """Refuse, by name, the models whose attention this integration would get wrong."""
+    config = _text_config(model)
+    name = f"{type(model).__name__} (model_type {getattr(config, 'model_type', '?')!r})"
+    if hasattr(config, "relative_attention_num_buckets"):
+        raise NotImplementedError(
+            f"prefix_attn: {name} adds a relative position bias (T5's position_bias) to its attention scores. "
+            "Prefix keys would need a bias of their own, which the kernels do not take: not supported (see the "
+            "README's model table)")
+    if getattr(config, "is_encoder_decoder", False):
+        raise NotImplementedError(f"prefix_attn: {name} is an encoder-decoder model; add_prefix_tuning supports "
+                                  "decoder-only and encoder-only models")
 
 
 def _generate(self, *args, prefix_index=None, **kwargs):
@@ -489,6 +548,7 @@ def _generate(self, *args, prefix_index=None, **kwargs):
 def remove_prefix_tuning(model: nn.Module) -> PrefixEncoder:
     """Undo add_prefix_tuning: the previous attention implementation, requires_grad flags and
     generate; the hook and `model.prefix_encoder` go. Returns the detached PrefixEncoder."""
+    model = _hf_model(model)
     state = _state(model)
     if state is None:
         raise ValueError("prefix_attn: this model has no prefix tuning to remove")
@@ -709,7 +769,7 @@ def save_peft_prefix(model: nn.Module, path: str, *, task: Optional[int] = None)
     config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": P,
               "token_dim": H * D, "num_attention_heads": H, "num_layers": L, "num_transformer_submodules": 1,
               "encoder_hidden_size": H * D, "prefix_projection": False, "inference_mode": True,
-              "base_model_name_or_path": getattr(_text_config(model), "_name_or_path", None) or None,
+              "base_model_name_or_path": getattr(_text_config(_hf_model(model)), "_name_or_path", None) or None,
               "revision": None, "modules_to_save": None, "auto_mapping": None}
     os.makedirs(path, exist_ok=True)
     save_file({"prompt_embeddings": embeddings.detach().contiguous().cpu()},
@@ -739,6 +799,7 @@ def init_prefix_from_text(model: nn.Module, input_ids, *, task: Optional[int] = 
     if tuple(ids.shape) != (1, P):
         raise ValueError(f"prefix_attn: init_prefix_from_text needs exactly num_virtual_tokens={P} tokens, shape "
                          f"[{P}] or [1, {P}]; got {list(ids.shape)}")
+    model = _hf_model(model)
     decoder = getattr(model, "base_model", model)
     with prefix_disabled(model):
         out = decoder(input_ids=ids.to(_encoder_device(encoder)), use_cache=True)

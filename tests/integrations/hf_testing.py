@@ -64,17 +64,55 @@ def tiny_config(family: str, **overrides):
                                             "max_window_layers": 1, **overrides})
     elif family == "mistral":
         config = transformers.MistralConfig(**{**common, "sliding_window": 64, **overrides})
+    elif family == "qwen3":  # q/k RMSNorm per head, inside the attention, before RoPE
+        config = transformers.Qwen3Config(**{**common, **overrides})
+    elif family == "gpt2":
+        # MHA with a fused QKV projection (Conv1D c_attn), learned absolute positions, and GPT-2's
+        # default dropouts (attention, residual, embedding: 0.1 each) left as they are.
+        config = transformers.GPT2Config(**{**dict(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=256,
+                                                   pad_token_id=0), **overrides})
+    elif family.split("-")[0] in ("bert", "roberta"):
+        # Bidirectional encoders with their default dropouts (0.1). RoBERTa pads with id 1 and numbers
+        # real tokens from padding_idx + 1, hence two more positions.
+        roberta = family.startswith("roberta")
+        cls = transformers.RobertaConfig if roberta else transformers.BertConfig
+        config = cls(**{**dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                               num_attention_heads=4, max_position_embeddings=66 if roberta else 64,
+                               pad_token_id=1 if roberta else 0, num_labels=3), **overrides})
     else:
         raise ValueError(family)
     return config
 
 
+MODEL_CLASSES = {
+    "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel",
+    "bert-seq": "BertForSequenceClassification", "bert-token": "BertForTokenClassification",
+    "roberta-seq": "RobertaForSequenceClassification", "roberta-token": "RobertaForTokenClassification",
+}
+
+
 def tiny_model(family: str = "llama", seed: int = 0, **overrides):
     torch.manual_seed(seed)
     config = tiny_config(family, **overrides)
-    cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-           "mistral": transformers.MistralForCausalLM}[family]
-    return cls(config).eval()
+    return getattr(transformers, MODEL_CLASSES[family])(config).eval()
+
+
+def encoder_batch(model, batch: int = 3, length: int = 10, seed: int = 1, side: str = "right"):
+    """Ids and mask for an encoder: row 0 full, the others padded (on `side`) with 1, 3, ... pad
+    tokens of the model's pad id; real tokens never use the pad id."""
+    g = torch.Generator().manual_seed(seed)
+    pad = model.config.pad_token_id
+    ids = torch.randint(2, VOCAB, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for b in range(1, batch):
+        n = min(2 * b - 1, length - 2)
+        if side == "right":
+            mask[b, length - n:] = 0
+        else:
+            mask[b, :n] = 0
+    ids[mask == 0] = pad
+    return ids, mask
 
 
 def padded_batch(batch: int = 3, length: int = 11, seed: int = 1, pad_id: int = 0):
@@ -103,6 +141,20 @@ def peft_twin(base, num_virtual_tokens: int, path: str, seed: int = 5, std: floa
     peft_model.eval()
     peft_model.save_pretrained(path)
     return peft_model
+
+
+@torch.no_grad()
+def peft_greedy(peft_model, input_ids, attention_mask, max_new_tokens: int):
+    """Greedy decoding by repeated full forward passes of a PEFT model: the oracle for generation
+    (PEFT 0.21's own generate() drops the prefix under transformers 5; see examples/peft_compat.py).
+    Positions as transformers' generate numbers them: the rank of each real token in its row."""
+    ids, mask = input_ids, attention_mask
+    for _ in range(max_new_tokens):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = peft_model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+    return ids
 
 
 def peft_float64(base, path: str):

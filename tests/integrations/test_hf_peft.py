@@ -1,6 +1,8 @@
 """Equivalence with PEFT prefix tuning: same adapter, same logits (float32 tolerance rule of
-hf_testing.py), same greedy tokens. Tiny random Llama / Qwen2 / Mistral configs (GQA, head_dim
-!= hidden / heads), and the real SmolLM2-135M-Instruct."""
+hf_testing.py), same greedy tokens. Tiny random Llama / Qwen2 / Mistral / Qwen3 configs (GQA, head_dim
+!= hidden / heads; Qwen3 normalises q and k per head), GPT-2 (MHA, fused QKV, learned absolute
+positions), and the real SmolLM2-135M-Instruct. Generation is checked against greedy decoding by
+repeated PEFT forward passes (PEFT 0.21's own generate() drops the prefix under transformers 5)."""
 from __future__ import annotations
 
 import copy
@@ -8,11 +10,12 @@ import copy
 import pytest
 import torch
 
-from hf_testing import (assert_fp32_close, fix_peft_generate, padded_batch, peft_float64, peft_twin, tiny_model)
+from hf_testing import (assert_fp32_close, fix_peft_generate, padded_batch, peft_float64, peft_greedy, peft_twin,
+                        tiny_model)
 from prefix_attn.integrations.transformers import (add_prefix_tuning, get_prefix_encoder, init_prefix_from_text,
                                                    load_peft_prefix, save_peft_prefix)
 
-FAMILIES = ["llama", "qwen2", "mistral"]
+FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "gpt2"]
 
 
 def _setup(family, tmp_path, P=6, **peft_config):
@@ -60,6 +63,16 @@ def test_greedy_generation_matches_peft(family, tmp_path):
     ids, mask = padded_batch(seed=2)
     expected = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    assert torch.equal(got, expected), f"\nours {got[:, ids.shape[1]:]}\npeft {expected[:, ids.shape[1]:]}"
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gpt2"])
+def test_greedy_generation_matches_peft_forward_passes(family, tmp_path):
+    """The oracle that needs no fix of PEFT: greedy decoding by full PEFT forward passes, one per token."""
+    _, ours, peft_model = _setup(family, tmp_path)
+    ids, mask = padded_batch(seed=2)
+    expected = peft_greedy(peft_model, ids, mask, max_new_tokens=10)
+    got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
     assert torch.equal(got, expected), f"\nours {got[:, ids.shape[1]:]}\npeft {expected[:, ids.shape[1]:]}"
 
 
