@@ -251,6 +251,7 @@ def add_prompt_tuning(model: nn.Module, num_virtual_tokens: int, *, init_text: U
     After training, `export_prompt_as_prefix(model)` turns the prompt into a fixed prefix.
     Undo with `remove_prompt_tuning(model)`.
     """
+    outer, model = model, _hf._hf_model(model)  # a PEFT (e.g. LoRA) wrapper: the prompt goes on the model inside
     if not hasattr(model, "config") or not hasattr(model.config, "_attn_implementation"):
         raise TypeError(f"prefix_attn: add_prompt_tuning needs a transformers PreTrainedModel, got "
                         f"{type(model).__name__}")
@@ -273,13 +274,13 @@ def add_prompt_tuning(model: nn.Module, num_virtual_tokens: int, *, init_text: U
     with torch.no_grad():
         soft_prompt.embedding.weight.copy_(embeddings(ids.to(weight.device)))
 
-    add_prefix_tuning(model, num_virtual_tokens)
+    add_prefix_tuning(outer, num_virtual_tokens)
     # The prefix-tuning machinery stays (attention and mask functions, the decoder hook, positions
     # shifted by P, generate, frozen parameters); its table of keys and values becomes the prompt.
     state = _hf._state(model)
     state.encoder = soft_prompt
     model.prefix_encoder = soft_prompt
-    return model
+    return outer
 
 
 def get_soft_prompt(model: nn.Module) -> Optional[SoftPrompt]:
@@ -310,6 +311,7 @@ def prompt_prefix_table(model: nn.Module) -> Tensor:
     """The prompt's keys and values for every layer, [L, 2, Hkv, P, D], as the model computes
     them in eval mode (no dropout): the prefix table export_prompt_as_prefix installs."""
     soft_prompt = _require_prompt(model, "prompt_prefix_table")
+    model = soft_prompt._model
     training = model.training
     model.eval()
     try:
@@ -333,7 +335,7 @@ def export_prompt_as_prefix(model: nn.Module) -> nn.Module:
     P = table.shape[3]
     remove_prompt_tuning(model)
     add_prefix_tuning(model, P)
-    encoder = model.prefix_encoder
+    encoder = _hf.get_prefix_encoder(model)
     encoder.load_table(table.to(device=encoder.weight.device, dtype=encoder.weight.dtype))
     return model
 
@@ -377,7 +379,7 @@ def load_peft_prompt(model: nn.Module, path: str) -> nn.Module:
         raise ValueError(f"prefix_attn: {weights_file} has no 'prompt_embeddings' tensor (found {sorted(tensors)})")
     embeddings = tensors["prompt_embeddings"]
     P = config["num_virtual_tokens"]
-    token_dim = model.get_input_embeddings().weight.shape[1]
+    token_dim = _hf._hf_model(model).get_input_embeddings().weight.shape[1]
     if tuple(embeddings.shape) != (P, token_dim):
         raise _hf._mismatch_error("the PEFT adapter", path,
                                   [("prompt_embeddings", list(embeddings.shape), [P, token_dim])])

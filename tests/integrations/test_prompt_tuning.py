@@ -364,3 +364,22 @@ def test_bench_e2e_prompt_builders_agree():
         loss = bench_e2e.make_call(model, "train", inputs, 0, 0)()
         after = next(p for p in model.parameters() if p.requires_grad)
         assert torch.isfinite(loss) and not torch.equal(before, after), impl
+
+
+def test_prompt_tuning_on_a_lora_model():
+    """On a PEFT LoRA model the prompt goes on the transformers model inside; one backward reaches
+    the prompt and the LoRA weights, and nothing else."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert add_prompt_tuning(lora, P) is lora
+    soft_prompt = get_soft_prompt(lora)
+    assert isinstance(soft_prompt, SoftPrompt) and soft_prompt._model is lora.get_base_model()
+    ids, mask = padded_batch()
+    lora(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    with_grad = {n for n, p in lora.named_parameters() if p.grad is not None}
+    assert any("prefix_encoder.embedding" in n for n in with_grad)
+    assert any("lora_A" in n for n in with_grad) and any("lora_B" in n for n in with_grad)
+    assert all("lora_" in n or "prefix_encoder" in n for n in with_grad), with_grad
+    export_prompt_as_prefix(lora)
+    assert isinstance(hf.get_prefix_encoder(lora), hf.PrefixEncoder)
