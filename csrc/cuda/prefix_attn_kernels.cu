@@ -15,6 +15,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -436,25 +437,27 @@ void simt_forward(const FwdParams& p, cudaStream_t stream) {
   });
 }
 
-// dQ, dK/dV and dprefix of the calls the tensor-core kernels do not take; Delta is ready.
-void simt_backward(const BwdParams& p, const BwdWorkspace& ws, cudaStream_t stream) {
+// dQ, dK/dV and dprefix (those of them asked for here and by p) of the calls the tensor-core
+// kernels do not take; Delta is ready.
+void simt_backward(const BwdParams& p, const BwdWorkspace& ws, cudaStream_t stream, bool dq, bool dkv,
+                   bool dprefix) {
   const size_t smem = tile_smem(p.D);
   dispatch(p, [&](auto tag, auto dropout) {
     using T = decltype(tag);
     constexpr bool kDropout = decltype(dropout)::value;
-    if (p.need_dq) {
+    if (dq && p.need_dq) {
       const auto kernel = dq_kernel<T, kDropout>;
       set_smem(kernel, smem);
       kernel<<<dim3(unsigned(p.B * p.Hq), unsigned(ceil_div(p.Nq, kRowsPerBlock))), kThreads, smem, stream>>>(
           p, ws.delta);
     }
-    if (p.need_dkv && p.Nk > 0) {
+    if (dkv && p.need_dkv && p.Nk > 0) {
       const auto kernel = dkdv_kernel<T, kDropout>;
       set_smem(kernel, smem);
       kernel<<<dim3(unsigned(p.B * p.Hkv), unsigned(ceil_div(p.Nk, kKeysPerBlock))), kThreads, smem, stream>>>(
           p, ws.delta);
     }
-    if (p.need_dprefix && p.P > 0) {
+    if (dprefix && p.need_dprefix && p.P > 0) {
       const auto kernel = dprefix_kernel<T, kDropout>;
       set_smem(kernel, smem);
       kernel<<<dim3(unsigned(p.T * p.Hkv), unsigned(ceil_div(p.P, kKeysPerBlock)), unsigned(ws.chunks)), kThreads,
@@ -463,11 +466,37 @@ void simt_backward(const BwdParams& p, const BwdWorkspace& ws, cudaStream_t stre
   });
 }
 
+// The most dynamic shared memory a block of the current device may opt into (99 KB on sm_86,
+// sm_89 and sm_120, 163 KB on sm_80, 227 KB on sm_90), cached per device; 48 KB if the query fails.
+size_t max_smem_optin() {
+  static std::atomic<int> cache[64];  // 0: not asked yet
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
+    cudaGetLastError();
+    return 48 * 1024;
+  }
+  int bytes = cache[dev].load(std::memory_order_relaxed);
+  if (bytes == 0) {
+    if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+      cudaGetLastError();
+      bytes = 48 * 1024;
+    }
+    cache[dev].store(bytes, std::memory_order_relaxed);
+  }
+  return size_t(bytes);
+}
+
+// Which kernels run a call: the tensor-core ones where they take its dtype and head dim and their
+// shared memory fits the device, the SIMT ones otherwise (a launch past the limit would fail).
+bool tc_forward(const FwdParams& p) { return tc::supports(p) && tc::fwd_smem(p) <= max_smem_optin(); }
+bool tc_dq(const FwdParams& p) { return tc::supports(p) && tc::dq_smem(p) <= max_smem_optin(); }
+bool tc_kv(const FwdParams& p) { return tc::supports(p) && tc::kv_smem(p) <= max_smem_optin(); }
+
 }  // namespace
 
 int64_t dprefix_chunks(const FwdParams& p, int sm_count) {
   if (p.P == 0) return 1;
-  const bool tc = tc::supports(p);
+  const bool tc = tc_kv(p);  // the tiles of the kernel backward() will pick
   const int64_t query_tile = tc ? tc::dprefix_query_tile(p) : kTile;
   const int64_t key_tile = tc ? tc::dprefix_key_tile(p) : kKeysPerBlock;
   const bool per_row = p.prefix_index == nullptr && p.T > 1;
@@ -482,7 +511,7 @@ int64_t dprefix_chunks(const FwdParams& p, int sm_count) {
 void forward(const FwdParams& params, void* stream) {
   if (params.B * params.Hq * params.Nq == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
-  tc::supports(params) ? tc::forward(params, s) : simt_forward(params, s);
+  tc_forward(params) ? tc::forward(params, s) : simt_forward(params, s);
 }
 
 void backward(const BwdParams& params, const BwdWorkspace& ws, void* stream) {
@@ -492,13 +521,13 @@ void backward(const BwdParams& params, const BwdWorkspace& ws, void* stream) {
     delta_kernel<decltype(tag)><<<unsigned(ceil_div(params.B * params.Hq * params.Nq, kWarps)), kThreads, 0, s>>>(
         params, ws.delta);
   });
-  if (tc::supports(params)) {
-    if (params.need_dq) tc::dq(params, ws.delta, s);
+  const bool dq_tc = tc_dq(params), kv_tc = tc_kv(params);
+  if (params.need_dq && dq_tc) tc::dq(params, ws.delta, s);
+  if (kv_tc) {
     if (params.need_dkv && params.Nk > 0) tc::dkdv(params, ws.delta, s);
     if (params.need_dprefix && params.P > 0) tc::dprefix(params, ws, s);
-  } else {
-    simt_backward(params, ws, s);
   }
+  if (!dq_tc || !kv_tc) simt_backward(params, ws, s, /*dq=*/!dq_tc, /*dkv=*/!kv_tc, /*dprefix=*/!kv_tc);
 }
 
 int sm_count(int device) {

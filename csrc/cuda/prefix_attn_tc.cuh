@@ -78,6 +78,13 @@ void dispatch_head_dim(int64_t D, F&& f) {
   return f(std::integral_constant<int, 256>{});
 }
 
+// Dynamic shared memory of the forward, dQ and dK/dV (= dprefix) kernels for this call's bucket.
+// The dispatcher compares them with the device's opt-in limit: dQ at kD = 256 (135 KB) exceeds
+// the 99 KB of sm_86 / sm_89 / sm_120 and runs the SIMT dQ kernel there.
+size_t fwd_smem(const FwdParams& p);
+size_t dq_smem(const FwdParams& p);
+size_t kv_smem(const FwdParams& p);
+
 // Queries per (row, query tile) item of the dprefix kernel, and prefix keys per block.
 int64_t dprefix_query_tile(const FwdParams& p);
 int64_t dprefix_key_tile(const FwdParams& p);

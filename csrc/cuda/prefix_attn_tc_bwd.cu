@@ -346,6 +346,18 @@ void set_smem(Kernel kernel, size_t bytes) {
 
 }  // namespace
 
+size_t dq_smem(const FwdParams& p) {
+  size_t bytes = 0;
+  dispatch_head_dim(p.D, [&](auto d) { bytes = dq_smem_bytes<decltype(d)::value>(); });
+  return bytes;
+}
+
+size_t kv_smem(const FwdParams& p) {
+  size_t bytes = 0;
+  dispatch_head_dim(p.D, [&](auto d) { bytes = kv_smem_bytes<decltype(d)::value>(); });
+  return bytes;
+}
+
 int64_t dprefix_query_tile(const FwdParams& p) {
   int64_t tile = 0;
   dispatch_head_dim(p.D, [&](auto d) { tile = Tiles<decltype(d)::value>::kKvQueries; });

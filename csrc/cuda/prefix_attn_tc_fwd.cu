@@ -145,6 +145,12 @@ void launch_fwd(const FwdParams& p, cudaStream_t stream) {
 
 }  // namespace
 
+size_t fwd_smem(const FwdParams& p) {
+  size_t bytes = 0;
+  dispatch_head_dim(p.D, [&](auto d) { bytes = fwd_smem_bytes<decltype(d)::value>(); });
+  return bytes;
+}
+
 void forward(const FwdParams& p, cudaStream_t stream) {
   dispatch_head_dim(p.D, [&](auto d) {
     constexpr int kD = decltype(d)::value;
