@@ -78,6 +78,16 @@ TRITON_CHECK_ARGS ?=
 triton-check: install
 	TRITON_DEFAULT_FP_FUSION=1 $(PY) tools/triton_compile_check.py $(TRITON_CHECK_ARGS)
 
+# Runs the CUDA kernels' own code lane by lane on the CPU (tools/cuda_emu: ldmatrix, mma.sync and
+# cp.async emulated from the PTX ISA's layouts, everything else the real sources) against a
+# float64 reference: 14 cases, in two schedules (cp.async landing late and in order; early and
+# shuffled). About a minute; no nvcc, no GPU. What it cannot show is in tools/cuda_emu/README.md.
+.PHONY: cuda-emu
+cuda-emu:
+	EMU_SANITIZE=-O2 tools/cuda_emu/build.sh build/cuda-emu
+	build/cuda-emu/emu
+	EMU_SCHED=2 EMU_MODE=early build/cuda-emu/emu
+
 # Builds the extension with its CUDA kernels against a CUDA build of torch, as setup.py does with
 # PREFIX_ATTN_CUDA=1 (that torch unpacked, never imported; no GPU), and checks with readelf / nm
 # that the cuda backend's stream resolves at load time (issue 11). Not in CI: it downloads a
