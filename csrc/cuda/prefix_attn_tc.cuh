@@ -19,6 +19,7 @@
 #include "../prefix_attn_params.h"
 #include "prefix_attn_cuda.h"
 #include "prefix_attn_mma.cuh"
+#include "prefix_attn_tiles.cuh"
 
 namespace prefix_attn::cuda::tc {
 
@@ -99,6 +100,22 @@ void dprefix(const BwdParams& p, const BwdWorkspace& ws, cudaStream_t stream);
 // The keep bits of a [16 x 8*kN] accumulator fragment, bit 4n + e for element acc[n][e]. The
 // stream (prefix_attn_dropout.h) gives four key columns per Philox call; each call is made once
 // per warp and its words handed to the lanes that hold those columns.
+
+// The score of accumulator element (n, e) of a query-row tile (forward, dQ), scaled and masked:
+// -inf past the tile's keys, and the sequence masks on tiles that need them. Rows past Nq are
+// never stored, and read no mask (it would be out of bounds). `edge`: the tile is masked or
+// partial; interior tiles only scale.
+__device__ __forceinline__ float query_row_score(const FwdParams& p, const KeyTile& kt, bool edge, int n, int e,
+                                                 int tig, const int64_t (&row_i)[2], int64_t b, int64_t h,
+                                                 float acc) {
+  const float x = acc * p.scale;
+  if (!edge) return x;
+  const int c = n * 8 + 2 * tig + e % 2;
+  const int64_t i = row_i[e / 2];
+  if (c >= kt.n) return kNegInf;
+  if (!kt.masked) return x;
+  return i < p.Nq ? mask_seq_score(p, b, h, i, kt.j0 + c, x) : kNegInf;
+}
 
 // Rows are queries, columns keys (forward, dQ): row 0 of the fragment is query row_i[0], row 8
 // is row_i[1] (grp and grp + 8 of this lane), column c is key col0 + c of its segment (col0 a

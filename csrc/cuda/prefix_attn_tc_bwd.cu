@@ -78,17 +78,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(BwdParams p, const floa
     for (int n = 0; n < kNS; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float x = s[n][e] * p.scale;
-        if (edge) {
-          const int c = n * 8 + 2 * tig + e % 2;
-          const int64_t i = row_i[e / 2];
-          if (c >= kt.n) {
-            x = kNegInf;
-          } else if (kt.masked) {
-            x = i < p.Nq ? mask_seq_score(p, b, h, i, kt.j0 + c, x) : kNegInf;
-          }
-        }
-        s[n][e] = __expf(x - lse[e / 2]);
+        s[n][e] = __expf(query_row_score(p, kt, edge, n, e, tig, row_i, b, h, s[n][e]) - lse[e / 2]);
       }
     }
     float dp[kNS][4];
@@ -168,21 +158,10 @@ struct QueryTileCursor {
 template <typename T, int kN>
 __device__ __forceinline__ void store_grad(const float (&acc)[kN][4], void* base, bool as_float, int64_t row_stride,
                                            int64_t col_stride, int64_t n_rows, int d0, int64_t D, float mul) {
-  const int lane = threadIdx.x % 32, grp = lane / 4, tig = lane % 4;
-#pragma unroll
-  for (int n = 0; n < kN; ++n) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int r = grp + (e / 2) * 8;
-      const int64_t d = d0 + n * 8 + 2 * tig + e % 2;
-      if (r >= n_rows || d >= D) continue;
-      const int64_t off = r * row_stride + d * col_stride;
-      if (as_float) {
-        static_cast<float*>(base)[off] = acc[n][e] * mul;
-      } else {
-        static_cast<T*>(base)[off] = from_float<T>(acc[n][e] * mul);
-      }
-    }
+  if (as_float) {
+    mma::store_acc<float, kN>(acc, static_cast<float*>(base), row_stride, col_stride, n_rows, d0, D, mul);
+  } else {
+    mma::store_acc<T, kN>(acc, static_cast<T*>(base), row_stride, col_stride, n_rows, d0, D, mul);
   }
 }
 

@@ -64,19 +64,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(FwdParams p) {
 #pragma unroll
     for (int n = 0; n < kNS; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[n][e] * p.scale;
-        if (edge) {
-          const int c = n * 8 + 2 * tig + e % 2;
-          const int64_t i = row_i[e / 2];
-          if (c >= kt.n) {
-            x = kNegInf;
-          } else if (kt.masked) {  // rows past Nq are never stored; their masks are out of bounds
-            x = i < p.Nq ? mask_seq_score(p, b, h, i, kt.j0 + c, x) : kNegInf;
-          }
-        }
-        s[n][e] = x;
-      }
+      for (int e = 0; e < 4; ++e) s[n][e] = query_row_score(p, kt, edge, n, e, tig, row_i, b, h, s[n][e]);
     }
 
     // Online softmax, per row: the 4 lanes of a quad hold the row's columns.
