@@ -357,15 +357,7 @@ def load_peft_prompt(model: nn.Module, path: str) -> nn.Module:
     """
     from safetensors.torch import load_file
 
-    config_file = os.path.join(path, "adapter_config.json")
-    weights_file = os.path.join(path, "adapter_model.safetensors")
-    if not os.path.isfile(weights_file):
-        if os.path.isfile(os.path.join(path, "adapter_model.bin")):
-            raise ValueError(f"prefix_attn: {path} holds adapter_model.bin, a pickle, which prefix_attn does not "
-                             "load; re-save the adapter with safe_serialization=True")
-        raise FileNotFoundError(f"prefix_attn: no adapter_model.safetensors in {path}")
-    with open(config_file) as f:
-        config = json.load(f)
+    config, config_file, weights_file = _hf.read_peft_adapter(path)
     peft_type = config.get("peft_type")
     if peft_type not in _PEFT_TYPES:
         hint = "; use load_peft_prefix" if peft_type == "PREFIX_TUNING" else ""

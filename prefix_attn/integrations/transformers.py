@@ -682,6 +682,20 @@ def load_prefix(model: nn.Module, path: str) -> nn.Module:
     return model
 
 
+def read_peft_adapter(path: str) -> Tuple[Dict[str, Any], str, str]:
+    """(adapter_config.json's contents, its path, the path of adapter_model.safetensors) of the PEFT
+    adapter directory `path`. A pickled adapter_model.bin is refused, never loaded."""
+    config_file = os.path.join(path, "adapter_config.json")
+    weights_file = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(weights_file):
+        if os.path.isfile(os.path.join(path, "adapter_model.bin")):
+            raise ValueError(f"prefix_attn: {path} holds adapter_model.bin, a pickle, which prefix_attn does not "
+                             "load; re-save the adapter with safe_serialization=True")
+        raise FileNotFoundError(f"prefix_attn: no adapter_model.safetensors in {path}")
+    with open(config_file) as f:
+        return json.load(f), config_file, weights_file
+
+
 def load_peft_prefix(model: nn.Module, path: str, *, task: Optional[int] = None) -> nn.Module:
     """Load a PEFT prefix-tuning adapter (a directory with adapter_config.json and
     adapter_model.safetensors) into model; returns the model.
@@ -694,15 +708,7 @@ def load_peft_prefix(model: nn.Module, path: str, *, task: Optional[int] = None)
     """
     from safetensors.torch import load_file
 
-    config_file = os.path.join(path, "adapter_config.json")
-    weights_file = os.path.join(path, "adapter_model.safetensors")
-    if not os.path.isfile(weights_file):
-        if os.path.isfile(os.path.join(path, "adapter_model.bin")):
-            raise ValueError(f"prefix_attn: {path} holds adapter_model.bin, a pickle, which prefix_attn does not "
-                             "load; re-save the adapter with safe_serialization=True")
-        raise FileNotFoundError(f"prefix_attn: no adapter_model.safetensors in {path}")
-    with open(config_file) as f:
-        config = json.load(f)
+    config, config_file, weights_file = read_peft_adapter(path)
     if config.get("peft_type") != "PREFIX_TUNING":
         raise ValueError(f"prefix_attn: {config_file} is a {config.get('peft_type')!r} adapter, not PREFIX_TUNING")
     if config.get("num_transformer_submodules", 1) != 1:
