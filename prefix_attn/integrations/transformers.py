@@ -32,13 +32,15 @@ adapters trained with PEFT give the same logits; with position_offset=False they
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import json
 import os
 import types
 import warnings
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -71,6 +73,31 @@ CONFIG_NAME = "prefix_config.json"
 WEIGHTS_NAME = "prefix_model.safetensors"
 FORMAT_NAME = "prefix_attn.prefix_tuning"
 FORMAT_VERSION = 1
+
+#: The attribute add_prefix_tuning writes on each attention module of an encoder-decoder model:
+#: the index of its prefix in the per-layer list (see prefix_slot).
+_SLOT_ATTR = "_prefix_attn_slot"
+#: Where an encoder-decoder model can take a prefix: the encoder's self-attention, the decoder's
+#: self-attention (causal) and the decoder's cross-attention. Li & Liang prefix all three.
+ENCODER_DECODER_SITES = ("encoder", "decoder", "cross")
+#: The sites of PEFT's encoder-decoder prefix tuning (SEQ_2_SEQ_LM), as PEFT 0.21 runs under
+#: transformers 5: it builds the cross-attention prefix too, then discards it (it resets the
+#: cross-attention cache), and the encoder never had one.
+_PEFT_SITES = ("decoder",)
+
+
+def _peft_seq2seq_layers(num_layers: int) -> list:
+    """For each decoder layer l, the layer of a PEFT SEQ_2_SEQ_LM adapter's table its self-attention
+    reads: 2 l mod L, not l. PEFT 0.21 views the table [P, L * 2, H, D], concatenates it with itself
+    along the layer axis (meant for the cross-attention copy) and hands decoder layer l the
+    (key, value) pair at rows 4 l, 4 l + 1 of that; rows 4 l + 2, 4 l + 3 go to the cross-attention
+    cache, which it then resets. So with an even L, decoder layers l and l + L / 2 share a prefix
+    and half the table is never read (measured against PEFT: tests/integrations/test_hf_encdec.py)."""
+    return [(2 * layer) % num_layers for layer in range(num_layers)]
+
+
+#: prefix_slot's answer for an attention module without a prefix.
+NO_PREFIX = -1
 
 # Attention kwargs some models pass that change the math and that the kernel does not implement.
 _UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
@@ -106,12 +133,12 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     if sink is not None:
         sink[module.layer_idx] = (key, value)
     prefix_k = prefix_v = None
-    if len(layers):  # an empty tuple: the prefix is switched off (prefix_disabled)
-        layer_idx = getattr(module, "layer_idx", None)
-        if layer_idx is None or not 0 <= layer_idx < len(layers):
-            raise RuntimeError(f"prefix_attn: {type(module).__name__} has layer_idx={layer_idx!r}, but the prefix has "
+    slot = prefix_slot(module) if len(layers) else NO_PREFIX  # an empty tuple: switched off (prefix_disabled)
+    if slot != NO_PREFIX:
+        if slot is None or not 0 <= slot < len(layers):
+            raise RuntimeError(f"prefix_attn: {type(module).__name__} has layer_idx={slot!r}, but the prefix has "
                                f"{len(layers)} layers")
-        prefix_k, prefix_v = layers[layer_idx]
+        prefix_k, prefix_v = layers[slot]
         if prefix_k.dtype != query.dtype:  # e.g. a float32 prefix in a bfloat16 model
             prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
 
@@ -138,11 +165,25 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
         query, causal = query.reshape(B, Hkv, Hq // Hkv, D), False
     out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, softmax_scale=scaling,
                            key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                           prefix_index=kwargs.get("prefix_index"), dropout_p=float(dropout or 0.0),
+                           prefix_index=kwargs.get("prefix_index") if prefix_k is not None else None,
+                           dropout_p=float(dropout or 0.0),
                            backend=backend)
     if grouped:
         out = out.reshape(B, Hq, Nq, D)
     return out.transpose(1, 2), None
+
+
+def prefix_slot(module: nn.Module) -> Optional[int]:
+    """Which entry of the per-layer prefix list an attention module reads: NO_PREFIX (-1) for
+    none, None if the module does not say.
+
+    Decoder-only and encoder-only models: the module's layer_idx. Encoder-decoder models, whose
+    encoder self-attention, decoder self-attention and decoder cross-attention share layer
+    indices: the slot add_prefix_tuning wrote on each attention module (NO_PREFIX where that
+    kind of attention has no prefix)."""
+    if _SLOT_ATTR in module.__dict__:
+        return module.__dict__[_SLOT_ATTR]
+    return getattr(module, "layer_idx", None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -192,20 +233,20 @@ def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
                      allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs)
 
 
-_users = 0  # models using the registered name
+# The prefix tunings (one per model, copies included) using the registered name; weak, so that a
+# model dropped without remove_prefix_tuning does not keep the name registered forever.
+_users: "weakref.WeakSet" = weakref.WeakSet()
 
 
-def _register() -> None:
-    global _users
+def _register(user) -> None:
     AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, prefix_attention_mask)
-    _users += 1
+    _users.add(user)
 
 
-def _unregister() -> None:
-    global _users
-    _users = max(0, _users - 1)
-    if _users == 0:
+def _unregister(user) -> None:
+    _users.discard(user)
+    if not _users:
         AttentionInterface._global_mapping.pop(ATTN_IMPLEMENTATION, None)
         AttentionMaskInterface._global_mapping.pop(ATTN_IMPLEMENTATION, None)
 
@@ -216,10 +257,11 @@ def _unregister() -> None:
 
 @dataclass(frozen=True)
 class _Geometry:
-    num_layers: int
+    num_layers: int  # prefixed attention modules: the layers, or for encoder-decoders the slots
     num_kv_heads: int
     head_dim: int
     model_type: str
+    sites: Tuple[str, ...] = ()  # encoder-decoder models: the attentions with a prefix; () otherwise
 
 
 def _text_config(model: nn.Module):
@@ -227,11 +269,21 @@ def _text_config(model: nn.Module):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _geometry(model: nn.Module) -> _Geometry:
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(_hf_model(model).config, "is_encoder_decoder", False))
+
+
+def _geometry(model: nn.Module, sites=None) -> _Geometry:
     """Layers, KV heads and head dim of the model's attention, from its config, checked against
-    its attention modules (GQA and head_dim != hidden / heads are the usual traps)."""
+    its attention modules (GQA and head_dim != hidden / heads are the usual traps). For an
+    encoder-decoder model, of the attention at `sites` (see ENCODER_DECODER_SITES)."""
     model = _hf_model(model)
     config = _text_config(model)
+    if _is_encoder_decoder(model):
+        return _encoder_decoder_geometry(model, sites)
+    if sites is not None:
+        raise ValueError(f"prefix_attn: sites={sites!r} is for encoder-decoder models (it picks among "
+                         f"{ENCODER_DECODER_SITES}); {type(model).__name__} has one attention per layer")
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -254,11 +306,87 @@ def _geometry(model: nn.Module) -> _Geometry:
     return geometry
 
 
+# Encoder-decoder models: where each kind of attention module sits in its layer (BART and its kin;
+# T5 and its kin).
+_SELF_ATTENTION_NAMES = ("self_attn", "SelfAttention")
+_CROSS_ATTENTION_NAMES = ("encoder_attn", "EncDecAttention")
+
+
+def _check_sites(sites, model: nn.Module) -> Tuple[str, ...]:
+    """sites as a tuple in ENCODER_DECODER_SITES' order; None means all three."""
+    if sites is None:
+        return ENCODER_DECODER_SITES
+    given = (sites,) if isinstance(sites, str) else tuple(sites)
+    unknown = [site for site in given if site not in ENCODER_DECODER_SITES]
+    if unknown or not given or len(set(given)) != len(given):
+        raise ValueError(f"prefix_attn: sites must name one or more of {ENCODER_DECODER_SITES} (encoder "
+                         f"self-attention, decoder self-attention, decoder cross-attention), each once; got {sites!r}")
+    return tuple(site for site in ENCODER_DECODER_SITES if site in given)
+
+
+def _stacks(model: nn.Module) -> Dict[str, nn.Module]:
+    """{"encoder": the encoder stack, "decoder": the decoder stack} of an encoder-decoder model."""
+    model = _hf_model(model)
+    return {"encoder": model.get_encoder(), "decoder": model.get_decoder()}
+
+
+def _encoder_decoder_attention(model: nn.Module) -> Dict[str, list]:
+    """The attention modules of an encoder-decoder model, by site, in layer order: one per layer
+    of its stack, or NotImplementedError naming what was not found."""
+    found = {site: [] for site in ENCODER_DECODER_SITES}
+    expected = {}
+    for stack_name, stack in _stacks(model).items():
+        layers = getattr(stack, "layers", None) or getattr(stack, "block", None)
+        expected[stack_name] = len(layers) if layers is not None else None
+        for name, module in stack.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in _SELF_ATTENTION_NAMES:
+                found[stack_name].append((f"{stack_name}.{name}", module))
+            elif leaf in _CROSS_ATTENTION_NAMES and stack_name == "decoder":
+                found["cross"].append((f"{stack_name}.{name}", module))
+    expected["cross"] = expected["decoder"]
+    wrong = {site: len(found[site]) for site in ENCODER_DECODER_SITES
+             if expected[site] is None or len(found[site]) != expected[site]}
+    if wrong:
+        raise NotImplementedError(
+            f"prefix_attn: {type(_hf_model(model)).__name__} is an encoder-decoder model whose attention modules were "
+            f"not found, one per layer, as {_SELF_ATTENTION_NAMES} (self) and {_CROSS_ATTENTION_NAMES} (cross): "
+            f"found {wrong} where its stacks have {expected} layers")
+    return found
+
+
+def _attention_shape(name: str, module: nn.Module) -> Tuple[int, int]:
+    """(heads, head dim) of an attention module with a k_proj (BART) or k (T5) projection."""
+    head_dim = getattr(module, "head_dim", None) or getattr(module, "key_value_proj_dim", None)
+    k_proj = getattr(module, "k_proj", None) or getattr(module, "k", None)
+    if not isinstance(k_proj, nn.Linear) or not head_dim:
+        raise NotImplementedError(f"prefix_attn: cannot read the heads and head dim of {name} "
+                                  f"({type(module).__name__}): no k_proj / k linear layer and head_dim")
+    return k_proj.out_features // head_dim, head_dim
+
+
+def _encoder_decoder_geometry(model: nn.Module, sites) -> _Geometry:
+    sites = _check_sites(sites, model)
+    attention = _encoder_decoder_attention(model)
+    shapes = {}
+    for site in sites:
+        for name, module in attention[site]:
+            shapes.setdefault(_attention_shape(name, module), []).append(name)
+    if len(shapes) != 1:
+        described = "; ".join(f"{heads} heads of dim {dim}: {names[0]} and {len(names) - 1} more"
+                              for (heads, dim), names in shapes.items())
+        raise ValueError(f"prefix_attn: one prefix table needs the same heads and head dim in every prefixed "
+                         f"attention, but the attention at sites {sites} has {described}; choose sites that agree")
+    (heads, head_dim), = shapes
+    return _Geometry(sum(len(attention[site]) for site in sites), heads, head_dim,
+                     getattr(_text_config(model), "model_type", ""), sites)
+
+
 # ----------------------------------------------------------------------------------------------
 # Attaching and removing
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: _users holds it weakly
 class _PrefixTuning:
     """What add_prefix_tuning changed on a model, so remove_prefix_tuning can undo it."""
     encoder: PrefixEncoder
@@ -266,10 +394,21 @@ class _PrefixTuning:
     geometry: _Geometry
     previous_attn_implementation: Optional[str]
     previous_requires_grad: Dict[str, bool]
-    hook: Any = None
+    hooks: list = field(default_factory=list)  # forward pre-hooks on the stacks (and position embeddings)
+    slotted: list = field(default_factory=list)  # attention modules given a prefix slot (encoder-decoders)
     enabled: bool = True
     generate_index: Optional[Tensor] = None  # prefix_index of the running model.generate
     wrapped_generate: bool = False
+
+    def __deepcopy__(self, memo):
+        # copy.deepcopy(model) copies this with the model: the copy uses the registered name too,
+        # and must keep it registered after the original's remove_prefix_tuning.
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        for f in fields(self):
+            setattr(copied, f.name, copy.deepcopy(getattr(self, f.name), memo))
+        _users.add(copied)
+        return copied
 
 
 _STATE_ATTR = "_prefix_attn_tuning"
@@ -365,7 +504,9 @@ def _as_prefix_index(index, num_tasks: int, batch: int, device: torch.device,
     return index.to(device=device, dtype=torch.int64)
 
 
-def _decoder_pre_hook(state: _PrefixTuning, module: nn.Module, args, kwargs):
+def _stack_pre_hook(state: _PrefixTuning, positions: bool, module: nn.Module, args, kwargs):
+    """Before a decoder (or encoder) stack runs: its attention's prefixes, the checked task ids and,
+    where `positions` (decoder-only and encoder-only models), the positions shifted by P."""
     if args:  # bind positional arguments to their names so they can be read and replaced
         names = [n for n, p in inspect.signature(module.forward).parameters.items()
                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -394,6 +535,8 @@ def _decoder_pre_hook(state: _PrefixTuning, module: nn.Module, args, kwargs):
         # Kept until its backward instead (a few MB). In the root unit, the usual setup, they are.
         state.encoder.set_reshard_after_forward(False)
     kwargs[PREFIX_KWARG] = state.encoder()
+    if not positions:
+        return args, kwargs
 
     if (kwargs.get("attention_mask") is None and kwargs.get("position_ids") is None
             and kwargs.get("cache", kwargs.get("past_key_values")) is None):
@@ -416,6 +559,27 @@ def _decoder_pre_hook(state: _PrefixTuning, module: nn.Module, args, kwargs):
         # PEFT's prefix is P tokens already in the cache, so its real tokens sit at P, P+1, ...
         kwargs["position_ids"] = position_ids
     return args, kwargs
+
+
+def _position_shift_hook(state: _PrefixTuning, module: nn.Module, args, kwargs):
+    """Before an encoder-decoder stack's position embedding (BART and its kin, which compute positions
+    inside the stack, from the cache length): positions shifted by P, as if the prefix were P past
+    tokens. Binds (input_ids, cache length, position_ids) by name; the cache length's name varies."""
+    if not state.enabled:
+        return args, kwargs
+    names = list(inspect.signature(module.forward).parameters)
+    kwargs = {**dict(zip(names, args)), **kwargs}
+    P = state.encoder.num_virtual_tokens
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = kwargs["position_ids"] + P
+    else:
+        length = next(name for name in _CACHE_LENGTH_NAMES if name in names)
+        kwargs[length] = kwargs.get(length, 0) + P
+    return (), kwargs
+
+
+#: What position embeddings of encoder-decoder models call the number of tokens before the first.
+_CACHE_LENGTH_NAMES = ("cache_length", "past_key_values_length", "past_length")
 
 
 def _padding_aware_positions(module: nn.Module, input_ids: Optional[Tensor], past: int, length: int,
@@ -444,7 +608,7 @@ def _owns_fsdp_unit(module: nn.Module) -> bool:
 
 def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, prefix_projection: bool = False,
                       encoder_hidden_size: Optional[int] = None, num_tasks: int = 1,
-                      position_offset: bool = True, dropout: float = 0.0) -> nn.Module:
+                      position_offset: bool = True, dropout: float = 0.0, sites=None) -> nn.Module:
     """Prefix-tune a transformers model with prefix_attn; returns the same model, modified in place.
 
     - Every existing parameter is frozen; a trainable `PrefixEncoder` is attached as
@@ -460,6 +624,14 @@ def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, prefix_proje
       `model.generate(..., prefix_index=task_ids)` (an int tensor [B], or one int for all rows).
     - position_offset=True: real tokens take positions P, P+1, ... as with PEFT prefix tuning
       (PEFT adapters loaded with `load_peft_prefix` give PEFT's logits); False: 0, 1, ...
+    - Encoder-decoder models (BART and its kin): `sites` says which attention gets a prefix, any of
+      "encoder" (the encoder's self-attention), "decoder" (the decoder's causal self-attention)
+      and "cross" (the decoder's attention to the encoder); all three by default, as Li & Liang.
+      Each prefixed attention module has its own prefix: the table holds L_enc + 2 L_dec layers
+      with all three, in that order. `sites=("decoder",)` is what PEFT's SEQ_2_SEQ_LM prefix
+      tuning computes (under transformers 5 it prefixes only the decoder's self-attention):
+      load_peft_prefix and save_peft_prefix use it. position_offset shifts the positions of each
+      stack whose self-attention has a prefix.
 
     Works with model.generate (the prefix stays out of the KV cache), gradient checkpointing
     (non-reentrant, transformers' default), torch.compile, the HF Trainer and DDP. Multi-task
@@ -476,8 +648,7 @@ def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, prefix_proje
     if hasattr(model, "prefix_encoder"):
         raise ValueError(f"prefix_attn: {type(model).__name__} already has an attribute 'prefix_encoder'")
     _check_supported(model)
-    geometry = _geometry(model)
-    decoder = getattr(model, "base_model", model)
+    geometry = _geometry(model, sites)
 
     reference = next(model.parameters(), None)
     device = reference.device if reference is not None else None
@@ -489,25 +660,71 @@ def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, prefix_proje
                             num_tasks=num_tasks, dropout=dropout, device=device, dtype=dtype)
 
     previous = {name: p.requires_grad for name, p in model.named_parameters()}
-    _register()
+    state = _PrefixTuning(encoder, bool(position_offset), geometry, model.config._attn_implementation, previous)
+    _register(state)
     try:
-        state = _PrefixTuning(encoder, bool(position_offset), geometry, model.config._attn_implementation, previous)
         _set_attn_implementation(model, ATTN_IMPLEMENTATION)
     except Exception:
-        _unregister()
+        _unregister(state)
         raise
     keep_adapters = _has_peft_adapters(outer, model)  # PEFT froze the base already; its adapters train on
     for p in model.parameters():
         p.requires_grad_(keep_adapters and p.requires_grad)
     model.prefix_encoder = encoder  # a submodule: .to(), state_dict, DDP and optimizers see it
-    state.hook = decoder.register_forward_pre_hook(functools.partial(_decoder_pre_hook, state), with_kwargs=True)
     model.__dict__[_STATE_ATTR] = state
+    try:
+        if geometry.sites:
+            _attach_encoder_decoder(model, state)
+        else:
+            decoder = getattr(model, "base_model", model)
+            state.hooks.append(decoder.register_forward_pre_hook(functools.partial(_stack_pre_hook, state, True),
+                                                                 with_kwargs=True))
+    except Exception:
+        remove_prefix_tuning(model)  # leaves the model as it found it
+        raise
 
     if callable(getattr(type(model), "generate", None)) and "generate" not in model.__dict__:
         # A bound method (not a closure), so that copy.deepcopy(model) rebinds it to the copy.
         model.generate = types.MethodType(_generate, model)
         state.wrapped_generate = True
     return outer
+
+
+def _attach_encoder_decoder(model: nn.Module, state: _PrefixTuning) -> None:
+    """Slots on every attention module (encoder self, decoder self, decoder cross, in layer order;
+    NO_PREFIX where the site has none), a pre-hook on each stack (the encoder also runs alone, in
+    generate), and the position shift on the stacks whose self-attention has a prefix."""
+    sites = state.geometry.sites
+    slot = 0
+    for site, modules in _encoder_decoder_attention(model).items():
+        for _, module in modules:
+            module.__dict__[_SLOT_ATTR] = slot if site in sites else NO_PREFIX
+            slot += site in sites
+            state.slotted.append(module)
+    for stack_name, stack in _stacks(model).items():
+        state.hooks.append(stack.register_forward_pre_hook(functools.partial(_stack_pre_hook, state, False),
+                                                           with_kwargs=True))
+        embed = getattr(stack, "embed_positions", None)
+        if not state.position_offset or stack_name not in sites or embed is None:
+            continue  # T5 and its kin have no absolute positions: relative ones need no shift
+        names = inspect.signature(embed.forward).parameters
+        if "position_ids" not in names and not any(name in names for name in _CACHE_LENGTH_NAMES):
+            raise NotImplementedError(
+                f"prefix_attn: cannot shift the positions of {type(model).__name__}'s {stack_name} by the prefix "
+                f"length: its {type(embed).__name__} takes neither position_ids nor a cache length; use "
+                "position_offset=False")
+        state.hooks.append(embed.register_forward_pre_hook(functools.partial(_position_shift_hook, state),
+                                                           with_kwargs=True))
+
+
+def _detach(model: nn.Module, state: _PrefixTuning) -> None:
+    """Remove the hooks and the slots add_prefix_tuning put on the model's modules."""
+    for hook in state.hooks:
+        hook.remove()
+    for module in state.slotted:
+        module.__dict__.pop(_SLOT_ATTR, None)
+    state.hooks.clear()
+    state.slotted.clear()
 
 
 def _check_supported(model: nn.Module) -> None:
@@ -519,9 +736,6 @@ def _check_supported(model: nn.Module) -> None:
             f"prefix_attn: {name} adds a relative position bias (T5's position_bias) to its attention scores. "
             "Prefix keys would need a bias of their own, which the kernels do not take: not supported (see the "
             "README's model table)")
-    if getattr(config, "is_encoder_decoder", False):
-        raise NotImplementedError(f"prefix_attn: {name} is an encoder-decoder model; add_prefix_tuning supports "
-                                  "decoder-only and encoder-only models")
 
 
 def _generate(self, *args, prefix_index=None, **kwargs):
@@ -552,7 +766,7 @@ def remove_prefix_tuning(model: nn.Module) -> PrefixEncoder:
     state = _state(model)
     if state is None:
         raise ValueError("prefix_attn: this model has no prefix tuning to remove")
-    state.hook.remove()
+    _detach(model, state)
     if state.wrapped_generate:
         model.__dict__.pop("generate", None)
     del model.prefix_encoder
@@ -562,7 +776,7 @@ def remove_prefix_tuning(model: nn.Module) -> PrefixEncoder:
     for name, p in model.named_parameters():
         p.requires_grad_(state.previous_requires_grad.get(name, p.requires_grad))
     del model.__dict__[_STATE_ATTR]
-    _unregister()
+    _unregister(state)
     return state.encoder
 
 
@@ -619,6 +833,8 @@ def save_prefix(model: nn.Module, path: str) -> None:
     config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "prefix_attn_version": __version__,
               "model_type": state.geometry.model_type, "position_offset": state.position_offset,
               "encoder": state.encoder.config()}
+    if state.geometry.sites:  # an encoder-decoder model: which of its attentions have a prefix
+        config["sites"] = list(state.geometry.sites)
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
@@ -644,19 +860,26 @@ def load_prefix(model: nn.Module, path: str) -> nn.Module:
         raise ValueError(f"prefix_attn: {path} has format version {config['format_version']}; this prefix_attn "
                          f"reads up to {FORMAT_VERSION}")
     saved = config["encoder"]
-    _check_geometry(_geometry(model), saved["num_layers"], saved["num_kv_heads"], saved["head_dim"],
+    sites = tuple(config["sites"]) if config.get("sites") else None
+    if (sites is not None) != _is_encoder_decoder(model):
+        raise ValueError(f"prefix_attn: the prefix at {path} was saved from "
+                         f"{'an encoder-decoder' if sites else 'a decoder-only or encoder-only'} model (sites "
+                         f"{sites}), which {type(_hf_model(model)).__name__} is not")
+    _check_geometry(_geometry(model, sites), saved["num_layers"], saved["num_kv_heads"], saved["head_dim"],
                     "the prefix", path)
     state = _state(model)
     if state is None:
         add_prefix_tuning(model, saved["num_virtual_tokens"], prefix_projection=saved["prefix_projection"],
                           encoder_hidden_size=saved["encoder_hidden_size"], num_tasks=saved["num_tasks"],
-                          position_offset=config.get("position_offset", True), dropout=saved.get("dropout", 0.0))
+                          position_offset=config.get("position_offset", True), dropout=saved.get("dropout", 0.0),
+                          sites=sites)
         state = _state(model)
     else:
-        current = {**state.encoder.config(), "position_offset": state.position_offset}
-        wanted = {**saved, "position_offset": config.get("position_offset", True)}
+        current = {**state.encoder.config(), "position_offset": state.position_offset,
+                   "sites": state.geometry.sites or None}
+        wanted = {**saved, "position_offset": config.get("position_offset", True), "sites": sites}
         mismatches = [(k, wanted[k], current[k]) for k in ("num_virtual_tokens", "num_tasks", "prefix_projection",
-                                                         "encoder_hidden_size", "position_offset")
+                                                         "encoder_hidden_size", "position_offset", "sites")
                       if wanted.get(k) != current.get(k) and not (k == "encoder_hidden_size" and
                                                                   not wanted["prefix_projection"])]
         if mismatches:
@@ -702,6 +925,8 @@ def load_peft_prefix(model: nn.Module, path: str, *, task: Optional[int] = None)
 
     PEFT stores `prompt_embeddings` [P, L * 2 * Hkv * D], each virtual token's vector laid out
     [L, 2 (key, value), Hkv, D], already projected when PEFT trained with prefix_projection.
+    An encoder-decoder adapter (SEQ_2_SEQ_LM) prefixes the decoder's self-attention only (what
+    PEFT computes under transformers 5), so the model gets sites=("decoder",).
     A model without prefix tuning gets add_prefix_tuning(model, P) (position_offset=True, as
     PEFT); one with a plain-table prefix of length P gets it loaded; with num_tasks > 1, `task`
     says which bank entry receives it (so several PEFT adapters can serve one batch).
@@ -711,11 +936,14 @@ def load_peft_prefix(model: nn.Module, path: str, *, task: Optional[int] = None)
     config, config_file, weights_file = read_peft_adapter(path)
     if config.get("peft_type") != "PREFIX_TUNING":
         raise ValueError(f"prefix_attn: {config_file} is a {config.get('peft_type')!r} adapter, not PREFIX_TUNING")
-    if config.get("num_transformer_submodules", 1) != 1:
-        raise ValueError(f"prefix_attn: {config_file} has num_transformer_submodules="
-                         f"{config['num_transformer_submodules']} (an encoder-decoder adapter); only decoder-only "
-                         "models are supported")
-    geometry = _geometry(model)
+    encoder_decoder = _is_encoder_decoder(model)
+    submodules = config.get("num_transformer_submodules", 1)
+    if submodules != (2 if encoder_decoder else 1):
+        kind = "an encoder-decoder" if encoder_decoder else "a decoder-only or encoder-only"
+        raise ValueError(f"prefix_attn: {config_file} has num_transformer_submodules={submodules} (PEFT writes 2 for "
+                         f"encoder-decoder models, 1 otherwise), but {type(_hf_model(model)).__name__} is {kind} model")
+    sites = _PEFT_SITES if encoder_decoder else None
+    geometry = _geometry(model, sites)
     kv_heads = config.get("num_attention_heads")
     head_dim = config["token_dim"] // kv_heads if kv_heads else None
     _check_geometry(geometry, config.get("num_layers"), kv_heads, head_dim, "the PEFT adapter", path)
@@ -732,10 +960,12 @@ def load_peft_prefix(model: nn.Module, path: str, *, task: Optional[int] = None)
 
     state = _state(model)
     if state is None:
-        add_prefix_tuning(model, P)
+        add_prefix_tuning(model, P, sites=sites)
         state = _state(model)
     else:
         encoder = state.encoder
+        if state.geometry.sites != geometry.sites:
+            raise _mismatch_error("the PEFT adapter", path, [("sites", geometry.sites, state.geometry.sites)])
         if encoder.prefix_projection:
             raise ValueError("prefix_attn: the model's prefix uses prefix_projection; a PEFT adapter is a plain "
                              "table (merge the encoder with model.prefix_encoder.merge() first)")
@@ -748,6 +978,8 @@ def load_peft_prefix(model: nn.Module, path: str, *, task: Optional[int] = None)
             warnings.warn("prefix_attn: the model uses position_offset=False, while PEFT's prefix shifts positions by "
                           "P; its outputs will differ from PEFT's", stacklevel=2)
     table = embeddings.view(P, L, 2, H, D).permute(1, 2, 3, 0, 4)  # [L, 2, Hkv, P, D]
+    if encoder_decoder:  # the decoder layers read PEFT's table in its own order (see _peft_seq2seq_layers)
+        table = table[_peft_seq2seq_layers(L)]
     weight = state.encoder.weight
     state.encoder.load_table(table.to(device=weight.device, dtype=weight.dtype), task=task)
     return model
@@ -762,6 +994,11 @@ def save_peft_prefix(model: nn.Module, path: str, *, task: Optional[int] = None)
 
     state = _require_state(model, "save_peft_prefix")
     encoder = state.encoder
+    encoder_decoder = bool(state.geometry.sites)
+    if encoder_decoder and state.geometry.sites != _PEFT_SITES:
+        raise ValueError(f"prefix_attn: this model's prefix covers sites {state.geometry.sites}; a PEFT prefix-tuning "
+                         "adapter of an encoder-decoder model prefixes only the decoder's self-attention (under "
+                         "transformers 5), so it can hold only a prefix trained with sites=('decoder',)")
     if encoder.num_tasks > 1 and task is None:
         raise ValueError(f"prefix_attn: the prefix is a bank of {encoder.num_tasks} tasks; pass task= to choose one "
                          "(a PEFT prefix-tuning adapter holds one prefix)")
@@ -771,9 +1008,22 @@ def save_peft_prefix(model: nn.Module, path: str, *, task: Optional[int] = None)
     with torch.no_grad():
         table = encoder.table()[:, :, task]  # [L, 2, Hkv, P, D]
     L, _, H, P, D = table.shape
+    if encoder_decoder:  # PEFT's decoder layer l reads its table's layer 2 l mod L (see _peft_seq2seq_layers)
+        peft_table = torch.zeros_like(table)  # layers PEFT never reads stay zero
+        written = {}
+        for layer, row in enumerate(_peft_seq2seq_layers(L)):
+            if row in written and not torch.equal(table[layer], table[written[row]]):
+                raise ValueError(
+                    f"prefix_attn: a PEFT SEQ_2_SEQ_LM adapter cannot hold this prefix: PEFT 0.21 gives decoder layers "
+                    f"{written[row]} and {layer} the same entry of its table (layer 2 l mod {L}), but their prefixes "
+                    "differ. Save it with save_prefix instead")
+            written[row] = layer
+            peft_table[row] = table[layer]
+        table = peft_table
     embeddings = table.permute(3, 0, 1, 2, 4).reshape(P, L * 2 * H * D)  # PEFT: token-major [P, L, 2, Hkv, D]
-    config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": P,
-              "token_dim": H * D, "num_attention_heads": H, "num_layers": L, "num_transformer_submodules": 1,
+    config = {"peft_type": "PREFIX_TUNING", "task_type": "SEQ_2_SEQ_LM" if encoder_decoder else "CAUSAL_LM",
+              "num_virtual_tokens": P, "token_dim": H * D, "num_attention_heads": H, "num_layers": L,
+              "num_transformer_submodules": 2 if encoder_decoder else 1,
               "encoder_hidden_size": H * D, "prefix_projection": False, "inference_mode": True,
               "base_model_name_or_path": getattr(_text_config(_hf_model(model)), "_name_or_path", None) or None,
               "revision": None, "modules_to_save": None, "auto_mapping": None}
@@ -798,6 +1048,10 @@ def init_prefix_from_text(model: nn.Module, input_ids, *, task: Optional[int] = 
     encoder = state.encoder
     if encoder.prefix_projection:
         raise ValueError("prefix_attn: init_prefix_from_text needs a plain-table prefix, not prefix_projection")
+    if state.geometry.sites:
+        raise NotImplementedError(
+            "prefix_attn: init_prefix_from_text is for decoder-only and encoder-only models; an encoder-decoder's "
+            "prefixes (encoder, decoder, cross-attention) have no single text whose keys and values they would be")
     ids = torch.as_tensor(input_ids)
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)

@@ -79,6 +79,15 @@ def tiny_config(family: str, **overrides):
         config = cls(**{**dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                                num_attention_heads=4, max_position_embeddings=66 if roberta else 64,
                                pad_token_id=1 if roberta else 0, num_labels=3), **overrides})
+    elif family == "bart":
+        # An encoder-decoder: 3 + 3 layers (an odd count, so that PEFT's order of its table's layers,
+        # 2 l mod L, is a permutation the tests can tell from l), 4 heads of dim 16, BART's default
+        # dropouts (0.1 residual, attention 0), decoding from token 2 with nothing forced.
+        config = transformers.BartConfig(**{**dict(
+            vocab_size=VOCAB, d_model=64, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, max_position_embeddings=64,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=None,
+            forced_eos_token_id=None), **overrides})
     else:
         raise ValueError(family)
     return config
@@ -86,7 +95,7 @@ def tiny_config(family: str, **overrides):
 
 MODEL_CLASSES = {
     "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
-    "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel",
+    "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "bart": "BartForConditionalGeneration",
     "bert-seq": "BertForSequenceClassification", "bert-token": "BertForTokenClassification",
     "roberta-seq": "RobertaForSequenceClassification", "roberta-token": "RobertaForTokenClassification",
 }
@@ -200,8 +209,9 @@ def _oracle_attention(module, query, key, value, attention_mask, scaling=None, d
     layers = kwargs[hf.PREFIX_KWARG]
     B, Hq, Nq, D = query.shape
     Hkv = key.shape[1]
-    if len(layers):
-        prefix_k, prefix_v = layers[module.layer_idx]
+    slot = hf.prefix_slot(module) if len(layers) else hf.NO_PREFIX  # layer_idx, or an encoder-decoder's slot
+    if slot != hf.NO_PREFIX:
+        prefix_k, prefix_v = layers[slot]
         index = kwargs.get("prefix_index")
         if index is not None:
             prefix_k, prefix_v = prefix_k[index], prefix_v[index]
@@ -214,7 +224,10 @@ def _oracle_attention(module, query, key, value, attention_mask, scaling=None, d
     values = torch.cat([prefix_v.to(value.dtype), value], 2).repeat_interleave(Hq // Hkv, 1).double()
     scale = scaling if scaling is not None else D ** -0.5
     scores = (query.double() @ keys.transpose(-1, -2)) * scale
-    assert attention_mask is not None and attention_mask.dtype == torch.bool
+    if attention_mask is None:  # transformers skips the mask of unpadded bidirectional attention
+        assert not module.is_causal
+        attention_mask = torch.ones(B, 1, Nq, key.shape[2], dtype=torch.bool)
+    assert attention_mask.dtype == torch.bool
     visible = torch.cat([torch.ones(B, 1, Nq, P, dtype=torch.bool), attention_mask[..., : key.shape[2]]
                          .expand(B, 1, Nq, -1)], -1)
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1)

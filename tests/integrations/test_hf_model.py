@@ -5,6 +5,7 @@ explicit concatenate-and-mask attention in float64 and transformers' own masks."
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 
@@ -45,6 +46,7 @@ def _check_against_oracle(name, model, **inputs):
 # --------------------------------------------------------------------------- attach / undo
 
 def test_attach_freezes_the_model_and_undo_restores_it():
+    gc.collect()  # models of earlier tests, dropped without remove_prefix_tuning, stop counting as users
     model = tiny_model("llama")
     ids, mask = padded_batch()
     with torch.no_grad():
@@ -77,12 +79,19 @@ def test_attach_freezes_the_model_and_undo_restores_it():
 
 
 def test_registration_outlives_one_of_two_models():
+    """The name stays registered while a model uses it: another model, or a deep copy (which never
+    went through add_prefix_tuning), or the model after an add_prefix_tuning that failed."""
+    gc.collect()
     a, b = add_prefix_tuning(tiny_model("llama"), 4), add_prefix_tuning(tiny_model("qwen2"), 4)
-    remove_prefix_tuning(a)
-    assert ATTN_IMPLEMENTATION in AttentionInterface._global_mapping
+    c = copy.deepcopy(a)
+    with pytest.raises(ValueError, match="already has prefix tuning"):
+        add_prefix_tuning(a, 4)
     ids, mask = padded_batch()
-    b(input_ids=ids, attention_mask=mask)
-    remove_prefix_tuning(b)
+    for first, then in ((a, b), (b, c)):
+        remove_prefix_tuning(first)
+        assert ATTN_IMPLEMENTATION in AttentionInterface._global_mapping
+        then(input_ids=ids, attention_mask=mask)
+    remove_prefix_tuning(c)
     assert ATTN_IMPLEMENTATION not in AttentionInterface._global_mapping
 
 

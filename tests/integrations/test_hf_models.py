@@ -295,16 +295,11 @@ def test_prefix_tuning_with_lora(order, tmp_path):
 
 # --------------------------------------------------------------------------- refused, by name
 
-def test_t5_and_encoder_decoders_are_refused_by_name():
+def test_t5_is_refused_by_name():
     import transformers
 
     t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
         vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
     with pytest.raises(NotImplementedError, match=r"T5ForConditionalGeneration.*relative position bias"):
         add_prefix_tuning(t5, 4)
-    bart = transformers.BartForConditionalGeneration(transformers.BartConfig(
-        vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64))
-    with pytest.raises(NotImplementedError, match=r"BartForConditionalGeneration.*encoder-decoder"):
-        add_prefix_tuning(bart, 4)
-    assert t5.config._attn_implementation != "prefix_attn" and all(p.requires_grad for p in bart.parameters())
+    assert t5.config._attn_implementation != "prefix_attn" and all(p.requires_grad for p in t5.parameters())
