@@ -100,7 +100,11 @@ def _peft_seq2seq_layers(num_layers: int) -> list:
 NO_PREFIX = -1
 
 # Attention kwargs some models pass that change the math and that the kernel does not implement.
-_UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
+_UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks")
+#: The attribute add_prefix_tuning writes on each attention module of T5 and its kin: the module
+#: whose relative-position embedding gives its prefix keys their bias (None: cross-attention, which
+#: has no position bias).
+_BIAS_ATTR = "_prefix_attn_bias_owner"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,12 +155,23 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
             # A full mask already holds the causal structure (and sliding windows etc.).
             attn_mask = attention_mask[..., : key.shape[-2]]
             causal = False
+    position_bias = kwargs.get("position_bias")
+    prefix_bias = None
+    if position_bias is not None:  # T5: a relative position bias, added to the scores
+        attn_mask = _with_position_bias(module, position_bias[..., : key.shape[-2]], attn_mask)
+        if prefix_k is not None:
+            prefix_bias = _prefix_position_bias(module, query.shape[2], key.shape[2], prefix_k.shape[-2])
     if torch.compiler.is_compiling():
         backend = _compiled_backend(query.device.type, query.dtype)
     else:
         backend = _backend_for(query.device.type, query.dtype, os.environ.get(ENV_VAR))
     B, Hq, Nq, D = query.shape
     Hkv = key.shape[1]
+    if prefix_bias is not None:
+        out = _attend_with_prefix_bias(query, key, value, prefix_k, prefix_v, prefix_bias, kwargs.get("prefix_index"),
+                                       causal=causal, softmax_scale=scaling, key_padding_mask=key_padding_mask,
+                                       attn_mask=attn_mask, dropout_p=float(dropout or 0.0), backend=backend)
+        return out.transpose(1, 2), None
     grouped = Nq == 1 and attn_mask is None and Hq != Hkv
     if grouped:
         # Decoding one token per row: the query heads sharing a KV head become that head's queries
@@ -184,6 +199,76 @@ def prefix_slot(module: nn.Module) -> Optional[int]:
     if _SLOT_ATTR in module.__dict__:
         return module.__dict__[_SLOT_ATTR]
     return getattr(module, "layer_idx", None)
+
+
+def _with_position_bias(module: nn.Module, bias: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
+    """T5's relative position bias [1 or B, H, Nq, Nk] over the sequence keys, with the full mask
+    (if any) folded in: the additive float attn_mask of prefix_attention."""
+    owner = module.__dict__.get(_BIAS_ATTR)
+    if owner is not None and owner.relative_attention_bias.weight.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"prefix_attn: {type(module).__name__}'s relative position bias requires grad (its embedding is "
+            "trained); prefix_attention takes the bias as an additive mask, without a gradient. Freeze "
+            "relative_attention_bias, as prefix tuning does")
+    # Frozen embedding (or none: cross-attention's zeros), so nothing to differentiate; under
+    # checkpointing T5 still marks the bias as requiring grad (a leaf of zeros, or a layer's output).
+    bias = bias.detach()
+    if attn_mask is None:
+        return bias
+    if attn_mask.dtype == torch.bool:
+        return bias.masked_fill(~attn_mask, float("-inf"))
+    return bias + attn_mask
+
+
+def _prefix_position_bias(module: nn.Module, num_queries: int, num_keys: int, P: int) -> Optional[Tensor]:
+    """T5's relative position bias [1, H, Nq, P] of the prefix keys, or None where they have none.
+
+    The prefix keys sit at positions 0 .. P-1, before the sequence (as PEFT's prefix does, as P past
+    tokens of the cache): query i of a call with Nk keys (the cache included) is at P + Nk - Nq + i,
+    so prefix key j is P + Nk - Nq + i - j places back. Relative positions make this independent of
+    position_offset. Cross-attention has no position bias."""
+    if _BIAS_ATTR not in module.__dict__:
+        raise NotImplementedError(
+            f"prefix_attn: {type(module).__name__} passes a relative position bias, and prefix_attn does not know "
+            "which bias its prefix keys should get (it knows T5's, set up by add_prefix_tuning)")
+    owner = module.__dict__[_BIAS_ATTR]
+    if owner is None:
+        return None
+    embedding = owner.relative_attention_bias
+    device = embedding.weight.device
+    queries = torch.arange(num_queries, device=device)[:, None] + (P + num_keys - num_queries)
+    keys = torch.arange(P, device=device)[None, :]
+    buckets = owner._relative_position_bucket(keys - queries, bidirectional=not owner.is_decoder,
+                                              num_buckets=owner.relative_attention_num_buckets,
+                                              max_distance=owner.relative_attention_max_distance)
+    return embedding(buckets).permute(2, 0, 1).unsqueeze(0).detach()  # [1, H, Nq, P]
+
+
+def _attend_with_prefix_bias(query, key, value, prefix_k, prefix_v, prefix_bias, prefix_index, *, causal,
+                             softmax_scale, key_padding_mask, attn_mask, dropout_p, backend) -> Tensor:
+    """Attention over [prefix ; sequence] where the prefix keys carry a bias of their own (T5's):
+    the kernels take masks on the sequence keys only, so two calls, one over the sequence (its bias
+    and masks as attn_mask), one over the prefix keys as a sequence (their bias as attn_mask), merged
+    exactly by their log-sum-exps. Dropout stays exact: each call drops its own probabilities, and
+    the merge rescales them by the same factors as the undropped softmax. The prefix call reads the
+    prefix as [B, Hkv, P, D] (a broadcast view for a shared prefix; its gradient is summed over the
+    rows by autograd, a [B, Hkv, P, D] tensor the fused path does not need)."""
+    B = query.shape[0]
+    if prefix_k.dim() == 3:  # shared by the batch
+        keys, values = prefix_k.expand(B, -1, -1, -1), prefix_v.expand(B, -1, -1, -1)
+    elif prefix_index is not None:  # a bank
+        keys, values = prefix_k[prefix_index], prefix_v[prefix_index]
+    else:
+        keys, values = prefix_k, prefix_v
+    out_seq, lse_seq = prefix_attention(query, key, value, causal=causal, softmax_scale=softmax_scale,
+                                        key_padding_mask=key_padding_mask, attn_mask=attn_mask, dropout_p=dropout_p,
+                                        return_lse=True, backend=backend)
+    out_pre, lse_pre = prefix_attention(query, keys, values, softmax_scale=softmax_scale, attn_mask=prefix_bias,
+                                        dropout_p=dropout_p, return_lse=True, backend=backend)
+    lse = torch.logaddexp(lse_seq, lse_pre)  # the prefix keys are always visible: finite
+    out = (out_seq.float() * torch.exp(lse_seq - lse).unsqueeze(-1)
+           + out_pre.float() * torch.exp(lse_pre - lse).unsqueeze(-1))
+    return out.to(query.dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -701,6 +786,8 @@ def _attach_encoder_decoder(model: nn.Module, state: _PrefixTuning) -> None:
             module.__dict__[_SLOT_ATTR] = slot if site in sites else NO_PREFIX
             slot += site in sites
             state.slotted.append(module)
+            if hasattr(module, "relative_attention_num_buckets"):  # T5 and its kin: relative position bias
+                module.__dict__[_BIAS_ATTR] = None if site == "cross" else _bias_owner(module, modules[0][1])
     for stack_name, stack in _stacks(model).items():
         state.hooks.append(stack.register_forward_pre_hook(functools.partial(_stack_pre_hook, state, False),
                                                            with_kwargs=True))
@@ -717,12 +804,23 @@ def _attach_encoder_decoder(model: nn.Module, state: _PrefixTuning) -> None:
                                                            with_kwargs=True))
 
 
+def _bias_owner(module: nn.Module, first: nn.Module) -> nn.Module:
+    """The attention module whose relative_attention_bias biases `module`'s scores: its own where it
+    has one, else (T5: only the first layer of a stack has the embedding; the others reuse the bias
+    it computes) the stack's first self-attention."""
+    owner = module if getattr(module, "has_relative_attention_bias", False) else first
+    if not getattr(owner, "has_relative_attention_bias", False):
+        raise NotImplementedError(f"prefix_attn: cannot find the relative position bias of {type(module).__name__}")
+    return owner
+
+
 def _detach(model: nn.Module, state: _PrefixTuning) -> None:
     """Remove the hooks and the slots add_prefix_tuning put on the model's modules."""
     for hook in state.hooks:
         hook.remove()
     for module in state.slotted:
         module.__dict__.pop(_SLOT_ATTR, None)
+        module.__dict__.pop(_BIAS_ATTR, None)
     state.hooks.clear()
     state.slotted.clear()
 
@@ -731,11 +829,11 @@ def _check_supported(model: nn.Module) -> None:
     """Refuse, by name, the models whose attention this integration would get wrong."""
     config = _text_config(model)
     name = f"{type(model).__name__} (model_type {getattr(config, 'model_type', '?')!r})"
-    if hasattr(config, "relative_attention_num_buckets"):
+    if hasattr(config, "relative_attention_num_buckets") and not getattr(config, "is_encoder_decoder", False):
         raise NotImplementedError(
-            f"prefix_attn: {name} adds a relative position bias (T5's position_bias) to its attention scores. "
-            "Prefix keys would need a bias of their own, which the kernels do not take: not supported (see the "
-            "README's model table)")
+            f"prefix_attn: {name} adds a relative position bias (T5's position_bias) to its attention scores, and "
+            "its prefix keys need a bias of their own: add_prefix_tuning sets that up for encoder-decoder models "
+            "(T5ForConditionalGeneration and its kin) only")
 
 
 def _generate(self, *args, prefix_index=None, **kwargs):

@@ -79,6 +79,14 @@ def tiny_config(family: str, **overrides):
         config = cls(**{**dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                                num_attention_heads=4, max_position_embeddings=66 if roberta else 64,
                                pad_token_id=1 if roberta else 0, num_labels=3), **overrides})
+    elif family == "t5":
+        # T5's relative position bias, with few buckets and a short max distance so that prefix keys
+        # 5-20 places back fall into different buckets; 3 + 3 layers, 4 heads of dim 16, T5's default
+        # dropout (0.1, attention included).
+        config = transformers.T5Config(**{**dict(
+            vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=3, num_heads=4, pad_token_id=0,
+            eos_token_id=1, decoder_start_token_id=0, relative_attention_num_buckets=8,
+            relative_attention_max_distance=16), **overrides})
     elif family == "bart":
         # An encoder-decoder: 3 + 3 layers (an odd count, so that PEFT's order of its table's layers,
         # 2 l mod L, is a permutation the tests can tell from l), 4 heads of dim 16, BART's default
@@ -96,6 +104,7 @@ def tiny_config(family: str, **overrides):
 MODEL_CLASSES = {
     "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
     "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "bart": "BartForConditionalGeneration",
+    "t5": "T5ForConditionalGeneration",
     "bert-seq": "BertForSequenceClassification", "bert-token": "BertForTokenClassification",
     "roberta-seq": "RobertaForSequenceClassification", "roberta-token": "RobertaForTokenClassification",
 }
@@ -224,6 +233,8 @@ def _oracle_attention(module, query, key, value, attention_mask, scaling=None, d
     values = torch.cat([prefix_v.to(value.dtype), value], 2).repeat_interleave(Hq // Hkv, 1).double()
     scale = scaling if scaling is not None else D ** -0.5
     scores = (query.double() @ keys.transpose(-1, -2)) * scale
+    if kwargs.get("position_bias") is not None:  # T5: a relative position bias over [prefix ; sequence]
+        scores = scores + _oracle_position_bias(module, kwargs["position_bias"], Nq, key.shape[2], P).double()
     if attention_mask is None:  # transformers skips the mask of unpadded bidirectional attention
         assert not module.is_causal
         attention_mask = torch.ones(B, 1, Nq, key.shape[2], dtype=torch.bool)
@@ -236,6 +247,18 @@ def _oracle_attention(module, query, key, value, attention_mask, scaling=None, d
         probs = _dropout.apply_reference(probs, seed, offset, dropout, P)
     out = (probs @ values).to(query.dtype)
     return out.transpose(1, 2), None
+
+
+def _oracle_position_bias(module, position_bias, Nq, Nk, P):
+    """T5's own compute_bias over P + Nk keys, the prefix taking the first P positions as past tokens
+    (what PEFT's prefix in the cache gets); its sequence part must be the bias the model passed.
+    Cross-attention (no bias owner) has no bias, so its prefix keys get 0."""
+    owner = module.__dict__.get(hf._BIAS_ATTR)
+    if owner is None or P == 0:
+        return torch.cat([position_bias.new_zeros(*position_bias.shape[:-1], P), position_bias], -1)
+    bias = owner.compute_bias(Nq, P + Nk, device=position_bias.device, past_seen_tokens=P + Nk - Nq)
+    torch.testing.assert_close(bias[..., P:].to(position_bias.dtype), position_bias, rtol=0, atol=0)
+    return bias.to(position_bias.dtype)
 
 
 def _oracle_mask(*args, **kwargs):

@@ -1,15 +1,18 @@
-"""Encoder-decoder prefix tuning (issue 13): BART, with Li & Liang's three prefixes (the encoder's
-self-attention, the decoder's causal self-attention, the decoder's cross-attention) or any subset.
+"""Encoder-decoder prefix tuning (issue 13): BART and T5, with Li & Liang's three prefixes (the
+encoder's self-attention, the decoder's causal self-attention, the decoder's cross-attention) or
+any subset. T5 adds a relative position bias to its scores, which the prefix keys get too.
 
 Oracles, each independent of what it checks:
 - the decoder's prefix is P past tokens in the self-attention cache: the plain model given that
-  cache (positions then start at P, as BART counts them from the cache length);
-- the cross-attention prefix, built from each layer's own k_proj / v_proj of P extra encoder
-  states, is those states prepended to the encoder's output: the plain model reading them;
+  cache (BART then numbers the real tokens from P; T5 computes the prefix keys' bias itself);
+- the cross-attention prefix, built from each layer's own key / value projections of P extra
+  encoder states, is those states prepended to the encoder's output: the plain model reading them;
 - PEFT's SEQ_2_SEQ_LM prefix tuning (decoder self-attention only, under transformers 5) for the
   import, the export and greedy generation (by repeated PEFT forward passes);
-- hf_testing's float64 concatenate-and-mask attention for everything at once (all three sites, a
-  bank, dropout, gradients).
+- hf_testing's float64 concatenate-and-mask attention (with T5's own compute_bias over
+  [prefix ; sequence] keys) for everything at once: all three sites, a bank, dropout, gradients;
+- for T5's two-call path, float64 attention over explicitly concatenated keys, dropout masks
+  included (test_prefix_bias_merge_is_exact).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 import transformers
 
 from hf_testing import assert_fp32_close, encoder_batch, oracle_copy, peft_float64, tiny_model
+from prefix_attn import _dropout
 from prefix_attn.integrations import transformers as hf
 from prefix_attn.integrations.transformers import (add_prefix_tuning, get_prefix_encoder, load_peft_prefix,
                                                    load_prefix, prefix_disabled, remove_prefix_tuning,
@@ -27,13 +31,20 @@ from prefix_attn.integrations.transformers import (add_prefix_tuning, get_prefix
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
-H, D, L = 4, 16, 3  # tiny_model("bart"): heads, head dim, layers per stack
+FAMILIES = ["bart", "t5"]
+H, D, L = 4, 16, 3  # tiny_model("bart") and tiny_model("t5"): heads, head dim, layers per stack
 GREEDY = dict(do_sample=False, num_beams=1, min_length=0, no_repeat_ngram_size=0)
+# Larger random weights: at the configs' own scale every row of a tiny random model predicts the
+# same token, and generation tests would compare constant sequences.
+LIVELY = {"bart": dict(init_std=0.2), "t5": dict(initializer_factor=5.0)}
+
+
+def _model(family, lively=False, **overrides):
+    return tiny_model(family, **{**(LIVELY[family] if lively else {}), **overrides})
 
 
 def _generating(model):
-    """A tiny random model for generation tests: weights with std 0.2 (at BART's 0.02 every row
-    predicts the same token), and no end-of-sequence token, so that every row runs to the end."""
+    """No end-of-sequence token, so that every row runs to the end."""
     model.generation_config.eos_token_id = None
     return model
 
@@ -51,13 +62,9 @@ def _inputs(model, batch=3, source=9, target=6, seed=1):
     start token."""
     ids, mask = encoder_batch(model, batch=batch, length=source, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
-    decoder_ids = torch.randint(3, hf_vocab(model), (batch, target), generator=g)
+    decoder_ids = torch.randint(3, model.config.vocab_size, (batch, target), generator=g)
     decoder_ids[:, 0] = model.config.decoder_start_token_id
     return dict(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
-
-
-def hf_vocab(model):
-    return model.config.vocab_size
 
 
 def _logits(model, inputs):
@@ -73,32 +80,47 @@ def _check_against_oracle(name, model, inputs):
     return got
 
 
+def _cross_attention(model):
+    return [m for name, m in model.get_decoder().named_modules() if name.endswith(("encoder_attn", "EncDecAttention"))]
+
+
+def _key_value_projections(attention):
+    return (attention.k_proj, attention.v_proj) if hasattr(attention, "k_proj") else (attention.k, attention.v)
+
+
 # --------------------------------------------------------------------------- geometry and slots
 
-def test_three_prefixes_by_default_each_attention_its_own():
-    model = add_prefix_tuning(tiny_model("bart"), 4)
+NAMES = {"bart": ("model.encoder.layers.{}.self_attn", "model.decoder.layers.{}.self_attn",
+                  "model.decoder.layers.{}.encoder_attn"),
+         "t5": ("encoder.block.{}.layer.0.SelfAttention", "decoder.block.{}.layer.0.SelfAttention",
+                "decoder.block.{}.layer.1.EncDecAttention")}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_three_prefixes_by_default_each_attention_its_own(family):
+    model = add_prefix_tuning(_model(family), 4)
     encoder = get_prefix_encoder(model)
     assert (encoder.num_layers, encoder.num_kv_heads, encoder.head_dim) == (3 * L, H, D)
     slots = {name: hf.prefix_slot(m) for name, m in model.named_modules() if hf._SLOT_ATTR in m.__dict__}
-    assert slots == {**{f"model.encoder.layers.{i}.self_attn": i for i in range(L)},
-                     **{f"model.decoder.layers.{i}.self_attn": L + i for i in range(L)},
-                     **{f"model.decoder.layers.{i}.encoder_attn": 2 * L + i for i in range(L)}}
+    assert slots == {names.format(i): site * L + i for site, names in enumerate(NAMES[family]) for i in range(L)}
     remove_prefix_tuning(model)
     model = add_prefix_tuning(model, 4, sites=("cross", "encoder"))  # any order: stored in the canonical one
     assert hf._state(model).geometry.sites == ("encoder", "cross") and get_prefix_encoder(model).num_layers == 2 * L
-    assert all(hf.prefix_slot(layer.self_attn) == hf.NO_PREFIX for layer in model.model.decoder.layers)
+    assert all(hf.prefix_slot(model.get_submodule(NAMES[family][1].format(i))) == hf.NO_PREFIX for i in range(L))
 
 
 @pytest.mark.parametrize("sites", [None, ("encoder",), ("decoder",), ("cross",)], ids=str)
-def test_logits_match_oracle(sites):
-    model = _random_prefix(add_prefix_tuning(tiny_model("bart"), 5, sites=sites))
-    base = _logits(tiny_model("bart"), _inputs(model))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_oracle(family, sites):
+    model = _random_prefix(add_prefix_tuning(_model(family), 5, sites=sites))
+    base = _logits(_model(family), _inputs(model))
     got = _check_against_oracle(f"sites {sites}", model, _inputs(model))
     assert (got - base).abs().max() > 1e-3  # the prefix does something (fp32 rounding: ~1e-6)
 
 
-def test_bank_matches_oracle_and_routes_rows():
-    model = _random_prefix(add_prefix_tuning(tiny_model("bart"), 4, num_tasks=3))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bank_matches_oracle_and_routes_rows(family):
+    model = _random_prefix(add_prefix_tuning(_model(family), 4, num_tasks=3))
     inputs = dict(_inputs(model), prefix_index=torch.tensor([2, 0, 1]))
     got = _check_against_oracle("bank", model, inputs)
     for row, task in enumerate([2, 0, 1]):
@@ -106,10 +128,12 @@ def test_bank_matches_oracle_and_routes_rows():
         torch.testing.assert_close(_logits(model, dict(one, prefix_index=task))[0], got[row], rtol=1e-5, atol=1e-5)
 
 
-def test_decoder_prefix_is_p_past_tokens_in_the_cache():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decoder_prefix_is_p_past_tokens_in_the_cache(family):
     """Independent of our hooks: the plain model with the prefix as P past tokens of every decoder
-    layer's self-attention cache (BART then numbers the real tokens from P, as we do)."""
-    base = tiny_model("bart")
+    layer's self-attention cache (BART then numbers the real tokens from P, as we do; T5 gives the
+    prefix keys the relative position bias of P past tokens, as we do)."""
+    base = _model(family)
     model = _random_prefix(add_prefix_tuning(copy.deepcopy(base), 5, sites="decoder"))
     inputs = _inputs(model)
     B = inputs["input_ids"].shape[0]
@@ -124,16 +148,17 @@ def test_decoder_prefix_is_p_past_tokens_in_the_cache():
     assert_fp32_close("decoder prefix", _logits(model, inputs), cached(base), cached(copy.deepcopy(base).double()))
 
 
-def test_cross_attention_prefix_is_extra_encoder_states():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cross_attention_prefix_is_extra_encoder_states(family):
     """Independent of our hooks: a cross-attention prefix whose keys and values are each decoder
-    layer's own k_proj / v_proj of P extra encoder states equals the plain model reading those
-    states in front of the encoder's output (its mask extended with ones)."""
-    base = tiny_model("bart")
+    layer's own key / value projections of P extra encoder states equals the plain model reading
+    those states in front of the encoder's output (its mask extended with ones)."""
+    base = _model(family)
     model = add_prefix_tuning(copy.deepcopy(base), 4, sites="cross")
     extra = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        table = torch.stack([torch.stack([attn.k_proj(extra), attn.v_proj(extra)]).view(2, 4, H, D).transpose(1, 2)
-                             for attn in (layer.encoder_attn for layer in base.model.decoder.layers)])
+        table = torch.stack([torch.stack([proj(extra) for proj in _key_value_projections(attn)])
+                             .view(2, 4, H, D).transpose(1, 2) for attn in _cross_attention(base)])
     get_prefix_encoder(model).load_table(table)  # [L, 2, H, P, D]
     inputs = _inputs(model)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -146,6 +171,13 @@ def test_cross_attention_prefix_is_extra_encoder_states():
                              decoder_input_ids=inputs["decoder_input_ids"]).logits
 
     assert_fp32_close("cross prefix", _logits(model, inputs), extended(base), extended(copy.deepcopy(base).double()))
+
+
+def test_t5_positions_are_relative_so_position_offset_changes_nothing():
+    inputs = _inputs(_model("t5"))
+    shifted, unshifted = (_random_prefix(add_prefix_tuning(_model("t5"), 5, position_offset=offset))
+                          for offset in (True, False))
+    assert torch.equal(_logits(shifted, inputs), _logits(unshifted, inputs))
 
 
 def test_positions_shift_by_p_where_the_self_attention_has_a_prefix():
@@ -187,10 +219,11 @@ def _peft_twin(base, path, P=5, layers=None):
     return peft_model
 
 
-def test_peft_adapter_imports_with_peft_logits(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peft_adapter_imports_with_peft_logits(family, tmp_path):
     """An odd number of layers, so PEFT's layer order (2 l mod L: 0, 2, 1) differs from 0, 1, 2 and
     a load in plain order would fail."""
-    base = tiny_model("bart")
+    base = _model(family)
     peft_model = _peft_twin(base, str(tmp_path / "peft"))
     ours = load_peft_prefix(copy.deepcopy(base), str(tmp_path / "peft"))
     assert hf._state(ours).geometry.sites == ("decoder",)
@@ -200,10 +233,11 @@ def test_peft_adapter_imports_with_peft_logits(tmp_path):
     assert hf._peft_seq2seq_layers(3) == [0, 2, 1] and hf._peft_seq2seq_layers(4) == [0, 2, 0, 2]
 
 
-def test_greedy_generation_matches_peft_forward_passes(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generation_matches_peft_forward_passes(family, tmp_path):
     """PEFT 0.21's own generate() is not the oracle (it drops the prefix under transformers 5):
     greedy decoding by repeated full forward passes of the PEFT model is."""
-    base = _generating(tiny_model("bart", init_std=0.2))
+    base = _generating(_model(family, lively=True))
     peft_model = _peft_twin(base, str(tmp_path / "peft"))
     ours = load_peft_prefix(copy.deepcopy(base), str(tmp_path / "peft"))
     inputs = _inputs(base)
@@ -217,12 +251,13 @@ def test_greedy_generation_matches_peft_forward_passes(tmp_path):
     assert torch.equal(tokens, expected)
 
 
-def test_peft_export_round_trips(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peft_export_round_trips(family, tmp_path):
     """save_peft_prefix writes PEFT's table in PEFT's layer order: PEFT loads it and computes our
     logits, and it imports back to the same prefix."""
     from peft import PeftModel
 
-    base = tiny_model("bart")
+    base = _model(family)
     model = _random_prefix(add_prefix_tuning(copy.deepcopy(base), 4, sites="decoder"))
     save_peft_prefix(model, str(tmp_path / "peft"))
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft")).eval()
@@ -265,11 +300,12 @@ def test_peft_adapter_of_the_wrong_kind_is_refused(tmp_path):
 
 # --------------------------------------------------------------------------- generation
 
-def test_generation_keeps_the_prefixes_out_of_the_cache():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_keeps_the_prefixes_out_of_the_cache(family):
     """All three prefixes: generate() (cached decoding) gives the tokens of greedy decoding by full
     forward passes and of the float64 oracle's generate; the self-attention cache holds only the
     generated tokens, the cross-attention cache only the source."""
-    model = _random_prefix(add_prefix_tuning(_generating(tiny_model("bart", init_std=0.2)), 5))
+    model = _random_prefix(add_prefix_tuning(_generating(_model(family, lively=True)), 5))
     inputs = _inputs(model)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, return_dict_in_generate=True,
@@ -288,8 +324,27 @@ def test_generation_keeps_the_prefixes_out_of_the_cache():
     assert cache.cross_attention_cache.layers[0].keys.shape[2] == ids.shape[1]
 
 
-def test_bank_generation_keeps_each_rows_task_through_beams():
-    model = _random_prefix(add_prefix_tuning(_generating(tiny_model("bart", init_std=0.2)), 4, num_tasks=2))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_steps_match_the_full_forward(family):
+    """Logits of decoding with the cache, two tokens then one at a time, equal the full forward's:
+    the cache (no prefix in it) and what is computed from its length (BART's positions, T5's bias of
+    the prefix keys: P + cache length - j places back) line up."""
+    model = _random_prefix(add_prefix_tuning(_model(family), 5))
+    inputs = _inputs(model)
+    full = _logits(model, inputs)
+    decoder_ids = inputs.pop("decoder_input_ids")
+    with torch.no_grad():
+        out = model(**inputs, decoder_input_ids=decoder_ids[:, :2], use_cache=True)
+        steps = [out.logits]
+        for t in range(2, decoder_ids.shape[1]):
+            out = model(**inputs, decoder_input_ids=decoder_ids[:, t:t + 1], cache=out.cache, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bank_generation_keeps_each_rows_task_through_beams(family):
+    model = _random_prefix(add_prefix_tuning(_generating(_model(family, lively=True)), 4, num_tasks=2))
     inputs = _inputs(model)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     index = torch.tensor([1, 0, 1])
@@ -305,11 +360,18 @@ def test_bank_generation_keeps_each_rows_task_through_beams():
 
 # --------------------------------------------------------------------------- training
 
-def test_gradients_reach_every_prefix_and_only_the_prefixes():
-    """Train mode with dropouts everywhere (BART's 0.1 residual dropout, and attention dropout 0.1 in
-    every attention): the float64 oracle, seeded alike, drops the same entries, so the loss and all
-    three prefixes' gradients match it; every slot's keys and values get a gradient, nothing else."""
-    model = add_prefix_tuning(tiny_model("bart", attention_dropout=0.1), 4).train()
+# T5's prefix keys carry a bias, so its attention runs as two kernel calls, each with its own dropout
+# stream, which the oracle's single stream cannot reproduce: here T5 runs without dropout, and
+# test_prefix_bias_merge_is_exact checks the two calls' dropout against the concatenated softmax.
+NO_T5_DROPOUT = {"bart": dict(attention_dropout=0.1), "t5": dict(dropout_rate=0.0)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_reach_every_prefix_and_only_the_prefixes(family):
+    """Train mode (BART: its 0.1 residual dropout and attention dropout 0.1 in every attention; the
+    float64 oracle, seeded alike, drops the same entries): the loss and all three prefixes'
+    gradients match the oracle; every slot's keys and values get a gradient, nothing else does."""
+    model = add_prefix_tuning(_model(family, **NO_T5_DROPOUT[family]), 4).train()
     inputs = _inputs(model)
     inputs["labels"] = inputs.pop("decoder_input_ids")
 
@@ -328,10 +390,12 @@ def test_gradients_reach_every_prefix_and_only_the_prefixes():
     assert [n for n, p in model.named_parameters() if p.grad is not None] == ["prefix_encoder.weight"]
 
 
-def test_gradient_checkpointing_with_a_bank():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing_with_a_bank(family):
     """Checkpointing (which PEFT's prefix tuning refuses) changes neither loss nor gradients, with the
     dropouts on (the recomputation redraws the same stream); the bank's unused entry gets none."""
-    model = add_prefix_tuning(tiny_model("bart", attention_dropout=0.1), 4, num_tasks=3).train()
+    overrides = {"bart": dict(attention_dropout=0.1), "t5": {}}[family]  # T5: its default 0.1 everywhere
+    model = add_prefix_tuning(_model(family, **overrides), 4, num_tasks=3).train()
     inputs = _inputs(model)
     inputs["labels"] = inputs.pop("decoder_input_ids")
     inputs["prefix_index"] = torch.tensor([2, 0, 2])
@@ -350,11 +414,13 @@ def test_gradient_checkpointing_with_a_bank():
     assert got[:, :, 1].abs().sum() == 0 and got[:, :, [0, 2]].abs().sum() > 0
 
 
-def test_trains_with_its_default_config():
-    """BART's default dropouts: 25 AdamW steps on a copy task cut the loss by a quarter or more; the
-    model's own weights do not move. (Weights drawn with std 0.2, as in test_hf_models.py.)"""
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trains_with_its_default_config(family):
+    """The default dropouts (BART: 0.1 residual; T5: 0.1 residual and attention): 25 AdamW steps on a
+    copy task cut the loss by a quarter or more; the model's own weights do not move. (BART with
+    lively random weights, as in test_hf_models.py; T5's own initialisation is lively enough.)"""
     torch.manual_seed(0)
-    model = add_prefix_tuning(tiny_model("bart", init_std=0.2), 8).train()
+    model = add_prefix_tuning(_model(family, lively=family == "bart"), 8).train()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("prefix_encoder")}
     ids = torch.randint(3, 11, (8, 10), generator=torch.Generator().manual_seed(0))  # a small alphabet
     optimizer = torch.optim.AdamW(get_prefix_encoder(model).parameters(), lr=1e-1)
@@ -372,15 +438,16 @@ def test_trains_with_its_default_config():
 # --------------------------------------------------------------------------- saving, undoing, errors
 
 @pytest.mark.parametrize("sites", [None, ("encoder", "cross")], ids=str)
-def test_save_load_round_trips(sites, tmp_path):
-    model = _random_prefix(add_prefix_tuning(tiny_model("bart"), 4, sites=sites, prefix_projection=True,
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_round_trips(family, sites, tmp_path):
+    model = _random_prefix(add_prefix_tuning(_model(family), 4, sites=sites, prefix_projection=True,
                                              encoder_hidden_size=16, num_tasks=2))
     save_prefix(model, str(tmp_path))
-    loaded = load_prefix(tiny_model("bart"), str(tmp_path))
+    loaded = load_prefix(_model(family), str(tmp_path))
     assert hf._state(loaded).geometry == hf._state(model).geometry
     inputs = dict(_inputs(model), prefix_index=torch.tensor([1, 0, 1]))
     assert torch.equal(_logits(loaded, inputs), _logits(model, inputs))
-    other = add_prefix_tuning(tiny_model("bart"), 4, sites="decoder", prefix_projection=True, encoder_hidden_size=16,
+    other = add_prefix_tuning(_model(family), 4, sites="decoder", prefix_projection=True, encoder_hidden_size=16,
                               num_tasks=2)
     with pytest.raises(ValueError, match="sites"):
         load_prefix(other, str(tmp_path))
@@ -388,8 +455,9 @@ def test_save_load_round_trips(sites, tmp_path):
         load_prefix(tiny_model("llama"), str(tmp_path))
 
 
-def test_disabled_and_removed_is_the_base_model():
-    base = tiny_model("bart")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_disabled_and_removed_is_the_base_model(family):
+    base = _model(family)
     model = _random_prefix(add_prefix_tuning(copy.deepcopy(base), 4))
     inputs = _inputs(base)
     expected = _logits(base, inputs)
@@ -418,3 +486,65 @@ def test_bad_sites_and_shapes_are_refused():
     fresh = tiny_model("bart")
     with pytest.raises(NotImplementedError, match="encoder-decoder"):
         hf.init_prefix_from_text(add_prefix_tuning(fresh, 2), torch.tensor([5, 6]))
+
+
+# --------------------------------------------------------------------------- T5's prefix bias
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("prefix_kind", ["shared", "bank", "per-row"])
+def test_prefix_bias_merge_is_exact(prefix_kind, backend):
+    """T5's path (two kernel calls, the sequence and the prefix keys each with their own bias, merged
+    by log-sum-exp) against float64 attention over explicitly concatenated [prefix ; sequence] keys
+    and [prefix bias ; sequence bias]: outputs and the gradients of q, k, v and the prefix. With
+    dropout 0.3, the two calls' own masks (recorded), concatenated, applied to the float64
+    softmax; causal, and a row whose sequence keys are all padding (only the prefix is left)."""
+    B, Hq, Nq, Nk, P, Dh, p = 3, 4, 5, 7, 3, 16, 0.3
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_()
+
+    q, k, v = rand(B, Hq, Nq, Dh), rand(B, Hq, Nk, Dh), rand(B, Hq, Nk, Dh)
+    rows = {"shared": (Hq, P, Dh), "bank": (2, Hq, P, Dh), "per-row": (B, Hq, P, Dh)}[prefix_kind]
+    pk, pv = rand(*rows), rand(*rows)
+    index = torch.tensor([1, 0, 1]) if prefix_kind == "bank" else None
+    seq_bias, prefix_bias = torch.randn(1, Hq, Nq, Nk, generator=g), torch.randn(1, Hq, Nq, P, generator=g)
+    padding = torch.ones(B, Nk, dtype=torch.bool)
+    padding[2] = False
+    with _dropout.record_masks() as calls:
+        out = hf._attend_with_prefix_bias(q, k, v, pk, pv, prefix_bias, index, causal=True, softmax_scale=1.0,
+                                          key_padding_mask=padding, attn_mask=seq_bias, dropout_p=p, backend=backend)
+    assert [c.shape for c in calls] == [(B, Hq, Nq, 0, Nk), (B, Hq, Nq, 0, P)]
+    keep = torch.cat([calls[1].mask(), calls[0].mask()], -1)  # prefix keys first
+
+    def reference(q, k, v, pk, pv):
+        if prefix_kind == "shared":
+            pk, pv = pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1)
+        elif prefix_kind == "bank":
+            pk, pv = pk[index], pv[index]
+        keys, values = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+        scores = q @ keys.transpose(-1, -2) + torch.cat([prefix_bias, seq_bias], -1).double()
+        causal = torch.arange(Nk)[None, :] <= torch.arange(Nq)[:, None] + (Nk - Nq)
+        visible = torch.cat([torch.ones(B, 1, Nq, P, dtype=torch.bool), (causal & padding[:, None, None, :])], -1)
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) * keep / (1 - p)
+        return probs @ values
+
+    inputs = [t.detach().double().requires_grad_() for t in (q, k, v, pk, pv)]
+    expected = reference(*inputs)
+    torch.testing.assert_close(out, expected.float(), rtol=1e-4, atol=1e-5)
+    w = torch.randn(out.shape, generator=g)
+    (out * w).sum().backward()
+    (expected * w.double()).sum().backward()
+    for name, got, ref in zip(("q", "k", "v", "prefix_k", "prefix_v"), (q, k, v, pk, pv), inputs):
+        torch.testing.assert_close(got.grad, ref.grad.float(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_t5_refusals():
+    encoder_only = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=128, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4))
+    with pytest.raises(NotImplementedError, match=r"T5EncoderModel.*relative position bias.*encoder-decoder"):
+        add_prefix_tuning(encoder_only, 4)
+    model = add_prefix_tuning(_model("t5"), 4)
+    model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="relative position bias requires grad"):
+        model(**_inputs(model))
