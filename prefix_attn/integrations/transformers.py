@@ -23,6 +23,12 @@ How it plugs in (one generic path for every model that uses transformers' Attent
   one over a cache that starts at 0 (the usual case), and otherwise the full boolean mask
   (sliding windows, static caches, packed sequences), in which case causal is off.
 
+Encoder-decoder models (BART, T5 and their kin): a prefix per attention module, for the
+encoder's self-attention, the decoder's self-attention and its cross-attention (`sites`), a hook
+on each stack, the slot of each attention module written on it (`prefix_slot`), BART's positions
+shifted by a hook on its position embeddings, and T5's relative position bias given to the prefix
+keys (`_prefix_position_bias`, `_attend_with_prefix_bias`).
+
 Everything here is undone by `remove_prefix_tuning(model)`. The only global change is the
 registration of the new name "prefix_attn" with the two interfaces; it is removed again when
 no model uses it. Positions: with position_offset=True (the default) the real tokens take

@@ -1,7 +1,7 @@
 """Model coverage beyond Llama / Qwen2 / Mistral (issue 13): GPT-2 and Qwen3 (decoders, whose PEFT
 equivalence lives in test_hf_peft.py), BERT and RoBERTa (bidirectional encoders, which PEFT 0.21
-no longer prefix-tunes under transformers 5), prefix tuning together with LoRA, and the models
-refused by name (T5's relative position bias, encoder-decoders).
+no longer prefix-tunes under transformers 5), and prefix tuning together with LoRA. Encoder-decoders
+(BART, T5) are in test_hf_encdec.py.
 
 Where PEFT has no equivalent (encoders, gradient checkpointing, the bank), the oracle is the same
 model with hf_testing's float64 concatenate-and-mask attention, or the reference backend."""
@@ -291,15 +291,3 @@ def test_prefix_tuning_with_lora(order, tmp_path):
     oracle = oracle_copy(merged)
     assert torch.equal(oracle.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False), tokens)
     remove_prefix_tuning(reloaded)
-
-
-# --------------------------------------------------------------------------- refused, by name
-
-def test_t5_is_refused_by_name():
-    import transformers
-
-    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
-    with pytest.raises(NotImplementedError, match=r"T5ForConditionalGeneration.*relative position bias"):
-        add_prefix_tuning(t5, 4)
-    assert t5.config._attn_implementation != "prefix_attn" and all(p.requires_grad for p in t5.parameters())
