@@ -16,7 +16,8 @@ from hf_testing import (assert_fp32_close, encoder_batch, oracle_copy, padded_ba
                         tiny_config, tiny_model)
 from prefix_attn.integrations import transformers as hf
 from prefix_attn.integrations.transformers import (add_prefix_tuning, get_prefix_encoder, load_peft_prefix,
-                                                   load_prefix, remove_prefix_tuning, save_peft_prefix, save_prefix)
+                                                   load_prefix, prefix_disabled, remove_prefix_tuning,
+                                                   save_peft_prefix, save_prefix)
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -103,7 +104,7 @@ def test_gradients_reach_every_prefix_and_only_the_prefixes(family):
     assert [n for n, p in model.named_parameters() if p.grad is not None] == ["prefix_encoder.weight"]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "roberta-token"])
+@pytest.mark.parametrize("family", ["gpt2", "qwen3", "roberta-token"])
 def test_gradient_checkpointing_and_bank(family):
     """Checkpointing (which PEFT's prefix tuning refuses) changes neither loss nor gradients, with a
     bank and the config's dropouts on (the recomputation redraws the same dropout stream); the
@@ -124,12 +125,12 @@ def test_gradient_checkpointing_and_bank(family):
 
 # --------------------------------------------------------------------------- training
 
-@pytest.mark.parametrize("family", ["gpt2", "bert-seq", "roberta-token"])
+@pytest.mark.parametrize("family", ["gpt2", "qwen3", "bert-seq", "roberta-token"])
 def test_trains_with_its_default_config(family):
-    """The default config, attention dropout 0.1 included: 25 AdamW steps on a small task cut the
-    loss by a quarter or more; the model's own weights do not move. (The random weights are drawn
-    with std 0.2, not the configs' 0.02: a tiny random model with 0.02 predicts a near-uniform
-    distribution that no prefix can move far.)"""
+    """The default config (GPT-2's, BERT's and RoBERTa's attention dropout 0.1 included; Qwen3 has
+    none): 25 AdamW steps on a small task cut the loss by a quarter or more; the model's own
+    weights do not move. (The random weights are drawn with std 0.2, not the configs' 0.02: a
+    tiny random model with 0.02 predicts a near-uniform distribution that no prefix can move far.)"""
     torch.manual_seed(0)
     model = add_prefix_tuning(tiny_model(family, initializer_range=0.2), 8).train()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("prefix_encoder")}
@@ -230,9 +231,11 @@ def test_save_load_round_trips(family, tmp_path):
 
 # --------------------------------------------------------------------------- prefix tuning with LoRA
 
-def _lora_config():
+def _lora_config(family):
     from peft import LoraConfig
 
+    if family == "gpt2":  # the fused QKV projection, a Conv1D (weight stored [in, out])
+        return LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0)
     return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
 
 
@@ -249,19 +252,25 @@ def _train_steps(model, steps=4):
 
 
 @pytest.mark.parametrize("order", ["lora-first", "prefix-first"])
-def test_prefix_tuning_with_lora(order, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+def test_prefix_tuning_with_lora(family, order, tmp_path):
     """Both orders: the prefix and LoRA both train (nothing else moves), both save (LoRA as a PEFT
     adapter without the prefix, the prefix with save_prefix), and a fresh base model with both
-    reloaded computes the same logits and greedy generations."""
+    reloaded computes the same logits and greedy generations, those of the merged LoRA weights
+    with the oracle's attention. LoRA on q_proj / v_proj (Llama, Qwen3: before Qwen3's per-head
+    q/k norm) and on GPT-2's fused c_attn (a Conv1D), whose config keeps its dropouts (0.1) for
+    the training steps. Weights drawn with std 0.2 and a random prefix: with the configs' 0.02,
+    greedy decoding only repeats a token, and a prefix lost in the decode steps went unseen."""
     from peft import PeftModel, get_peft_model
 
-    base = tiny_model("llama")
+    base = tiny_model(family, initializer_range=0.2)
     if order == "lora-first":
-        model = add_prefix_tuning(get_peft_model(copy.deepcopy(base), _lora_config()), 4)
+        model = add_prefix_tuning(get_peft_model(copy.deepcopy(base), _lora_config(family)), 4)
     else:
-        model = get_peft_model(add_prefix_tuning(copy.deepcopy(base), 4), _lora_config())
+        model = get_peft_model(add_prefix_tuning(copy.deepcopy(base), 4), _lora_config(family))
         assert not get_prefix_encoder(model).weight.requires_grad  # PEFT froze it, as everything but LoRA
         get_prefix_encoder(model).requires_grad_(True)
+    _random_prefix(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora_" in n for n in trainable) and any("prefix_encoder" in n for n in trainable)
     assert all("lora_" in n or "prefix_encoder" in n for n in trainable), trainable
@@ -283,11 +292,13 @@ def test_prefix_tuning_with_lora(order, tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, expected, rtol=0, atol=0)
         with model.disable_adapter():  # the prefix alone: LoRA did change the outputs
             assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-4)
-    tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-    assert torch.equal(reloaded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False),
+        with prefix_disabled(model):  # LoRA alone: so did the prefix
+            assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-2)
+    tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(reloaded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False),
                        tokens)
     # the oracle: the merged LoRA weights, our prefix, explicit attention
     merged = reloaded.merge_and_unload()
     oracle = oracle_copy(merged)
-    assert torch.equal(oracle.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False), tokens)
+    assert torch.equal(oracle.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False), tokens)
     remove_prefix_tuning(reloaded)

@@ -1,8 +1,15 @@
 """Prompt tuning through the prefix kernel (prefix_attn.integrations.prompt_tuning) against PEFT's
 prompt tuning, which prepends the soft prompt to every row: same adapter, same logits for the real
 tokens (the float32 tolerance rule of hf_testing.py), same gradients, same greedy tokens. Tiny
-random Llama (GQA, head_dim != hidden / heads) and GPT-2 (MHA, fused QKV, learned absolute
-positions) configs."""
+random Llama (GQA, head_dim != hidden / heads), Qwen2 and Mistral (sliding-window attention),
+Qwen3 (q/k RMSNorm per head, before RoPE) and GPT-2 (MHA, fused QKV, learned absolute positions)
+configs.
+
+Sliding windows: hf_testing's Qwen2 (layers 1-2) and Mistral configs slide a window of 64 keys,
+wider than the P + N tokens of any test here (5 + at most 21), so it masks nothing for either
+implementation and the two must agree. With a window shorter than P + N they rightly differ:
+PEFT's prompt tokens are keys like any other and slide out of the window, while our prompt is
+a prefix, whose keys are never masked (test_sliding_window_narrower_than_the_prompt)."""
 from __future__ import annotations
 
 import copy
@@ -11,25 +18,25 @@ import pytest
 import torch
 import transformers
 
-from hf_testing import VOCAB, assert_fp32_close, padded_batch, tiny_model
+from hf_testing import VOCAB, assert_fp32_close, oracle_copy, padded_batch, tiny_model
 from prefix_attn.integrations import transformers as hf
 from prefix_attn.integrations.prompt_tuning import (SoftPrompt, add_prompt_tuning, export_prompt_as_prefix,
                                                     get_soft_prompt, load_peft_prompt, remove_prompt_tuning,
                                                     save_peft_prompt)
 
 P = 5
-FAMILIES = ["llama", "gpt2"]
+FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "gpt2"]
 
 
-def tiny_gpt2(seed: int = 0):
+def tiny_gpt2(seed: int = 0, **overrides):
     torch.manual_seed(seed)
     config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=256,
-                                     bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                                     bos_token_id=1, eos_token_id=2, pad_token_id=0, **overrides)
     return transformers.GPT2LMHeadModel(config).eval()
 
 
-def _base(family):
-    return tiny_gpt2() if family == "gpt2" else tiny_model(family)
+def _base(family, **overrides):
+    return tiny_gpt2(**overrides) if family == "gpt2" else tiny_model(family, **overrides)
 
 
 def _peft(base, path, peft_type="PROMPT_TUNING", seed=5, **config):
@@ -104,22 +111,34 @@ def test_gradients_match_peft(family, tmp_path):
 
 
 def _greedy_by_forward(model, ids, mask, new_tokens):
-    """Greedy decoding by repeated full forward passes (no cache): the oracle for generate()."""
-    for _ in range(new_tokens):
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
-        token = logits.argmax(-1, keepdim=True)
-        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
-    return ids
+    """Greedy decoding by repeated full forward passes (no cache), each row alone without its
+    padding: the oracle for generate(). Row by row, because PEFT's prompt tuning ignores
+    position_ids (it warns and drops them) and so, in a left-padded batch, numbers its real
+    tokens P + their index, pads counted; transformers' generate numbers them by rank among
+    the row's real tokens, and so does our generate (P + rank), so that a row's tokens do not
+    depend on its padding. Unpadded, the two numberings are the same."""
+    rows = []
+    for b in range(ids.shape[0]):
+        keep = mask[b].bool()
+        row = ids[b:b + 1, keep]
+        for _ in range(new_tokens):
+            with torch.no_grad():
+                logits = model(input_ids=row).logits[:, -1]
+            row = torch.cat([row, logits.argmax(-1, keepdim=True)], 1)
+        rows.append(torch.cat([ids[b:b + 1, ~keep], row], 1))  # left padding: the pads go back in front
+    return torch.cat(rows)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_matches_peft(family, tmp_path):
-    """The oracle is greedy decoding by repeated PEFT forward passes: PEFT 0.21's own prompt-tuning
-    generate() looks for its cache under the old name past_key_values, so under transformers 5 it
-    prepends the prompt again at every decoding step (and drifts after a few tokens). Our KV
-    cache never holds the prompt."""
-    base = _base(family)
+    """The oracle is greedy decoding by repeated PEFT forward passes on each row alone: PEFT
+    0.21's own prompt-tuning generate() looks for its cache under the old name past_key_values,
+    so under transformers 5 it prepends the prompt again at every decoding step (and drifts after
+    a few tokens); and PEFT numbers a left-padded row's positions with its pads counted (see
+    _greedy_by_forward). Our KV cache never holds the prompt. Weights drawn with std 0.2, not the
+    configs' 0.02: with those the tiny GPT-2 repeats its first generated token, and a decoding
+    step that lost the prompt would go unseen."""
+    base = _base(family, initializer_range=0.2)
     peft_model = _peft(base, tmp_path / "a")
     ours = load_peft_prompt(copy.deepcopy(base), str(tmp_path / "a"))
     ids, mask = padded_batch(seed=2)
@@ -129,6 +148,37 @@ def test_greedy_generation_matches_peft(family, tmp_path):
     with torch.no_grad():
         cache = ours(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
     assert cache.get_seq_length() == ids.shape[1]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_sliding_window_narrower_than_the_prompt(family, tmp_path):
+    """A window of W = 8 keys < P + N = 16 (all layers of Mistral, layers 1-2 of Qwen2): the real
+    token at j sits at P + j in PEFT's sequence and sees keys P + j - W + 1 .. P + j, so for
+    j < W - P it sees the whole prompt, and our logits there are PEFT's; from j = W - P on, PEFT's
+    prompt slides out of the window and ours, a prefix, never does: the logits differ (as the
+    README says). At every position ours is hf_testing's oracle (explicit attention, the
+    window's mask over the real tokens, the prefix always visible) given the prompt's keys and
+    values as a prefix table. This is why the other tests keep the configs' window of 64 > P + N."""
+    W = 8
+    base = tiny_model(family, sliding_window=W)
+    peft_model = _peft(base, tmp_path / "a")
+    ours = load_peft_prompt(copy.deepcopy(base), str(tmp_path / "a"))
+    peft64 = _peft64(base, tmp_path / "a")
+    ids, _ = padded_batch(batch=2, seed=9)
+    ids[ids == 0] = 7  # no padding: a window over positions, nothing else
+    with torch.no_grad():
+        got = ours(input_ids=ids).logits
+        ref32 = peft_model(input_ids=ids).logits[:, P:]
+        ref64 = peft64(input_ids=ids).logits[:, P:]
+    inside = W - P
+    assert_fp32_close(f"{family} inside the window", got[:, :inside], ref32[:, :inside], ref64[:, :inside])
+    outside = (got[:, inside:] - ref64[:, inside:]).abs().amax(dim=(0, 2))  # per position
+    assert (outside > 1e-3).all(), outside
+    exported = export_prompt_as_prefix(copy.deepcopy(ours))
+    with torch.no_grad():
+        oracle32 = oracle_copy(exported)(input_ids=ids).logits
+        oracle64 = oracle_copy(exported).double()(input_ids=ids).logits
+    assert_fp32_close(f"{family} = oracle", got, oracle32, oracle64)
 
 
 def test_prompt_pass_runs_once_per_generate(tmp_path):
