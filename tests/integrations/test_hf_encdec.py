@@ -548,3 +548,31 @@ def test_t5_refusals():
     model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.requires_grad_(True)
     with pytest.raises(NotImplementedError, match="relative position bias requires grad"):
         model(**_inputs(model))
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+@pytest.mark.parametrize("model_name", ["t5-small-config", "bart-base-config"])
+def test_seq2seq_benchmark_compares_like_with_like(model_name):
+    """benchmarks/bench_seq2seq.py at tiny shapes: its "ours" and "peft" models compute the same
+    logits from the same prefix values (so its ratios compare one computation), "ours-all" a
+    different one; a training step runs for each."""
+    import os
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import bench_seq2seq
+
+    base = bench_seq2seq.base_model(model_name, tiny=True).eval()
+    shape = bench_seq2seq.TINY_SHAPE
+    models = {impl: bench_seq2seq.build(impl, copy.deepcopy(base), shape["prefix"]).eval()
+              for impl in bench_seq2seq.IMPLS}
+    inputs = _inputs(base, batch=2, source=shape["source"], target=shape["target"])
+    logits = {impl: _logits(model, inputs) for impl, model in models.items()}
+    torch.testing.assert_close(logits["ours"], logits["peft"], rtol=1e-4, atol=1e-4)
+    assert (logits["ours-all"] - logits["peft"]).abs().max() > 1e-3
+    for impl, model in models.items():
+        loss = bench_seq2seq.make_step(model, shape)()
+        assert torch.isfinite(loss), impl
