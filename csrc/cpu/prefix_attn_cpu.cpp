@@ -48,7 +48,8 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // 16-float vectors through GCC/Clang vector extensions: the compiler maps them to AVX-512, to
-// two AVX2 registers, or to NEON, whatever -march allows, with no intrinsics here.
+// two AVX2 registers, or to NEON, whatever -march allows, with no intrinsics here (but for
+// comparisons below AVX-512: PREFIX_ATTN_HALVES).
 typedef float vfloat __attribute__((vector_size(64)));
 typedef int32_t vint __attribute__((vector_size(64)));
 constexpr int64_t kLanes = 16;
@@ -63,24 +64,65 @@ inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
 inline vfloat vsplat(float x) { return x - vfloat{}; }
 inline int64_t round_up_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
+// Comparisons and selects of 16-lane vectors: GCC 12 lowers them to scalar code, lane by lane,
+// where the target has no 512-bit vectors (on AVX2 one select of two vfloats became 16 vmaxss
+// and 32 loads and stores; one comparison ~100 instructions), while 8-lane ones are single AVX2
+// instructions. Below AVX-512 on x86 they go through two 8-lane halves (measured on an AVX2-only
+// EPYC: the forward 1.6-2.5x faster); with AVX-512, and elsewhere, on whole vectors. (NEON, 4
+// lanes, may well need the same; not measured.)
+#if defined(__x86_64__) && !defined(__AVX512F__)
+#define PREFIX_ATTN_HALVES 1
+#endif
+typedef float vfloat8 __attribute__((vector_size(32)));
+typedef int32_t vint8 __attribute__((vector_size(32)));
+typedef uint32_t vu32x8 __attribute__((vector_size(32)));
+
+template <typename V>
+inline auto lo8(V v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); }
+template <typename V>
+inline auto hi8(V v) { return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15); }
+template <typename H>
+inline auto join8(H lo, H hi) {
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
 // 2^x for x < 128, with 2^x = 0 below -126 (so -inf gives exactly 0): reduce to [0, 1), a
 // degree-6 polynomial (relative error 2e-9 before float rounding), then add the integer part
-// into the exponent bits.
-inline vfloat vexp2(vfloat x) {
-  const vfloat lo = vsplat(-127.f);
+// into the exponent bits. VF / VI: a float vector and the int vector of as many lanes.
+template <typename VF, typename VI>
+inline VF vexp2_lanes(VF x) {
+  const VF lo = VF{} - 127.f;
   x = x < lo ? lo : x;
-  vint i = __builtin_convertvector(x, vint);               // truncates toward zero
-  i += (__builtin_convertvector(i, vfloat) > x);           // -1 where that rounded up: floor
-  const vfloat f = x - __builtin_convertvector(i, vfloat);
-  vfloat p = vsplat(2.161380834877491e-4f);
+  VI i = __builtin_convertvector(x, VI);               // truncates toward zero
+  i += (__builtin_convertvector(i, VF) > x);           // -1 where that rounded up: floor
+  const VF f = x - __builtin_convertvector(i, VF);
+  VF p = VF{} + 2.161380834877491e-4f;
   p = p * f + 1.2467376654967666e-3f;
   p = p * f + 9.675532579421997e-3f;
   p = p * f + 5.548521876335144e-2f;
   p = p * f + 2.4022932350635529e-1f;
   p = p * f + 6.931470632553101e-1f;
   p = p * f + 1.f;
-  const vfloat r = reinterpret_cast<vfloat>(reinterpret_cast<vint>(p) + i * (1 << 23));
-  return x < -126.f ? vfloat{} : r;
+  const VF r = reinterpret_cast<VF>(reinterpret_cast<VI>(p) + i * (1 << 23));
+  return x < -126.f ? VF{} : r;
+}
+
+inline vfloat vexp2(vfloat x) {
+#ifdef PREFIX_ATTN_HALVES
+  return join8(vexp2_lanes<vfloat8, vint8>(lo8(x)), vexp2_lanes<vfloat8, vint8>(hi8(x)));
+#else
+  return vexp2_lanes<vfloat, vint>(x);
+#endif
+}
+
+// Lane-wise maximum (NaN-free inputs).
+inline vfloat vmax(vfloat a, vfloat b) {
+#ifdef PREFIX_ATTN_HALVES
+  const vfloat8 a0 = lo8(a), a1 = hi8(a), b0 = lo8(b), b1 = hi8(b);
+  return join8(a0 > b0 ? a0 : b0, a1 > b1 ? a1 : b1);
+#else
+  return a > b ? a : b;
+#endif
 }
 
 inline float fast_exp2(float x) { return vexp2(vsplat(x))[0]; }
@@ -107,6 +149,16 @@ inline void vphilox4x32_10(vu32 c[4], uint32_t k0, uint32_t k1) {
   }
 }
 
+// yes where c >= threshold, else 0 (lane-wise; see PREFIX_ATTN_HALVES).
+inline vfloat keep_where_at_least(vu32 c, uint32_t threshold, vfloat yes) {
+#ifdef PREFIX_ATTN_HALVES
+  const vu32x8 c0 = lo8(c), c1 = hi8(c);
+  return join8(c0 >= threshold ? lo8(yes) : vfloat8{}, c1 >= threshold ? hi8(yes) : vfloat8{});
+#else
+  return c >= threshold ? yes : vfloat{};
+#endif
+}
+
 // The keep factors of one row of a tile: f[c] = kept ? value : 0 for columns j0 + c, c in [0, n),
 // of query i of row-head bh, in the prefix or the sequence segment. j0 is a multiple of 4. One
 // vector Philox call covers 64 columns: word w of counter t decides column 4t + w, so the four
@@ -118,7 +170,7 @@ void dropout_factors(const DropoutParams& d, bool is_prefix, int64_t bh, int64_t
   const uint32_t k0 = static_cast<uint32_t>(d.seed), k1 = static_cast<uint32_t>(d.seed >> 32);
   const uint32_t segment = is_prefix ? 0x80000000u : 0u;
   const vu32 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const vfloat keep = vsplat(value), drop{};
+  const vfloat keep = vsplat(value);
   for (int64_t c0 = 0; c0 < n; c0 += kCols) {
     vu32 c[4];
     c[0] = (static_cast<uint32_t>((j0 + c0) / 4) + lane) | segment;
@@ -127,7 +179,7 @@ void dropout_factors(const DropoutParams& d, bool is_prefix, int64_t bh, int64_t
     c[3] = d.offset - vu32{};
     vphilox4x32_10(c, k0, k1);
     vfloat w[4];
-    for (int k = 0; k < 4; ++k) w[k] = c[k] >= d.threshold ? keep : drop;
+    for (int k = 0; k < 4; ++k) w[k] = keep_where_at_least(c[k], d.threshold, keep);
     // [w0_t w1_t] pairs, then [w0_t w1_t w2_t w3_t] quads: columns 4t .. 4t + 3 in order
     const vfloat ab_lo = __builtin_shufflevector(w[0], w[1], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     const vfloat ab_hi = __builtin_shufflevector(w[0], w[1], 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30,
@@ -479,13 +531,10 @@ void online_softmax_step(float* S, int64_t ldS, int64_t bm, int64_t bn, float* m
   const int64_t n_up = round_up_lanes(bn);
   for (int64_t r = 0; r < bm; ++r) {
     float* s = S + r * ldS;
-    vfloat vmax = vsplat(kNegInf);
-    for (int64_t c = 0; c < n_up; c += kLanes) {
-      const vfloat x = vload(s + c);
-      vmax = x > vmax ? x : vmax;
-    }
+    vfloat row_max = vsplat(kNegInf);
+    for (int64_t c = 0; c < n_up; c += kLanes) row_max = vmax(vload(s + c), row_max);
     float mx = m[r];
-    for (int64_t c = 0; c < kLanes; ++c) mx = std::max(mx, vmax[c]);
+    for (int64_t c = 0; c < kLanes; ++c) mx = std::max(mx, row_max[c]);
     if (mx == kNegInf) {  // nothing visible in this row yet
       std::fill(s, s + n_up, 0.f);
       continue;

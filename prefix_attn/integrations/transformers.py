@@ -20,8 +20,9 @@ How it plugs in (one generic path for every model that uses transformers' Attent
   Decoding attends to [prefix ; cache] in the kernel: causal masking there is bottom-right
   aligned, which is what a KV cache needs.
 - The mask function hands over the 2-D padding mask [B, Nk] when the mask is the plain causal
-  one over a cache that starts at 0 (the usual case), and otherwise the full boolean mask
-  (sliding windows, static caches, packed sequences), in which case causal is off.
+  one over a cache that starts at 0 (the usual case), the padding as one row [B, 1, 1, Nk] when
+  it is the plain bidirectional one (encoders, cross-attention), and otherwise the full boolean
+  mask (sliding windows, static caches, packed sequences), in which case causal is off.
 
 Encoder-decoder models (BART, T5 and their kin): a prefix per attention module, for the
 encoder's self-attention, the decoder's self-attention and its cross-attention (`sites`), a hook
@@ -53,7 +54,8 @@ import torch
 from torch import Tensor, nn
 
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask, sdpa_mask
+from transformers.masking_utils import (AttentionMaskInterface, bidirectional_mask_function, causal_mask_function,
+                                       prepare_padding_mask, sdpa_mask)
 
 from .. import __version__, _inputs
 from ..backends import ENV_VAR, select_backend
@@ -157,6 +159,10 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     if attention_mask is not None:
         if attention_mask.dim() == 2:
             key_padding_mask = attention_mask
+        elif attention_mask.dtype == torch.bool and attention_mask.shape[1:3] == (1, 1):
+            # One row of keys for every query (prefix_attention_mask's bidirectional padding, or a
+            # full mask of a single query): key padding, nothing causal.
+            key_padding_mask, causal = attention_mask[:, 0, 0, : key.shape[-2]], False
         else:
             # A full mask already holds the causal structure (and sliding windows etc.).
             attn_mask = attention_mask[..., : key.shape[-2]]
@@ -302,8 +308,10 @@ def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
     them (a dynamic cache, or no cache): the kernel's bottom-right aligned causal mask is exactly
     that, so only the padding is needed: the bool padding mask [B, kv_length], or None when
     nothing is padded.
-    Anything else (sliding windows, static caches, packed sequences, bidirectional masks, custom
-    mask functions): the full bool mask [B, 1, q_length, kv_length] from transformers' sdpa_mask.
+    The plain bidirectional mask (encoders, cross-attention): the padding as [B, 1, 1, kv_length],
+    one row for every query, or None when nothing is padded.
+    Anything else (sliding windows, static caches, packed sequences, custom mask functions): the
+    full bool mask [B, 1, q_length, kv_length] from transformers' sdpa_mask.
     """
     if (mask_function is causal_mask_function and not isinstance(q_offset, Tensor)
             and not isinstance(kv_offset, Tensor) and kv_offset == 0 and q_offset + q_length == kv_length):
@@ -318,6 +326,17 @@ def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
                 and bool(padding.all())):
             return None
         return padding
+    if (mask_function is bidirectional_mask_function and not isinstance(kv_offset, Tensor) and kv_offset == 0):
+        # Encoders and cross-attention: every query sees every real key. Padding only, as [B, 1, 1, Nk]
+        # (one row for all queries, which the attention function reads as key padding without causal
+        # masking), or None when nothing is padded, as transformers' sdpa does.
+        if attention_mask is None:
+            return None
+        padding = prepare_padding_mask(attention_mask, kv_length, 0)[:, :kv_length]
+        if (_inputs._host_reads_are_free(padding) and not torch.compiler.is_compiling()
+                and bool(padding.all())):
+            return None
+        return padding[:, None, None, :]
     kwargs.pop("allow_is_causal_skip", None)
     kwargs.pop("allow_is_bidirectional_skip", None)
     return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,

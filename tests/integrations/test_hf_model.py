@@ -161,6 +161,17 @@ def test_mask_function_hands_over_padding_only_when_it_can():
     assert not full[1, 0, 3, 0] and full[1, 0, 3, 2]
     static = hf.prefix_attention_mask(2, 1, 8, torch.tensor(3), 0, attention_mask=None)  # static cache
     assert static.shape == (2, 1, 1, 8) and static[0, 0, 0, :4].all() and not static[0, 0, 0, 4:].any()
+    # bidirectional (encoders, cross-attention): the padding as one row for every query, or nothing
+    from transformers.masking_utils import and_masks, bidirectional_mask_function
+
+    row = hf.prefix_attention_mask(2, 3, 4, mask_function=bidirectional_mask_function, attention_mask=mask2d)
+    assert row.shape == (2, 1, 1, 4) and torch.equal(row[:, 0, 0], mask2d)
+    assert hf.prefix_attention_mask(2, 3, 4, mask_function=bidirectional_mask_function,
+                                    attention_mask=torch.ones(2, 4, dtype=torch.bool)) is None
+    custom = hf.prefix_attention_mask(2, 3, 4, mask_function=and_masks(bidirectional_mask_function,
+                                                                        lambda b, h, q, k: k <= q),
+                                      attention_mask=mask2d)
+    assert custom.shape == (2, 1, 3, 4) and not custom[1, 0, 0, 1]  # a custom function: the full mask
 
 
 # --------------------------------------------------------------------------- generation
