@@ -68,8 +68,8 @@ inline int64_t round_up_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kL
 // where the target has no 512-bit vectors (on AVX2 one select of two vfloats became 16 vmaxss
 // and 32 loads and stores; one comparison ~100 instructions), while 8-lane ones are single AVX2
 // instructions. Below AVX-512 on x86 they go through two 8-lane halves (measured on an AVX2-only
-// EPYC: the forward 1.6-2.5x faster); with AVX-512, and elsewhere, on whole vectors. (NEON, 4
-// lanes, may well need the same; not measured.)
+// EPYC: forward and training step 1.2-1.6x faster, benchmarks/results/cpu-amd-epyc-avx2); with
+// AVX-512, and elsewhere, on whole vectors. (NEON, 4 lanes, may well need the same; not measured.)
 #if defined(__x86_64__) && !defined(__AVX512F__)
 #define PREFIX_ATTN_HALVES 1
 #endif
