@@ -109,6 +109,9 @@ NO_PREFIX = -1
 
 # Attention kwargs some models pass that change the math and that the kernel does not implement.
 _UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks")
+#: An attention kwarg for T5 and its kin: the number of tokens in the self-attention cache before
+#: this call, which places the queries (StaticCache keys span the whole buffer, not that count).
+_PAST_KWARG = "prefix_attn_past"
 #: The attribute add_prefix_tuning writes on each attention module of T5 and its kin: the module
 #: whose relative-position embedding gives its prefix keys their bias (None: cross-attention, which
 #: has no position bias).
@@ -126,7 +129,9 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
 
     query [B, Hq, Nq, D], key / value [B, Hkv, Nk, D] (the KV cache included, the prefix not);
     attention_mask is what `prefix_attention_mask` made: None, a bool padding mask [B, Nk]
-    (causal attention over it) or a full mask [B, 1 or Hq, Nq, Nk] (bool or additive float).
+    (causal attention over it, if the module is causal), a bool [B, 1, 1, Nk] (one row of keys for
+    every query: key padding, nothing causal) or a full mask [B, 1 or Hq, Nq, Nk] (bool or
+    additive float). T5's `position_bias` is added to the scores, and the prefix keys get theirs.
     The layer's prefix comes from kwargs[PREFIX_KWARG][module.layer_idx], the task ids from
     kwargs["prefix_index"]. `dropout` is the model's attention dropout (0 in eval): it drops
     prefix and sequence probabilities alike. Returns (out [B, Nq, Hq, D], None): no attention
@@ -148,8 +153,8 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     slot = prefix_slot(module) if len(layers) else NO_PREFIX  # an empty tuple: switched off (prefix_disabled)
     if slot != NO_PREFIX:
         if slot is None or not 0 <= slot < len(layers):
-            raise RuntimeError(f"prefix_attn: {type(module).__name__} has layer_idx={slot!r}, but the prefix has "
-                               f"{len(layers)} layers")
+            raise RuntimeError(f"prefix_attn: {type(module).__name__} reads prefix layer {slot!r} (its layer_idx, or "
+                               f"its encoder-decoder slot), but the prefix has {len(layers)} layers")
         prefix_k, prefix_v = layers[slot]
         if prefix_k.dtype != query.dtype:  # e.g. a float32 prefix in a bfloat16 model
             prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
@@ -172,7 +177,9 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     if position_bias is not None:  # T5: a relative position bias, added to the scores
         attn_mask = _with_position_bias(module, position_bias[..., : key.shape[-2]], attn_mask)
         if prefix_k is not None:
-            prefix_bias = _prefix_position_bias(module, query.shape[2], key.shape[2], prefix_k.shape[-2])
+            past = kwargs.get(_PAST_KWARG)
+            prefix_bias = _prefix_position_bias(module, query.shape[2], key.shape[2] - query.shape[2]
+                                                if past is None else past, prefix_k.shape[-2], query.device)
     if torch.compiler.is_compiling():
         backend = _compiled_backend(query.device.type, query.dtype)
     else:
@@ -232,12 +239,12 @@ def _with_position_bias(module: nn.Module, bias: Tensor, attn_mask: Optional[Ten
     return bias + attn_mask
 
 
-def _prefix_position_bias(module: nn.Module, num_queries: int, num_keys: int, P: int) -> Optional[Tensor]:
+def _prefix_position_bias(module: nn.Module, num_queries: int, past, P: int, device) -> Optional[Tensor]:
     """T5's relative position bias [1, H, Nq, P] of the prefix keys, or None where they have none.
 
     The prefix keys sit at positions 0 .. P-1, before the sequence (as PEFT's prefix does, as P past
-    tokens of the cache): query i of a call with Nk keys (the cache included) is at P + Nk - Nq + i,
-    so prefix key j is P + Nk - Nq + i - j places back. Relative positions make this independent of
+    tokens of the cache): query i of a call after `past` cached tokens is at P + past + i, so prefix
+    key j is P + past + i - j places back. Relative positions make this independent of
     position_offset. Cross-attention has no position bias."""
     if _BIAS_ATTR not in module.__dict__:
         raise NotImplementedError(
@@ -247,13 +254,13 @@ def _prefix_position_bias(module: nn.Module, num_queries: int, num_keys: int, P:
     if owner is None:
         return None
     embedding = owner.relative_attention_bias
-    device = embedding.weight.device
-    queries = torch.arange(num_queries, device=device)[:, None] + (P + num_keys - num_queries)
-    keys = torch.arange(P, device=device)[None, :]
+    where = embedding.weight.device
+    queries = torch.arange(num_queries, device=where)[:, None] + (past + P)
+    keys = torch.arange(P, device=where)[None, :]
     buckets = owner._relative_position_bucket(keys - queries, bidirectional=not owner.is_decoder,
                                               num_buckets=owner.relative_attention_num_buckets,
                                               max_distance=owner.relative_attention_max_distance)
-    return embedding(buckets).permute(2, 0, 1).unsqueeze(0).detach()  # [1, H, Nq, P]
+    return embedding(buckets).permute(2, 0, 1).unsqueeze(0).detach().to(device)  # [1, H, Nq, P]
 
 
 def _attend_with_prefix_bias(query, key, value, prefix_k, prefix_v, prefix_bias, prefix_index, *, causal,
@@ -422,7 +429,7 @@ _SELF_ATTENTION_NAMES = ("self_attn", "SelfAttention")
 _CROSS_ATTENTION_NAMES = ("encoder_attn", "EncDecAttention")
 
 
-def _check_sites(sites, model: nn.Module) -> Tuple[str, ...]:
+def _check_sites(sites) -> Tuple[str, ...]:
     """sites as a tuple in ENCODER_DECODER_SITES' order; None means all three."""
     if sites is None:
         return ENCODER_DECODER_SITES
@@ -432,6 +439,16 @@ def _check_sites(sites, model: nn.Module) -> Tuple[str, ...]:
         raise ValueError(f"prefix_attn: sites must name one or more of {ENCODER_DECODER_SITES} (encoder "
                          f"self-attention, decoder self-attention, decoder cross-attention), each once; got {sites!r}")
     return tuple(site for site in ENCODER_DECODER_SITES if site in given)
+
+
+#: Encoder-decoder model types whose attention this integration has been checked on: BART and T5 by
+#: tests/integrations/test_hf_encdec.py; the others, which share BART's or T5's attention code, once
+#: against the plain model with the prefix as P past tokens of the decoder's cache. Others are
+#: refused by name: some build their attention outside transformers' AttentionInterface (LED,
+#: PegasusX's encoder, FSMT), make their causal decoder's causality a mask of their own
+#: (BigBirdPegasus, PegasusX), or number relative positions differently (UMT5).
+ENCODER_DECODER_MODEL_TYPES = ("bart", "mbart", "marian", "pegasus", "blenderbot", "blenderbot-small", "plbart",
+                               "m2m_100", "t5", "mt5", "switch_transformers")
 
 
 def _stacks(model: nn.Module) -> Dict[str, nn.Module]:
@@ -476,8 +493,20 @@ def _attention_shape(name: str, module: nn.Module) -> Tuple[int, int]:
 
 
 def _encoder_decoder_geometry(model: nn.Module, sites) -> _Geometry:
-    sites = _check_sites(sites, model)
+    sites = _check_sites(sites)
+    model_type = getattr(_text_config(model), "model_type", "")
+    if model_type not in ENCODER_DECODER_MODEL_TYPES:
+        raise NotImplementedError(
+            f"prefix_attn: {type(model).__name__} (model_type {model_type!r}) is an encoder-decoder model this "
+            f"integration has not been checked on; supported: {', '.join(ENCODER_DECODER_MODEL_TYPES)}")
     attention = _encoder_decoder_attention(model)
+    for site, modules in attention.items():  # the kernels' causal flag comes from is_causal
+        for name, module in modules:
+            if bool(getattr(module, "is_causal", None)) != (site == "decoder"):
+                raise NotImplementedError(
+                    f"prefix_attn: {name} ({type(module).__name__}) has is_causal="
+                    f"{getattr(module, 'is_causal', None)!r}, but as the {site} attention it should be "
+                    f"{site == 'decoder'}: its causality would be lost or invented")
     shapes = {}
     for site in sites:
         for name, module in attention[site]:
@@ -506,6 +535,7 @@ class _PrefixTuning:
     previous_requires_grad: Dict[str, bool]
     hooks: list = field(default_factory=list)  # forward pre-hooks on the stacks (and position embeddings)
     slotted: list = field(default_factory=list)  # attention modules given a prefix slot (encoder-decoders)
+    relative_bias: bool = False  # T5 and its kin: the hooks pass the cache length (_PAST_KWARG)
     enabled: bool = True
     generate_index: Optional[Tensor] = None  # prefix_index of the running model.generate
     wrapped_generate: bool = False
@@ -646,6 +676,11 @@ def _stack_pre_hook(state: _PrefixTuning, positions: bool, module: nn.Module, ar
         state.encoder.set_reshard_after_forward(False)
     kwargs[PREFIX_KWARG] = state.encoder()
     if not positions:
+        if state.relative_bias:  # T5: where the queries sit, for the prefix keys' bias
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            past = cache.get_seq_length() if cache is not None else 0
+            # A StaticCache answers with a tensor it then advances in place as layers write to it
+            kwargs[_PAST_KWARG] = past.clone() if isinstance(past, Tensor) else past
         return args, kwargs
 
     if (kwargs.get("attention_mask") is None and kwargs.get("position_ids") is None
@@ -813,6 +848,7 @@ def _attach_encoder_decoder(model: nn.Module, state: _PrefixTuning) -> None:
             state.slotted.append(module)
             if hasattr(module, "relative_attention_num_buckets"):  # T5 and its kin: relative position bias
                 module.__dict__[_BIAS_ATTR] = None if site == "cross" else _bias_owner(module, modules[0][1])
+                state.relative_bias = True
     for stack_name, stack in _stacks(model).items():
         state.hooks.append(stack.register_forward_pre_hook(functools.partial(_stack_pre_hook, state, False),
                                                            with_kwargs=True))

@@ -215,6 +215,7 @@ def _oracle_attention(module, query, key, value, attention_mask, scaling=None, d
     mask transformers' own sdpa_mask built for the sequence (the prefix column block: all True).
     Attention dropout applies prefix_attn/_dropout.py's mask for a stream drawn as
     prefix_attention draws it, so under the same torch.manual_seed both drop the same entries."""
+    ORACLE_CALLS[0] += 1
     layers = kwargs[hf.PREFIX_KWARG]
     B, Hq, Nq, D = query.shape
     Hkv = key.shape[1]
@@ -273,10 +274,18 @@ AttentionMaskInterface.register(ORACLE, _oracle_mask)
 
 def oracle_copy(model):
     """A deep copy of a prefix-tuned model whose attention is the oracle (same hook, same prefix,
-    same positions; only the attention math and masks differ)."""
+    same positions; only the attention math and masks differ). Every config in the model is
+    switched: T5's stacks hold copies of the model's config, not the config itself."""
     twin = copy.deepcopy(model)
-    twin.config._attn_implementation = ORACLE
+    for module in twin.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = ORACLE
     return twin
+
+
+#: How many attention calls the oracle has served: tests check that it did run.
+ORACLE_CALLS = [0]
 
 
 # --------------------------------------------------------------------------- several processes

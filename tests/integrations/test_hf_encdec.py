@@ -22,7 +22,7 @@ import pytest
 import torch
 import transformers
 
-from hf_testing import assert_fp32_close, encoder_batch, oracle_copy, peft_float64, tiny_model
+from hf_testing import ORACLE_CALLS, assert_fp32_close, encoder_batch, oracle_copy, peft_float64, tiny_model
 from prefix_attn import _dropout
 from prefix_attn.integrations import transformers as hf
 from prefix_attn.integrations.transformers import (add_prefix_tuning, get_prefix_encoder, load_peft_prefix,
@@ -74,7 +74,9 @@ def _logits(model, inputs):
 
 def _check_against_oracle(name, model, inputs):
     got = _logits(model, inputs)
+    calls = ORACLE_CALLS[0]
     ref32 = _logits(oracle_copy(model), inputs)
+    assert ORACLE_CALLS[0] - calls == 3 * L, "the oracle did not run every attention"
     ref64 = _logits(oracle_copy(model).double(), inputs)
     assert_fp32_close(name, got, ref32, ref64)
     return got
@@ -383,7 +385,9 @@ def test_gradients_reach_every_prefix_and_only_the_prefixes(family):
         return loss.detach(), get_prefix_encoder(m).weight.grad.clone()
 
     loss, got = grads(model)
+    calls = ORACLE_CALLS[0]
     oracle_loss, expected = grads(oracle_copy(model).double())
+    assert ORACLE_CALLS[0] - calls == 3 * L, "the oracle did not run every attention"
     torch.testing.assert_close(loss, oracle_loss.float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-6)
     assert (got.abs().sum(dim=(2, 3, 4, 5)) > 0).all(), "a slot's prefix keys or values got no gradient"
@@ -576,3 +580,37 @@ def test_seq2seq_benchmark_compares_like_with_like(model_name):
     for impl, model in models.items():
         loss = bench_seq2seq.make_step(model, shape)()
         assert torch.isfinite(loss), impl
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_cache_generation_matches_dynamic(family):
+    """A StaticCache's keys span its whole buffer, so the key count does not say where the queries
+    are: T5's prefix bias takes the cache length the hook passes. Scores of static-cache generation
+    stay as close to the dynamic cache's as the plain model's do (transformers' own static T5 path
+    differs by ~1e-3 from its dynamic one)."""
+    kwargs = dict(max_new_tokens=6, output_scores=True, return_dict_in_generate=True, **GREEDY)
+
+    def drift(model):
+        inputs = _inputs(model)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        dynamic = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        static = model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **kwargs)
+        return dynamic, static, max((a - b).abs().max().item() for a, b in zip(dynamic.scores, static.scores))
+
+    _, _, plain = drift(_generating(_model(family, lively=True)))
+    dynamic, static, ours = drift(_random_prefix(add_prefix_tuning(_generating(_model(family, lively=True)), 5)))
+    assert ours <= 2 * plain + 1e-5, (ours, plain)
+    assert torch.equal(dynamic.sequences, static.sequences)
+
+
+def test_unchecked_encoder_decoders_are_refused_by_name():
+    umt5 = transformers.UMT5ForConditionalGeneration(transformers.UMT5Config(
+        vocab_size=128, d_model=64, d_kv=16, d_ff=96, num_layers=1, num_heads=4))
+    with pytest.raises(NotImplementedError, match=r"UMT5ForConditionalGeneration \(model_type 'umt5'\).*not been "
+                                                  r"checked on; supported: bart"):
+        add_prefix_tuning(umt5, 4)
+    assert umt5.config._attn_implementation != "prefix_attn"
+    bart = _model("bart")
+    bart.model.decoder.layers[1].self_attn.is_causal = False  # as BigBirdPegasus and PegasusX build it
+    with pytest.raises(NotImplementedError, match=r"decoder.layers.1.self_attn.*is_causal=False.*should be True"):
+        add_prefix_tuning(bart, 4)
