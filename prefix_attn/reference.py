@@ -67,11 +67,13 @@ def reference_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor
     seq_scores = seq_scores.masked_fill(~visible, float("-inf"))
     scores = torch.cat([scores[..., :P], seq_scores], dim=-1)
 
-    lse = torch.logsumexp(scores, dim=-1)
-    # A row with no visible key (only possible when P == 0) gets out = 0, lse = -inf, and
-    # zero gradients: give softmax finite inputs there and zero its result.
-    empty = torch.isneginf(lse)[..., None]
-    probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    # A row with no visible key (only possible when P == 0) gets out = 0, lse = -inf, and zero
+    # gradients, also through lse: logsumexp and softmax see finite inputs there (an all -inf
+    # row would give NaN gradients even times a zero), and their results are overwritten.
+    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    scores = scores.masked_fill(empty, 0.0)
+    lse = torch.logsumexp(scores, dim=-1).masked_fill(empty[..., 0], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
     if dropout_p > 0.0:
         probs = _dropout.apply_reference(probs, dropout_seed, dropout_offset, dropout_p, P, dropout_mask)
     out = probs.to(values.dtype) @ values

@@ -417,11 +417,13 @@ MASKED_ROW_CASES = [
 
 
 @pytest.mark.gpu_tier
+@pytest.mark.parametrize("lse_grad", [False, True], ids=["dout", "dout-dlse"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id()) for c in MASKED_ROW_CASES])
-def test_fully_masked_rows(case, backend):
+def test_fully_masked_rows(case, backend, lse_grad):
     """P == 0 and every key hidden: out is exactly 0, lse is -inf, nothing is NaN, and
-    those queries get dq == 0."""
+    those queries get dq == 0, also with a (random, nonzero) gradient on their lse, as when two
+    calls are merged by their log-sum-exps (the HF integration's T5 path)."""
     x = make_inputs(case, device=device_for(backend))
     if case.mask.startswith("float"):
         # make the masked rows fully -inf (a random float mask rarely masks a whole row)
@@ -430,8 +432,13 @@ def test_fully_masked_rows(case, backend):
             torch.full_like(x.attn_mask, -math.inf),
             x.attn_mask,
         )
-    ours = run_attention(x, backend)
-    lo, hi = reference_pair(x)
+    ours = run_attention(x, backend, lse_grad=lse_grad)
+    if lse_grad:
+        lo = run_attention(x.cast(case.torch_dtype), "reference", lse_grad=True)
+        hi = run_attention(x.cast(torch.float64), "reference", lse_grad=True)
+        hi.recompute_rel = reference_pair(x)[1].recompute_rel
+    else:
+        lo, hi = reference_pair(x)
     masked = torch.isneginf(hi.lse)
     assert masked.any(), "test setup: no fully masked row"
     assert case.Nk == 0 or not masked.all(), "test setup: every row masked"
