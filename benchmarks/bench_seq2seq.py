@@ -24,8 +24,8 @@ T5's prefix keys carry a position bias, which the kernels do not take: its atten
 kernel calls merged by log-sum-exp (README, "Encoder-decoders"), and the prefix call's backward
 makes a [B, H, P, D] gradient per layer. BART's runs in one call.
 
-Measured as bench_e2e.py does: all implementations of a model in one process, warmed up, run
-alternately (rotating order), medians; tokens/s counts source + target tokens; peak memory is
+Measured as bench_e2e.py does (its time_interleaved): all implementations of a model in one
+process, warmed up, run alternately (in order, then in reverse), medians; tokens/s counts source + target tokens; peak memory is
 the step's extra resident memory in a fresh process per measurement (benchmarks/memory.py).
 """
 from __future__ import annotations
@@ -36,8 +36,7 @@ import json
 import os
 import statistics
 import sys
-import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
@@ -140,21 +139,6 @@ def memory_step(name: str, impl: str, tiny: bool = False, seed: int = 0) -> Call
     return make_step(build(impl, base_model(name, tiny), shape["prefix"], seed), shape, seed)
 
 
-def time_rotating(calls: Dict[str, Callable[[], Any]], reps: int) -> Dict[str, List[float]]:
-    """Warm each up, then rounds in a rotating order, so that each runs first as often as the others
-    (the one after another pays for the caches that one left behind)."""
-    for call in calls.values():
-        call()
-    names, times = list(calls), {name: [] for name in calls}
-    for rep in range(reps):
-        order = names[rep % len(names):] + names[:rep % len(names)]
-        for name in order:
-            t0 = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -170,6 +154,7 @@ def main(argv=None) -> int:
     import datetime
 
     from bench_attention import git_commit, hardware_info
+    from bench_e2e import time_interleaved
     from memory import measure_peak_extra
 
     shape, reps = (TINY_SHAPE, 2) if args.quick else (SHAPE, args.reps)
@@ -180,7 +165,7 @@ def main(argv=None) -> int:
     for name in args.models:
         base = base_model(name, args.quick)
         calls = {impl: make_step(build(impl, copy.deepcopy(base), shape["prefix"]), shape) for impl in IMPLS}
-        times = time_rotating(calls, reps)
+        times = time_interleaved(calls, reps)
         del calls
         tokens = shape["batch"] * (shape["source"] + shape["target"])
         for impl in IMPLS:
@@ -192,7 +177,7 @@ def main(argv=None) -> int:
     lines = ["# Encoder-decoder prefix tuning, one training step (CPU, float32)", "",
              f"{hw['cpu_model']}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}; "
              f"B = {shape['batch']}, source {shape['source']}, target {shape['target']}, P = {shape['prefix']}; "
-             f"medians of {reps} rotating rounds. `benchmarks/bench_seq2seq.py` says what each row runs.", "",
+             f"medians of {reps} interleaved rounds. `benchmarks/bench_seq2seq.py` says what each row runs.", "",
              "| model | impl | tokens/s | step (s, median) | peak memory (MB) | tokens/s vs PEFT | memory vs PEFT |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:

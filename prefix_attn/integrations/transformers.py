@@ -322,32 +322,31 @@ def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
     """
     if (mask_function is causal_mask_function and not isinstance(q_offset, Tensor)
             and not isinstance(kv_offset, Tensor) and kv_offset == 0 and q_offset + q_length == kv_length):
-        if attention_mask is None:
-            return None
-        padding = prepare_padding_mask(attention_mask, kv_length, 0)[:, :kv_length]
-        # No padding at all: no mask (the kernels skip the per-key test), as transformers' own sdpa
-        # does. Only where asking is free: not while compiling (a data-dependent branch), and not
-        # on CUDA, where reading the answer back would synchronise every step (and keep it out
-        # of a CUDA graph); the kernels test the all-True mask instead.
-        if (_inputs._host_reads_are_free(padding) and not torch.compiler.is_compiling()
-                and bool(padding.all())):
-            return None
-        return padding
-    if (mask_function is bidirectional_mask_function and not isinstance(kv_offset, Tensor) and kv_offset == 0):
-        # Encoders and cross-attention: every query sees every real key. Padding only, as [B, 1, 1, Nk]
-        # (one row for all queries, which the attention function reads as key padding without causal
-        # masking), or None when nothing is padded, as transformers' sdpa does.
-        if attention_mask is None:
-            return None
-        padding = prepare_padding_mask(attention_mask, kv_length, 0)[:, :kv_length]
-        if (_inputs._host_reads_are_free(padding) and not torch.compiler.is_compiling()
-                and bool(padding.all())):
-            return None
-        return padding[:, None, None, :]
+        return _padding_only(attention_mask, kv_length)
+    if mask_function is bidirectional_mask_function and not isinstance(kv_offset, Tensor) and kv_offset == 0:
+        # Encoders and cross-attention: every query sees every real key. One row for all queries,
+        # which the attention function reads as key padding without causal masking.
+        padding = _padding_only(attention_mask, kv_length)
+        return None if padding is None else padding[:, None, None, :]
     kwargs.pop("allow_is_causal_skip", None)
     kwargs.pop("allow_is_bidirectional_skip", None)
     return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
                      allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs)
+
+
+def _padding_only(attention_mask: Optional[Tensor], kv_length: int) -> Optional[Tensor]:
+    """The bool padding mask [B, kv_length] of HF's attention_mask, or None when nothing is padded.
+
+    No padding at all: no mask (the kernels skip the per-key test), as transformers' own sdpa
+    does. Only where asking is free: not while compiling (a data-dependent branch), and not on
+    CUDA, where reading the answer back would synchronise every step (and keep it out of a CUDA
+    graph); the kernels test the all-True mask instead."""
+    if attention_mask is None:
+        return None
+    padding = prepare_padding_mask(attention_mask, kv_length, 0)[:, :kv_length]
+    if _inputs._host_reads_are_free(padding) and not torch.compiler.is_compiling() and bool(padding.all()):
+        return None
+    return padding
 
 
 # The prefix tunings (one per model, copies included) using the registered name; weak, so that a

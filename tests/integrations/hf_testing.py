@@ -144,6 +144,15 @@ def padded_batch(batch: int = 3, length: int = 11, seed: int = 1, pad_id: int = 
     return ids, mask
 
 
+def random_prefix(model, seed: int = 3, std: float = 1.0):
+    """model, its prefix encoder's parameters drawn N(0, std^2) (a prefix that visibly matters)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in hf.get_prefix_encoder(model).parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
 # --------------------------------------------------------------------------- PEFT
 
 def peft_twin(base, num_virtual_tokens: int, path: str, seed: int = 5, std: float = 1.0, **config):

@@ -22,6 +22,7 @@ import pytest
 import torch
 import transformers
 
+from hf_testing import random_prefix as _random_prefix
 from hf_testing import ORACLE_CALLS, assert_fp32_close, encoder_batch, oracle_copy, peft_float64, tiny_model
 from prefix_attn import _dropout
 from prefix_attn.integrations import transformers as hf
@@ -46,14 +47,6 @@ def _model(family, lively=False, **overrides):
 def _generating(model):
     """No end-of-sequence token, so that every row runs to the end."""
     model.generation_config.eos_token_id = None
-    return model
-
-
-def _random_prefix(model, seed=3, std=1.0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in get_prefix_encoder(model).parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
 
 

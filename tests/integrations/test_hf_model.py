@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import hf_testing
+from hf_testing import random_prefix as _random_prefix
 from hf_testing import assert_fp32_close, oracle_copy, padded_batch, tiny_model
 from prefix_attn.integrations import transformers as hf
 from prefix_attn.integrations.transformers import (ATTN_IMPLEMENTATION, add_prefix_tuning, get_prefix_encoder,
@@ -22,15 +23,6 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-
-
-def _random_prefix(model, seed=3, std=1.0):
-    encoder = get_prefix_encoder(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in encoder.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def _check_against_oracle(name, model, **inputs):

@@ -12,8 +12,8 @@ import copy
 import pytest
 import torch
 
-from hf_testing import (assert_fp32_close, encoder_batch, oracle_copy, padded_batch, peft_float64, peft_twin,
-                        tiny_config, tiny_model)
+from hf_testing import random_prefix as _random_prefix
+from hf_testing import assert_fp32_close, encoder_batch, oracle_copy, padded_batch, peft_float64, tiny_model
 from prefix_attn.integrations import transformers as hf
 from prefix_attn.integrations.transformers import (add_prefix_tuning, get_prefix_encoder, load_peft_prefix,
                                                    load_prefix, prefix_disabled, remove_prefix_tuning,
@@ -23,14 +23,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 DECODERS = ["gpt2", "qwen3"]
 ENCODERS = ["bert-seq", "bert-token", "roberta-seq", "roberta-token"]
-
-
-def _random_prefix(model, seed=3, std=1.0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in get_prefix_encoder(model).parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def _prefixed(family, P=5, **kwargs):
