@@ -138,7 +138,9 @@ Sizes check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
     check_device(pv, "prefix_v", q);
     s.T = pk.size(0);
     s.P = pk.size(2);
-    TORCH_CHECK_VALUE(s.T >= 1, "prefix_attn: prefix_k has no entries, shape ", pk.sizes());
+    // An empty batch may come with an empty per-row prefix (T == B == 0); rows need an entry.
+    TORCH_CHECK_VALUE(s.T >= 1 || s.B == 0, "prefix_attn: prefix_k has no entries, shape ",
+                      pk.sizes());
     if (prefix_index.has_value()) {
       const Tensor& idx = *prefix_index;
       TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong,

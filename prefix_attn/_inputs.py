@@ -213,3 +213,102 @@ def _check_attn_mask(mask, q, B, Hq, Nq, Nk):
         # (16-bit and float32 inputs), float64 for float64 inputs (only the reference runs them).
         mask = mask.to(torch.promote_types(q.dtype, torch.float32))
     return mask.expand(target)
+
+
+def check_op_inputs(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
+                    prefix_index: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                    attn_mask: Optional[Tensor], scale: float) -> None:
+    """The arguments of an attention op in their normalised form (`AttnInputs`; the op schemas of
+    _ops.py), checked on the host from shapes, dtypes and devices only: no value is read, so
+    nothing waits for a GPU. For the ops written in Python (triton_backend/ops.py), which can be
+    called directly, past `check_inputs`: the same rules as check_inputs in
+    csrc/prefix_attn_api.cpp, which guards the compiled ops."""
+    def fail(msg: str):
+        raise ValueError(f"prefix_attn: {msg}")
+
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _require_tensor(t, name)
+    if q.dim() != 4:
+        fail(f"q must be 4-D [B, Hq, Nq, D], got shape {_shape(q)}")
+    if k.dim() != 4:
+        fail(f"k must be 4-D [B, Hkv, Nk, D], got shape {_shape(k)}")
+    if v.shape != k.shape:
+        fail(f"v must have k's shape {_shape(k)}, got {_shape(v)}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"prefix_attn: q must be float32, float16 or bfloat16, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"prefix_attn: {name} has dtype {t.dtype} but q has {q.dtype}; all inputs must match")
+        _same_device(t, name, q)
+    B, Hq, Nq, D = q.shape
+    _, Hkv, Nk, _ = k.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        fail(f"k must be [B, Hkv, Nk, D] with q's B and D; q has shape {_shape(q)}, k has shape {_shape(k)}")
+    if D < 1 or Hkv < 1 or Hq % Hkv != 0:
+        fail(f"q's heads must be a multiple of k's heads (MHA, GQA, MQA) and D at least 1; q has shape "
+             f"{_shape(q)}, k has shape {_shape(k)}")
+    if not math.isfinite(scale):
+        fail(f"scale must be finite, got {scale}")
+    if (prefix_k is None) != (prefix_v is None):
+        fail("give both prefix_k and prefix_v, or neither")
+    if prefix_k is not None:
+        _require_tensor(prefix_k, "prefix_k")
+        _require_tensor(prefix_v, "prefix_v")
+        if prefix_k.dim() != 4 or prefix_k.shape[1] != Hkv or prefix_k.shape[3] != D:
+            fail(f"prefix_k must be [T, Hkv, P, D] = [T, {Hkv}, P, {D}] here, got shape {_shape(prefix_k)}")
+        if prefix_v.shape != prefix_k.shape:
+            fail(f"prefix_v must have prefix_k's shape {_shape(prefix_k)}, got {_shape(prefix_v)}")
+        for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+            if t.dtype != q.dtype:
+                raise TypeError(f"prefix_attn: {name} has dtype {t.dtype} but q has {q.dtype}; all inputs must match")
+            _same_device(t, name, q)
+        T = prefix_k.shape[0]
+        if T < 1 and B > 0:
+            fail(f"prefix_k has no entries, shape {_shape(prefix_k)}")
+        if prefix_index is not None:
+            _require_tensor(prefix_index, "prefix_index")
+            if prefix_index.dtype != torch.int64:
+                raise TypeError(f"prefix_attn: prefix_index must be int64, got {prefix_index.dtype}")
+            if prefix_index.shape != (B,):
+                fail(f"prefix_index must have shape [B] = [{B}], got {_shape(prefix_index)}")
+            _same_device(prefix_index, "prefix_index", q)
+        elif T not in (1, B):
+            fail(f"without prefix_index, prefix_k must have 1 entry (shared) or B = {B} entries (one per row), "
+                 f"got shape {_shape(prefix_k)}")
+    elif prefix_index is not None:
+        fail("prefix_index was given without a prefix")
+    if key_padding_mask is not None:
+        _require_tensor(key_padding_mask, "key_padding_mask")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"prefix_attn: key_padding_mask must be bool, got {key_padding_mask.dtype}")
+        if key_padding_mask.shape != (B, Nk):
+            fail(f"key_padding_mask must be [B, Nk] = [{B}, {Nk}], got shape {_shape(key_padding_mask)}")
+        _same_device(key_padding_mask, "key_padding_mask", q)
+    if attn_mask is not None:
+        _require_tensor(attn_mask, "attn_mask")
+        if attn_mask.dtype not in (torch.bool, torch.float32):
+            raise TypeError(f"prefix_attn: attn_mask must be bool or float32 here, got {attn_mask.dtype}")
+        if attn_mask.shape != (B, Hq, Nq, Nk):
+            fail(f"attn_mask must be expanded to [B, Hq, Nq, Nk] = [{B}, {Hq}, {Nq}, {Nk}], got shape "
+                 f"{_shape(attn_mask)}")
+        _same_device(attn_mask, "attn_mask", q)
+
+
+def check_op_grad_inputs(q: Tensor, dout: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor]) -> None:
+    """The backward op's own arguments, past those of `check_op_inputs` (as bwd in
+    csrc/prefix_attn_api.cpp): dout and out like q, lse (and dlse) float32 [B, Hq, Nq]."""
+    for name, t in (("dout", dout), ("out", out)):
+        _require_tensor(t, name)
+        if t.shape != q.shape:
+            raise ValueError(f"prefix_attn: {name} must have q's shape {_shape(q)}, got {_shape(t)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"prefix_attn: {name} must have dtype {q.dtype}, got {t.dtype}")
+        _same_device(t, name, q)
+    for name, t in (("lse", lse), ("dlse", dlse)):
+        if t is None:
+            continue
+        _require_tensor(t, name)
+        if t.shape != q.shape[:3] or t.dtype != torch.float32:
+            raise ValueError(f"prefix_attn: {name} must be float32 [B, Hq, Nq] = {list(q.shape[:3])}, got "
+                             f"{t.dtype} {_shape(t)}")
+        _same_device(t, name, q)

@@ -1,8 +1,9 @@
 """The oracle: plain PyTorch that builds [prefix ; sequence] explicitly and masks it.
 
 It takes the normalised arguments every backend takes (see `_inputs.AttnInputs`) and computes
-in the inputs' precision, with the scores and softmax in at least float32, as PyTorch's own
-math attention does. Autograd comes for free. Keep it obviously right; speed is not its job.
+as PyTorch's own math attention does: q @ k^T and probs @ v are matmuls in the inputs' dtype,
+the masking, softmax and lse in at least float32. Autograd comes for free. Keep it obviously
+right; speed is not its job.
 """
 from __future__ import annotations
 
@@ -42,6 +43,13 @@ def reference_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor
         prefix_k, prefix_v = prefix_k.expand(B, -1, -1, -1), prefix_v.expand(B, -1, -1, -1)
     P = prefix_k.shape[2]
 
+    if key_padding_mask is not None:
+        # A padded key never affects any result, whatever it holds (inf and NaN included): its
+        # zero probability would still multiply its value (0 * inf = NaN), and its zero score
+        # gradient its key. Zeroed here, its own dk / dv are exactly 0 too.
+        kept = key_padding_mask[:, None, :, None]
+        k, v = k.masked_fill(~kept, 0.0), v.masked_fill(~kept, 0.0)
+
     keys = torch.cat([prefix_k, k], dim=2)
     values = torch.cat([prefix_v, v], dim=2)
     group = Hq // Hkv
@@ -68,13 +76,20 @@ def reference_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor
     scores = torch.cat([scores[..., :P], seq_scores], dim=-1)
 
     # A row with no visible key (only possible when P == 0) gets out = 0, lse = -inf, and zero
-    # gradients, also through lse: logsumexp and softmax see finite inputs there (an all -inf
-    # row would give NaN gradients even times a zero), and their results are overwritten.
+    # gradients, also through lse: the softmax sees finite inputs there (an all -inf row would
+    # give NaN gradients even times a zero), and its results are overwritten.
     empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
     scores = scores.masked_fill(empty, 0.0)
-    lse = torch.logsumexp(scores, dim=-1).masked_fill(empty[..., 0], float("-inf"))
+    # lse = max + log(sum(exp(s - max))) with the max held constant: the gradient is exactly the
+    # softmax. torch.logsumexp's backward is exp(s - lse) instead, and when every visible score is
+    # near finfo.min (an additive Hugging Face mask over all of them) lse rounds to the max,
+    # log(l) is lost, and that gradient comes out l times too large.
+    row_max = scores.detach().amax(dim=-1, keepdim=True) if scores.shape[-1] else scores.new_zeros(*scores.shape[:-1], 1)
+    lse = (row_max + (scores - row_max).exp().sum(dim=-1, keepdim=True).log())[..., 0]
+    lse = lse.masked_fill(empty[..., 0], float("-inf"))
     probs = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
     if dropout_p > 0.0:
         probs = _dropout.apply_reference(probs, dropout_seed, dropout_offset, dropout_p, P, dropout_mask)
-    out = probs.to(values.dtype) @ values
-    return out.to(q.dtype), lse
+    out = (probs.to(values.dtype) @ values).to(q.dtype)
+    # q's layout, as the kernels give (a transposed [B, N, H, D] view of q gives one of out).
+    return torch.empty_like(q).copy_(out), lse

@@ -452,6 +452,31 @@ const float* rows_as_float(const T* src, int64_t row_stride, int64_t col_stride,
   return scratch;
 }
 
+// rows_as_float for the sequence keys [j0, j0 + n), whose key_padding_mask entries start at
+// `kept` (nullptr: no mask): the rows of padded keys come back as zeros. A padded key never
+// affects any result, whatever it holds (SPEC): masking its score is not enough, since its zero
+// probability would still multiply its value (0 * inf = NaN) and its zero score gradient its key.
+// Tiles without a padded key take rows_as_float's path unchanged.
+template <typename T>
+const float* key_rows_as_float(const T* src, int64_t row_stride, int64_t col_stride, int64_t n,
+                               int64_t D, float* scratch, int64_t* ld, const bool* kept,
+                               int64_t kept_stride) {
+  bool any_padded = false;
+  for (int64_t r = 0; kept != nullptr && r < n && !any_padded; ++r) any_padded = !kept[r * kept_stride];
+  if (!any_padded) return rows_as_float(src, row_stride, col_stride, n, D, scratch, ld);
+  for (int64_t r = 0; r < n; ++r) {
+    float* dst = scratch + r * D;
+    if (!kept[r * kept_stride]) {
+      std::fill(dst, dst + D, 0.f);
+      continue;
+    }
+    const T* row = src + r * row_stride;
+    for (int64_t c = 0; c < D; ++c) dst[c] = static_cast<float>(row[c * col_stride]);
+  }
+  *ld = D;
+  return scratch;
+}
+
 // dst rows (strided, type T) = mul * src rows (float32, leading dimension ld).
 template <typename T>
 void store_rows(const float* src, int64_t ld, int64_t n, int64_t D, float mul, T* dst,
@@ -572,7 +597,7 @@ void forward_impl(const FwdParams& p) {
   // step (Nq = 1) needs a few KB, not the ~330 KB a full tile takes to allocate and zero.
   const int64_t rows_cap = std::min(kBlockM, p.Nq);
   const int64_t ldS = round_up_lanes(std::max<int64_t>(std::min(kBlockN, std::max(p.P, p.Nk)), 1));
-  const bool copy_rows = !std::is_same_v<T, float> ||
+  const bool copy_rows = !std::is_same_v<T, float> || p.key_padding_mask != nullptr ||
                          rows_need_copy<T>(p.k.s[2], p.k.s[3], p.Nk, D) ||
                          rows_need_copy<T>(p.v.s[2], p.v.s[3], p.Nk, D) ||
                          (p.P > 0 && (rows_need_copy<T>(p.prefix_k.s[2], p.prefix_k.s[3], p.P, D) ||
@@ -627,10 +652,11 @@ void forward_impl(const FwdParams& p) {
       const int64_t j_end = mask.key_end(i0, bm, p.Nk);
       for (int64_t j0 = 0; j0 < j_end; j0 += kBlockN) {
         const int64_t bn = std::min(kBlockN, j_end - j0);
-        const float* K =
-            rows_as_float(kb + j0 * p.k.s[2], p.k.s[2], p.k.s[3], bn, D, kbuf.data(), &ldk);
-        const float* V =
-            rows_as_float(vb + j0 * p.v.s[2], p.v.s[2], p.v.s[3], bn, D, vbuf.data(), &ldv);
+        const bool* kept = mask.kpm != nullptr ? mask.kpm + j0 * mask.kpm_stride : nullptr;
+        const float* K = key_rows_as_float(kb + j0 * p.k.s[2], p.k.s[2], p.k.s[3], bn, D,
+                                           kbuf.data(), &ldk, kept, mask.kpm_stride);
+        const float* V = key_rows_as_float(vb + j0 * p.v.s[2], p.v.s[2], p.v.s[3], bn, D,
+                                           vbuf.data(), &ldv, kept, mask.kpm_stride);
         attend(K, V, bn, mask.tile_needs_mask(i0, j0, bn) ? &mask : nullptr, j0);
       }
 
@@ -776,8 +802,9 @@ void backward_sequence(const BwdParams& p, const RowStats& st) {
   parallel_tasks(p.B * p.Hkv, [&](int64_t begin, int64_t end) {
     // Whole-sequence K / V copies only when GEMM cannot read them in place.
     std::vector<float> kall, vall, pkall, pvall, dkacc, dvacc;
-    if (rows_need_copy<T>(p.k.s[2], p.k.s[3], Nk, D)) kall.resize(Nk * D);
-    if (rows_need_copy<T>(p.v.s[2], p.v.s[3], Nk, D)) vall.resize(Nk * D);
+    const bool padded = p.key_padding_mask != nullptr;  // padded keys are zeroed in a copy
+    if (padded || rows_need_copy<T>(p.k.s[2], p.k.s[3], Nk, D)) kall.resize(Nk * D);
+    if (padded || rows_need_copy<T>(p.v.s[2], p.v.s[3], Nk, D)) vall.resize(Nk * D);
     if (p.need_dkv) {
       dkacc.resize(Nk * D);
       dvacc.resize(Nk * D);
@@ -792,10 +819,11 @@ void backward_sequence(const BwdParams& p, const RowStats& st) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / p.Hkv, g = task % p.Hkv;
       int64_t ldk, ldv, ldpk = D, ldpv = D, ldq, lddo;
-      const float* K = rows_as_float(k + b * p.k.s[0] + g * p.k.s[1], p.k.s[2], p.k.s[3], Nk, D,
-                                     kall.data(), &ldk);
-      const float* V = rows_as_float(v + b * p.v.s[0] + g * p.v.s[1], p.v.s[2], p.v.s[3], Nk, D,
-                                     vall.data(), &ldv);
+      const bool* kept = padded ? p.key_padding_mask + b * p.kpm_s[0] : nullptr;
+      const float* K = key_rows_as_float(k + b * p.k.s[0] + g * p.k.s[1], p.k.s[2], p.k.s[3], Nk,
+                                         D, kall.data(), &ldk, kept, p.kpm_s[1]);
+      const float* V = key_rows_as_float(v + b * p.v.s[0] + g * p.v.s[1], p.v.s[2], p.v.s[3], Nk,
+                                         D, vall.data(), &ldv, kept, p.kpm_s[1]);
       const float *PK = nullptr, *PV = nullptr;
       if (prefix_dq) {
         const int64_t e = p.prefix_entry(b);

@@ -28,8 +28,8 @@ import triton.language as tl
 from .._inputs import check_prefix_index_range
 from . import configs
 from .scores import as_bytes, dot_args, dropout_args, mask_kind, n_bucket, optional, score_units
-from .tiles import (block_scores, dropout_keep, load_key_block, load_tile, prefix_entry, query_block, query_range,
-                    seq_key_range, seq_scores)
+from .tiles import (block_scores, dropout_keep, kept_keys, load_key_block, load_tile, prefix_entry, query_block,
+                    query_range, seq_key_range, seq_scores, zero_padded_keys)
 from .tuning import launch
 
 _EVEN = {
@@ -79,6 +79,8 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, start, n_keys, stride_kn, stride_kd, 
                              PRECISION)
     vT = load_tile(V + j[None, :] * stride_vn + offs_d[:, None] * stride_vd, j[None, :], n_keys, offs_d[:, None],
                    D, CHECK_KEYS, not EVEN_D)
+    if IS_SEQ and HAS_KPM:
+        vT = zero_padded_keys(vT, kept_keys(j, b, Nk, KPM, stride_kpm_b, stride_kpm_n)[None, :])
     if DOT_F32:
         vT = vT.to(tl.float32)
     p = tl.exp2((s - lse2[:, None]) * EXP_MUL)
@@ -248,6 +250,10 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, MASK, DOut, Lse2, Delta, DK, DV, DQ,
     j = j0 + offs_n
     k, v = load_key_block(K + b * stride_kb + g * stride_kh, V + b * stride_vb + g * stride_vh, j, Nk, stride_kn,
                           stride_kd, stride_vn, stride_vd, offs_d, D, not EVEN_N, EVEN_D, DOT_F32)
+    if HAS_KPM:  # then a padded key's dk and dv come out exactly 0, as its probabilities are
+        kept = kept_keys(j, b, Nk, KPM, stride_kpm_b, stride_kpm_n)[:, None]
+        k = zero_padded_keys(k, kept)
+        v = zero_padded_keys(v, kept)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo, full = query_range(j0, Nq, Nk, BLOCK_M, BLOCK_N, CAUSAL)
@@ -288,6 +294,7 @@ def _bwd_dprefix_kernel(Q, PK, PV, Rows, RowStart, DOut, Out, Lse, DLse, Lse2, D
                         stride_dob, stride_doh, stride_dom, stride_dod,
                         stride_ob, stride_oh, stride_om, stride_od,
                         stride_dpc, stride_dpt, stride_dph, stride_dpn, stride_dpd,
+                        stride_dpvc, stride_dpvt, stride_dpvh, stride_dpvn, stride_dpvd,
                         stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                         B, Hq, Hkv, Nq, P, D, group, qk_scale, scale, N_BUCKET, seed, drop_offset, drop_threshold,
                         drop_scale, DROPOUT: tl.constexpr, ROWS: tl.constexpr, FUSE_DELTA: tl.constexpr, HAS_DLSE: tl.constexpr,
@@ -344,14 +351,16 @@ def _bwd_dprefix_kernel(Q, PK, PV, Rows, RowStart, DOut, Out, Lse, DLse, Lse2, D
                                 DOT_F32, PRECISION, EXP_MUL, seed, drop_offset, drop_threshold, drop_scale, b * Hq + h, j0,
                                 DROPOUT)
     key_mask = (j[:, None] < P) & (offs_d[None, :] < D)
+    # DPK and DPV have layouts of their own (each gradient takes its input's, and prefix_k and
+    # prefix_v may be different views).
+    k_at = t * stride_dpt + g * stride_dph + j[:, None] * stride_dpn + offs_d[None, :] * stride_dpd
+    v_at = t * stride_dpvt + g * stride_dpvh + j[:, None] * stride_dpvn + offs_d[None, :] * stride_dpvd
     if ATOMIC:
-        base = t * stride_dpt + g * stride_dph + j[:, None] * stride_dpn + offs_d[None, :] * stride_dpd
-        tl.atomic_add(DPK + base, dk * scale, mask=key_mask, sem="relaxed")
-        tl.atomic_add(DPV + base, dv, mask=key_mask, sem="relaxed")
+        tl.atomic_add(DPK + k_at, dk * scale, mask=key_mask, sem="relaxed")
+        tl.atomic_add(DPV + v_at, dv, mask=key_mask, sem="relaxed")
     else:
-        base = c * stride_dpc + t * stride_dpt + g * stride_dph + j[:, None] * stride_dpn + offs_d[None, :] * stride_dpd
-        tl.store(DPK + base, (dk * scale).to(DPK.dtype.element_ty), mask=key_mask)
-        tl.store(DPV + base, dv.to(DPV.dtype.element_ty), mask=key_mask)
+        tl.store(DPK + c * stride_dpc + k_at, (dk * scale).to(DPK.dtype.element_ty), mask=key_mask)
+        tl.store(DPV + c * stride_dpvc + v_at, dv.to(DPV.dtype.element_ty), mask=key_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -515,7 +524,7 @@ def _launch_dprefix(q, prefix_k, prefix_v, prefix_index, dout, out, lse, dlse, l
     launch(_bwd_dprefix_kernel, "dprefix", grid, D, q.dtype,
            q, prefix_k, prefix_v, rows, start, dout, out, lse, dlse if dlse is not None else lse, lse2, delta,
            tk, tv, dq_arg,
-           *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(), *out.stride(), *tk.stride(), *sdq,
+           *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(), *out.stride(), *tk.stride(), *tv.stride(), *sdq,
            B, Hq, Hkv, Nq, P, D, Hq // Hkv, qk_scale, scale, n_bucket(B * Nq), *drop,
            ROWS=mode, FUSE_DELTA=prefix_only, HAS_DLSE=dlse is not None, FUSE_DQ=fuse_dq, ATOMIC=atomic,
            tune=not deterministic, **dot)

@@ -14,7 +14,8 @@ import triton.language as tl
 
 from .._inputs import check_prefix_index_range
 from .scores import as_bytes, dot_args, dropout_args, mask_kind, n_bucket, optional, score_units
-from .tiles import block_scores, dropout_keep, load_tile, prefix_entry, query_block, seq_key_range
+from .tiles import (block_scores, dropout_keep, kept_keys, load_tile, prefix_entry, query_block, seq_key_range,
+                    zero_padded_keys)
 from .tuning import launch
 
 
@@ -32,6 +33,8 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, start, n_keys, stride_kn, stride_kd, strid
                             PRECISION)
     v = load_tile(V + j[:, None] * stride_vn + offs_d[None, :] * stride_vd, j[:, None], n_keys, offs_d[None, :],
                   D, CHECK_KEYS, not EVEN_D)
+    if IS_SEQ and HAS_KPM:
+        v = zero_padded_keys(v, kept_keys(j, b, Nk, KPM, stride_kpm_b, stride_kpm_n)[:, None])
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
     p = tl.exp2((s - m_safe[:, None]) * EXP_MUL)

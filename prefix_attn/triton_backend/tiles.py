@@ -55,6 +55,20 @@ def query_range(j0, Nq, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL
 
 
 @triton.jit
+def kept_keys(j, b, Nk, KPM, stride_kpm_b, stride_kpm_n):
+    """key_padding_mask[b, j] for sequence keys j (of any shape); False past Nk."""
+    return tl.load(KPM + b * stride_kpm_b + j * stride_kpm_n, mask=j < Nk, other=0) != 0
+
+
+@triton.jit
+def zero_padded_keys(x, kept):
+    """A K or V tile with the rows (or columns) of padded keys zeroed: a padded key never affects
+    any result, whatever it holds (SPEC). Masking its score is not enough: its zero probability
+    would still multiply its value (0 * inf = NaN), and its zero score gradient its key."""
+    return tl.where(kept, x, tl.zeros_like(x))
+
+
+@triton.jit
 def seq_scores(s, i, j, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h,
                stride_mask_m, stride_mask_n, CHECK_BOUNDS: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
                HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr):
@@ -68,8 +82,7 @@ def seq_scores(s, i, j, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK, str
         if APPLY_CAUSAL:
             visible = visible & (j <= i + (Nk - Nq))
         if HAS_KPM:
-            keep = tl.load(KPM + b * stride_kpm_b + j * stride_kpm_n, mask=j < Nk, other=0)
-            visible = visible & (keep != 0)
+            visible = visible & kept_keys(j, b, Nk, KPM, stride_kpm_b, stride_kpm_n)
         if MASK_KIND == 1:
             keep = tl.load(MASK + b * stride_mask_b + h * stride_mask_h + i * stride_mask_m + j * stride_mask_n,
                            mask=(i < Nq) & (j < Nk), other=0)
@@ -166,6 +179,8 @@ def block_scores(q, K, j, n_keys, stride_kn, stride_kd, offs_m, offs_d, D, qk_sc
     otherwise prefix keys (only the bounds of a partial tile)."""
     kT = load_tile(K + j[None, :] * stride_kn + offs_d[:, None] * stride_kd, j[None, :], n_keys, offs_d[:, None],
                    D, CHECK_KEYS, not EVEN_D)
+    if IS_SEQ and HAS_KPM:
+        kT = zero_padded_keys(kT, kept_keys(j, b, Nk, KPM, stride_kpm_b, stride_kpm_n)[None, :])
     if DOT_F32:
         kT = kT.to(tl.float32)
     s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
