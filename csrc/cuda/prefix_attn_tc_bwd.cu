@@ -295,8 +295,8 @@ __global__ void __launch_bounds__(kThreads, 1) kv_kernel(BwdParams p, BwdWorkspa
 
   if constexpr (!kPrefix) {
     // A padded key's dK and dV are 0 (SPEC.md), written as such: its P is 0, but with an inf or
-    // NaN in its V, dS = 0 * (dP - Delta) is NaN. Rows are independent in every product here,
-    // so its other keys never saw it.
+    // NaN in its V, dS = 0 * (dP - Delta) is NaN. A key's row of every product here depends on
+    // its own K and V alone, so the other keys' gradients never saw them.
 #pragma unroll
     for (int rh = 0; rh < 2; ++rh) {
       const int64_t j = key0 + grp + 8 * rh;

@@ -4,7 +4,8 @@
 // fragment layouts, written independently of the kernels' own comments). cp.async copies land at
 // the latest moment the ISA allows (at wait_group) or, in "early" mode, at issue; shared memory
 // starts as 0xFF bytes (NaN in fp16 / fp32) so a read of a never-written element poisons the result.
-// ldmatrix reads and cp.async writes are shadow-tracked per byte for races without a barrier.
+// ldmatrix reads, cp.async writes and st.shared zero stores are shadow-tracked per byte for races
+// without a barrier.
 // Runs under AddressSanitizer: global buffers are allocated to their exact size.
 #pragma once
 #include <ucontext.h>

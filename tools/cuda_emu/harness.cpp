@@ -1,5 +1,6 @@
 // Runs the real kernels (prepare.py's host copy) through the emulator on small shapes with tails,
-// masks, causal edges, GQA / MQA, banks, strided views, dropout and every gradient, replicating
+// masks, causal edges, GQA / MQA, banks, strided views, dropout, padded keys holding inf / NaN /
+// 1.7e38 in K and V, and every gradient, replicating
 // the host glue's backward workspace, and compares with a float64 reference written from
 // SPEC.md and prefix_attn_dropout.h. Also checks: every output element written, nothing written
 // outside the outputs' views, no NaN, rows with no visible key give out 0 / lse -inf.
