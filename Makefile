@@ -80,7 +80,7 @@ triton-check: install
 
 # Runs the CUDA kernels' own code lane by lane on the CPU (tools/cuda_emu: ldmatrix, mma.sync and
 # cp.async emulated from the PTX ISA's layouts, everything else the real sources) against a
-# float64 reference: 14 cases, in two schedules (cp.async landing late and in order; early and
+# float64 reference: 20 cases, in two schedules (cp.async landing late and in order; early and
 # shuffled). About a minute; no nvcc, no GPU. What it cannot show is in tools/cuda_emu/README.md.
 .PHONY: cuda-emu
 cuda-emu:

@@ -110,7 +110,9 @@ __device__ __forceinline__ void walk_keys(const FwdParams& p, int64_t b, int64_t
         if (kDropout && jj % 4 == 0) dropout_words4(p.dropout, kt.is_prefix, bh, i, j >> 2, words);
         float s = lane_dot(qr[r], Ks + jj * p.D, p.D, lane);
         if (kt.masked) s = mask_seq_score(p, b, h, i, j, s);
-        if (s == kNegInf) continue;  // the same on every lane
+        // the same on every lane; a hidden key's V and K are never read past its score, so a
+        // padded key's garbage (inf, NaN: SPEC.md, "Padded keys") reaches no sum
+        if (s == kNegInf) continue;
         const float keep = !kDropout ? 1.f : word_at(words, j) >= p.dropout.threshold ? p.dropout.scale : 0.f;
         visit(r, jj, s, keep);
       }
@@ -271,7 +273,7 @@ __device__ __forceinline__ void accumulate_key_grads(
       if (j >= n_keys) continue;
       float s = lane_dot(kr[kk], qrow, p.D, lane) * p.scale;
       if (is_seq) s = mask_seq_score(p, b, h, i, j, s);
-      if (s == kNegInf) continue;
+      if (s == kNegInf) continue;  // so a padded key's dK, dV stay exactly 0, whatever its K, V
       const float pr = expf(s - L);
       const float dp = keep[kk] * lane_dot(vr[kk], dorow, p.D, lane);
       const float ds = pr * (dp - delta_s[ii]);

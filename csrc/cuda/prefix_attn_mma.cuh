@@ -122,6 +122,12 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
+// 16 zero bytes to shared memory (16-byte aligned). PTX rather than a C++ store so that the
+// emulator can track it as a write for its race checks, like cp.async.
+__device__ __forceinline__ void st_shared_zero_16(void* dst) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(smem_addr(dst)), "r"(0) : "memory");
+}
+
 // --------------------------------------------------------------------------- tiles
 
 // Copies rows [row0, row0 + kRows) of a strided [rows, D] slab into a [kRows][pitch<kD>()] shared
@@ -147,6 +153,13 @@ __device__ __forceinline__ void load_tile(T* tile, const T* src, int64_t row_str
       for (int e = 0; e < 8; ++e) dst[e] = valid ? from[e * col_stride] : from_float<T>(0.f);
     }
   }
+}
+
+// Zeroes row r of a [rows][pitch<kD>()] shared tile, by the calling thread alone.
+template <typename T, int kD>
+__device__ __forceinline__ void zero_tile_row(T* tile, int r) {
+#pragma unroll
+  for (int c = 0; c < kD / 8; ++c) st_shared_zero_16(tile + r * pitch<kD>() + c * 8);
 }
 
 // acc[16 x 8*kN] += A[16 x kK] · B[8*kN x kK]ᵀ: A's 16 rows start at `a` and B's 8*kN rows at `b`,

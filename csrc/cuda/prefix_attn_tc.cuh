@@ -95,6 +95,19 @@ void dq(const BwdParams& p, const float* delta, cudaStream_t stream);
 void dkdv(const BwdParams& p, const float* delta, cudaStream_t stream);
 void dprefix(const BwdParams& p, const BwdWorkspace& ws, cudaStream_t stream);
 
+// --------------------------------------------------------------------------- padded keys
+//
+// A key hidden by key_padding_mask gets probability 0, but its K and V may hold anything
+// (SPEC.md, "Padded keys"), and 0 * inf or 0 * NaN in a product is NaN: the forward and dQ
+// kernels zero a padded key's rows of a key tile once it has landed, before any product reads
+// them. Thread r looks after key r of the tile (tiles have at most kThreads keys).
+
+// Whether this thread's key of tile kt is padded.
+__device__ __forceinline__ bool tile_row_padded(const FwdParams& p, const KeyTile& kt, int64_t b) {
+  const int r = threadIdx.x;
+  return !kt.is_prefix && r < kt.n && key_padded(p, b, kt.j0 + r);
+}
+
 // --------------------------------------------------------------------------- dropout
 //
 // The keep bits of a [16 x 8*kN] accumulator fragment, bit 4n + e for element acc[n][e]. The

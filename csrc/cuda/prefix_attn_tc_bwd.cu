@@ -61,13 +61,23 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(BwdParams p, const floa
 
   float dq[kNO][4];
   mma::zero(dq);
+  static_assert(kBc <= kThreads, "a thread per key of a tile");
   for (int64_t t = 0; t < walk.size(); ++t) {
+    const KeyTile kt = walk[t];
+    const bool padded = tile_row_padded(p, kt, b);  // before the copies: its latency hides behind them
     if (t + 1 < walk.size()) load_kv(t + 1, (t + 1) % 2);  // into the stage iteration t - 1 released
     mma::cp_async_commit();
     mma::cp_async_wait<1>();
-    __syncthreads();  // tile t, Q and dO visible to every warp
+    // Tile t, Q and dO visible to every warp. A padded key's V row is zeroed (dP = dO Vᵀ would
+    // be NaN, and dS = P * (dP - Delta) = 0 * NaN), and its K row (dQ = dS K: 0 * inf).
+    if (__syncthreads_or(padded)) {
+      if (padded) {
+        mma::zero_tile_row<T, kD>(Ks + (t % 2) * kBc * kPitch, threadIdx.x);
+        mma::zero_tile_row<T, kD>(Vs + (t % 2) * kBc * kPitch, threadIdx.x);
+      }
+      __syncthreads();
+    }
 
-    const KeyTile kt = walk[t];
     const T* Kt = Ks + (t % 2) * kBc * kPitch;
     const T* Vt = Vs + (t % 2) * kBc * kPitch;
     float s[kNS][4];  // scores, then P, then dS
@@ -282,6 +292,20 @@ __global__ void __launch_bounds__(kThreads, 1) kv_kernel(BwdParams p, BwdWorkspa
     __syncthreads();  // every warp is done with this stage before iteration it + 1 refills it
   }
   mma::cp_async_wait<0>();
+
+  if constexpr (!kPrefix) {
+    // A padded key's dK and dV are 0 (SPEC.md), written as such: its P is 0, but with an inf or
+    // NaN in its V, dS = 0 * (dP - Delta) is NaN. A key's row of every product here depends on
+    // its own K and V alone, so the other keys' gradients never saw them.
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      const int64_t j = key0 + grp + 8 * rh;
+      if (j < p.Nk && key_padded(p, owner, j)) {
+#pragma unroll
+        for (int n = 0; n < kNO; ++n) dk[n][2 * rh] = dk[n][2 * rh + 1] = dv[n][2 * rh] = dv[n][2 * rh + 1] = 0.f;
+      }
+    }
+  }
 
   // dK, dV of this warp's keys: into dk / dv; for the prefix into dprefix_k / dprefix_v, or,
   // when the entry's items are split into chunks, into chunk c's float32 partial (a contiguous

@@ -44,16 +44,25 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(FwdParams p) {
   float m[2] = {kNegInf, kNegInf};  // running max of rows grp, grp + 8
   float l[2] = {0.f, 0.f};          // this lane's share of their running sums (un-dropped)
 
+  static_assert(kBc <= kThreads, "a thread per key of a tile");
   for (int64_t t = 0; t < walk.size(); ++t) {
+    const KeyTile kt = walk[t];
+    // Read before tile t + 1's copies are issued, so that the load's latency hides behind them.
+    const bool padded = tile_row_padded(p, kt, b);
     // Tile t + 1 goes to the stage tile t - 1 used: every warp left it at the barrier that ended
     // iteration t - 1. The group is committed even when empty, so wait<1> always means "all but
     // tile t + 1".
     if (t + 1 < walk.size()) load_kv(t + 1, (t + 1) % 2);
     mma::cp_async_commit();
     mma::cp_async_wait<1>();
-    __syncthreads();  // tile t (and Q) written by every thread's copies, visible to every warp
+    // Tile t (and Q) written by every thread's copies, visible to every warp. A tile with padded
+    // keys gets their V rows zeroed (P = 0 times an inf in V is NaN) and a second barrier; K
+    // needs nothing: a padded key's scores are -inf whatever they were.
+    if (__syncthreads_or(padded)) {
+      if (padded) mma::zero_tile_row<T, kD>(Vs + (t % 2) * kBc * kPitch, threadIdx.x);
+      __syncthreads();
+    }
 
-    const KeyTile kt = walk[t];
     const T* Kt = Ks + (t % 2) * kBc * kPitch;
     const T* Vt = Vs + (t % 2) * kBc * kPitch;
     float s[kNS][4];

@@ -61,11 +61,16 @@ __host__ __device__ __forceinline__ bool seq_block_unmasked(const FwdParams& p, 
   return !p.causal || j0 + nj - 1 <= i0 + (p.Nk - p.Nq);
 }
 
+// Whether sequence key j of row b is hidden by key_padding_mask.
+__host__ __device__ __forceinline__ bool key_padded(const FwdParams& p, int64_t b, int64_t j) {
+  return p.key_padding_mask != nullptr && !p.key_padding_mask[b * p.kpm_s[0] + j * p.kpm_s[1]];
+}
+
 // Score of sequence key j for query i of (b, h) after the masks: -inf when hidden.
 __device__ __forceinline__ float mask_seq_score(const FwdParams& p, int64_t b, int64_t h, int64_t i, int64_t j,
                                                 float s) {
   if (p.causal && j > i + (p.Nk - p.Nq)) return kNegInf;
-  if (p.key_padding_mask != nullptr && !p.key_padding_mask[b * p.kpm_s[0] + j * p.kpm_s[1]]) return kNegInf;
+  if (key_padded(p, b, j)) return kNegInf;
   if (p.mask_kind != MaskKind::kNone) {
     const int64_t off =
         b * p.attn_mask.s[0] + h * p.attn_mask.s[1] + i * p.attn_mask.s[2] + j * p.attn_mask.s[3];

@@ -128,6 +128,23 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool val
   }
 }
 
+// st.shared.v4 of zeros, shadow-tracked as a write: a read of it by another thread, or its
+// overwriting of bytes another thread read or a cp.async has in flight, without a barrier
+// between, is a race.
+__device__ __forceinline__ void st_shared_zero_16(void* dst) {
+  auto& s = emu::S();
+  const uint32_t off = emu::smem_offset(dst);
+  if (off % 16 != 0 || off + 16 > s.smem_size) { ++s.misaligned; emu::fail("st.shared.v4 misaligned or out of bounds"); }
+  const int tid = int(emu::me().tid.x);
+  emu::shadow_war(off, 16, tid);
+  for (uint32_t b = off; b < off + 16; ++b) {
+    if (s.pending[b]) { ++s.races; std::fprintf(stderr, "RACE: store over in-flight cp.async byte %u by %d\n", b, tid); }
+    s.w_epoch[b] = s.epoch;
+    s.w_tid[b] = tid;
+  }
+  std::memset(s.smem + off, 0, 16);
+}
+
 __device__ __forceinline__ void cp_async_commit() {
   emu::me().groups.push_back(std::move(emu::me().open));
   emu::me().open.clear();

@@ -4,7 +4,8 @@
 // fragment layouts, written independently of the kernels' own comments). cp.async copies land at
 // the latest moment the ISA allows (at wait_group) or, in "early" mode, at issue; shared memory
 // starts as 0xFF bytes (NaN in fp16 / fp32) so a read of a never-written element poisons the result.
-// ldmatrix reads and cp.async writes are shadow-tracked per byte for races without a barrier.
+// ldmatrix reads, cp.async writes and st.shared zero stores are shadow-tracked per byte for races
+// without a barrier.
 // Runs under AddressSanitizer: global buffers are allocated to their exact size.
 #pragma once
 #include <ucontext.h>
@@ -83,6 +84,8 @@ struct State {
   unsigned char* smem = nullptr;
   size_t smem_size = 0;
   int bar_count = 0;
+  int bar_kind = 0;              // what the threads waiting at the barrier called: 1 plain, 2 _or
+  bool bar_or = false, bar_or_result = false;
   uint64_t bar_gen = 0, progress = 0;
   Warp warps[32];
   int epoch = 0;
@@ -112,18 +115,28 @@ inline void fail(const char* what) {
 inline Thread& me() { return S().threads[S().cur]; }
 inline void yield() { swapcontext(&me().ctx, &S().sched); }
 
-inline void syncthreads() {
+// __syncthreads (kind 1) and __syncthreads_or (kind 2): every thread of the block must call the
+// same one; the OR of the predicates is returned to all.
+inline bool barrier(int kind, bool pred) {
   State& s = S();
   const uint64_t g = s.bar_gen;
   ++s.progress;
+  if (s.bar_count == 0) s.bar_kind = kind;
+  else if (s.bar_kind != kind) fail("threads of a block at different kinds of barrier");
+  s.bar_or = s.bar_or || pred;
   if (++s.bar_count == s.nthreads) {
     s.bar_count = 0;
+    s.bar_or_result = s.bar_or;
+    s.bar_or = false;
     ++s.bar_gen;
     ++s.epoch;
   } else {
     while (s.bar_gen == g) yield();
   }
+  // stable until this thread reaches the next barrier, which needs every thread
+  return s.bar_or_result;
 }
+inline void syncthreads() { barrier(1, false); }
 
 // A warp-wide operation: every lane deposits `in`, the last to arrive computes every lane's `out`.
 template <typename F>
@@ -211,7 +224,7 @@ inline void run_block(size_t smem_bytes) {
   s.w_epoch.assign(smem_bytes, -1); s.w_tid.assign(smem_bytes, -1);
   s.r_epoch.assign(smem_bytes, -1); s.r_tid.assign(smem_bytes, -1);
   s.pending.assign(smem_bytes, 0);
-  s.epoch = 0; s.bar_count = 0;
+  s.epoch = 0; s.bar_count = 0; s.bar_or = false;
   for (auto& w : s.warps) w.count = 0;
   s.threads.assign(n, Thread{});
   // small stacks: ASan clears a fiber's whole stack shadow on every switch
@@ -291,6 +304,7 @@ Launch<K> launch(K kernel, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t 
 #define blockDim (emu::S().block_dim)
 
 inline void __syncthreads() { emu::syncthreads(); }
+inline int __syncthreads_or(int pred) { return emu::barrier(2, pred != 0); }
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lanemask) {
   static_assert(sizeof(T) == 4, "32-bit shuffles only");

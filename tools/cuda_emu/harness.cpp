@@ -1,5 +1,6 @@
 // Runs the real kernels (prepare.py's host copy) through the emulator on small shapes with tails,
-// masks, causal edges, GQA / MQA, banks, strided views, dropout and every gradient, replicating
+// masks, causal edges, GQA / MQA, banks, strided views, dropout, padded keys holding inf / NaN /
+// 1.7e38 in K and V, and every gradient, replicating
 // the host glue's backward workspace, and compares with a float64 reference written from
 // SPEC.md and prefix_attn_dropout.h. Also checks: every output element written, nothing written
 // outside the outputs' views, no NaN, rows with no visible key give out 0 / lse -inf.
@@ -81,6 +82,10 @@ struct Case {
   int prefix = 1;  // 0 none, 1 shared (T = 1), 2 one per row (T = B), 3 bank with index
   std::vector<int64_t> index;
   int kpm = 0;     // 0 none, 1 right padding, 2 left padding
+  std::vector<int64_t> pad;  // padded keys per row (default: 0, then 7b + 3)
+  // What the K and V rows of padded keys hold (SPEC.md, "Padded keys": never read into any
+  // result): 0 ordinary values, 1 +-inf, 2 NaN, 3 +-1.7e38 (finite in fp32 and bf16, inf in fp16).
+  int garbage_k = 0, garbage_v = 0;
   int amask = 0;   // 0 none, 1 bool [B, 1, Nq, Nk] broadcast, 2 float [1, Hq, Nq, Nk], 3 float all -inf rows
   double dropout = 0.0;
   int layout = 0;  // for q, dout, out, dq (1, 2) and k, v (3)
@@ -159,10 +164,26 @@ static bool run_case(const Case& c, uint64_t seed) {
   if (c.kpm) {
     kpm = new bool[B * Nk];
     for (int64_t b = 0; b < B; ++b) {
-      valid_len[b] = b == 0 ? Nk : std::max<int64_t>(0, Nk - 7 * b - 3);
+      valid_len[b] = !c.pad.empty() ? Nk - c.pad[b] : b == 0 ? Nk : std::max<int64_t>(0, Nk - 7 * b - 3);
       for (int64_t j = 0; j < Nk; ++j) kpm[b * Nk + j] = c.kpm == 1 ? j < valid_len[b] : j >= Nk - valid_len[b];
     }
   }
+  auto garbage = [](int kind, int64_t d) -> float {
+    const float sign = d % 3 == 1 ? -1.f : 1.f;  // both signs: a sum of them is NaN, not just inf
+    return kind == 1 ? sign * INFINITY : kind == 2 ? NAN : sign * 1.7e38f;
+  };
+  int64_t n_padded = 0;
+  if (kpm)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < Nk; ++j) {
+        if (kpm[b * Nk + j]) continue;
+        ++n_padded;
+        for (int64_t g = 0; g < Hkv; ++g)
+          for (int64_t d = 0; d < D; ++d) {
+            if (c.garbage_k) k.set(b, g, j, d, garbage(c.garbage_k, d));
+            if (c.garbage_v) v.set(b, g, j, d, garbage(c.garbage_v, d));
+          }
+      }
   bool* bmask = nullptr; float* fmask = nullptr;
   int64_t ms[4] = {0, 0, 0, 0};
   if (c.amask == 1) {
@@ -245,13 +266,15 @@ static bool run_case(const Case& c, uint64_t seed) {
         for (int64_t j = 0; j < NK; ++j) pr[j] = vis[j] ? std::exp(s[j] - m) / l : 0.0;
         for (int64_t d = 0; d < D; ++d) {
           double o = 0;
-          for (int64_t j = 0; j < NK; ++j) o += pr[j] * keep[j] * val(j, d);
+          for (int64_t j = 0; j < NK; ++j) if (vis[j]) o += pr[j] * keep[j] * val(j, d);
           r_out[row * D + d] = o;
         }
         // backward
         std::vector<double> dp(NK), ds(NK);
         double delta = 0;
         for (int64_t j = 0; j < NK; ++j) {
+          dp[j] = 0;
+          if (!vis[j]) continue;  // a hidden key is not in the sum, whatever its V holds
           double dot = 0;
           for (int64_t d = 0; d < D; ++d) dot += double(dout.get(b, h, i, d)) * val(j, d);
           dp[j] = keep[j] * dot;
@@ -356,6 +379,14 @@ static bool run_case(const Case& c, uint64_t seed) {
   if (bp.need_dkv) {
     bad += check_writes(dk, "dk") + check_writes(dv, "dv");
     check(res, "dk", r_dk, collect(dk), tol); check(res, "dv", r_dv, collect(dv), tol);
+    if (kpm) {  // a padded key's own gradients: exactly 0, not merely small
+      int64_t nonzero = 0;
+      for (int64_t b = 0; b < B; ++b) for (int64_t g = 0; g < Hkv; ++g) for (int64_t j = 0; j < Nk; ++j)
+        if (!kpm[b * Nk + j]) for (int64_t d = 0; d < D; ++d) nonzero += dk.get(b, g, j, d) != 0.f || dv.get(b, g, j, d) != 0.f;
+      std::printf("    %" PRId64 " padded keys: %" PRId64 " dk / dv elements not exactly 0%s\n", n_padded, nonzero,
+                  nonzero ? "   <-- FAIL" : "");
+      bad += nonzero;
+    }
   } else {
     bad += !(is_sentinel(dk, 0) || dk.storage == 0);
   }
@@ -436,6 +467,34 @@ int main(int argc, char** argv) {
   {  // the SIMT path, for comparison
     Case c{"fp32 D40 SIMT causal P5 dropout0.2", F32, 1, 2, 1, 21, 26, 5, 1, 40};
     c.causal = true; c.dropout = 0.2; add(c);
+  }
+  // Padded keys whose K / V hold inf, NaN or 1.7e38: padding inside a tile, whole padded tiles
+  // (keys [64, 128) of the 64-key tiles, [32, 64) of the 32-key ones), a row with every key padded
+  {
+    Case c{"padded garbage bf16 D64 kpm-right nan-K inf-V P6 dlse", BF, 3, 2, 1, 33, 150, 6, 1, 64};
+    c.kpm = 1; c.pad = {0, 5, 130}; c.garbage_k = 2; c.garbage_v = 1; c.dlse = true; add(c);
+  }
+  {
+    Case c{"padded garbage fp16 D32 kpm-left inf-K huge-V P0 dropout0.2 dlse (a row all padded)", F16, 3, 2, 2, 20, 140, 0, 1, 32};
+    c.prefix = 0; c.kpm = 2; c.pad = {3, 70, 140}; c.garbage_k = 1; c.garbage_v = 3; c.dropout = 0.2; c.dlse = true;
+    add(c);
+  }
+  {
+    Case c{"padded garbage bf16 D128 causal GQA kpm-right huge-K huge-V P9 dropout0.3 dlse", BF, 2, 4, 2, 40, 100, 9, 1, 128};
+    c.causal = true; c.kpm = 1; c.pad = {0, 70}; c.garbage_k = 3; c.garbage_v = 3; c.dropout = 0.3; c.dlse = true;
+    add(c);
+  }
+  {
+    Case c{"padded garbage bf16 D256 kpm-left huge-K nan-V P4 per-row", BF, 2, 2, 1, 18, 75, 4, 2, 256};
+    c.prefix = 2; c.kpm = 2; c.pad = {40, 10}; c.garbage_k = 3; c.garbage_v = 2; add(c);
+  }
+  {
+    Case c{"padded garbage fp32 SIMT D40 kpm-left nan-K inf-V P5 dropout0.2 dlse", F32, 2, 2, 1, 21, 70, 5, 1, 40};
+    c.kpm = 2; c.pad = {0, 40}; c.garbage_k = 2; c.garbage_v = 1; c.dropout = 0.2; c.dlse = true; add(c);
+  }
+  {
+    Case c{"padded garbage fp32 SIMT D24 causal kpm-right huge-K huge-V P0", F32, 2, 2, 2, 30, 40, 0, 1, 24};
+    c.prefix = 0; c.causal = true; c.kpm = 1; c.pad = {5, 33}; c.garbage_k = 3; c.garbage_v = 3; add(c);
   }
   int failed = 0, run = 0;
   for (size_t i = 0; i < cases.size(); ++i) {

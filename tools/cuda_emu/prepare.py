@@ -1,8 +1,8 @@
 """Turns csrc/ into host C++ for the lane-level emulator (tools/cuda_emu/README.md).
 
 Copies csrc/ to OUT, then, in the copy only:
-  - prefix_attn_mma.cuh: the inline-PTX wrappers (ldmatrix, mma.sync, cp.async) are replaced by
-    `#include "emu_ptx.h"`, the emulator's versions of the same functions;
+  - prefix_attn_mma.cuh: the inline-PTX wrappers (ldmatrix, mma.sync, cp.async, st.shared) are
+    replaced by `#include "emu_ptx.h"`, the emulator's versions of the same functions;
   - `extern __shared__ T smem[];` becomes a pointer to the emulated block's shared memory;
   - `kernel<<<grid, block, smem, stream>>>(args)` becomes `emu::launch(kernel, grid, block, smem,
     stream)(args)`.
