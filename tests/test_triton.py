@@ -252,3 +252,38 @@ def test_triton_launchers_cuda_path_read_nothing_back(prefix, monkeypatch):
                                         softmax_scale=0.25, attn_mask=mask, prefix_index=index, backend="reference")
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     assert all(t.shape == like.shape for t, like in zip(grads, (q, k, v, pk, pv)))
+
+
+# --------------------------------------------------------------------------- the Triton ops validate too
+
+from test_api import _RAW_EXC, RAW_BWD_ERRORS, RAW_FWD_ERRORS, _bwd_good, _op_base, assert_error_message  # noqa: E402
+from attn_testing import op_kwargs  # noqa: E402
+
+
+@pytest.mark.parametrize("name", list(RAW_FWD_ERRORS))
+def test_triton_fwd_op_validates(name):
+    """torch.ops.prefix_attn.triton_fwd may be called directly, past the Python checks of
+    prefix_attention: it must refuse what the compiled fwd refuses, before a kernel reads out of
+    bounds (an unexpanded mask, a short padding mask, a short prefix_v, k with another D)."""
+    overrides, names = RAW_FWD_ERRORS[name]
+    op = torch.ops.prefix_attn.triton_fwd.default
+    with pytest.raises(_RAW_EXC) as excinfo:
+        op(**op_kwargs(op, **dict(_op_base(), **overrides)))
+    assert_error_message(excinfo, names)
+
+
+@pytest.mark.parametrize("name", list(RAW_BWD_ERRORS))
+def test_triton_bwd_op_validates(name):
+    make, names = RAW_BWD_ERRORS[name]
+    good = _bwd_good()
+    op = torch.ops.prefix_attn.triton_bwd.default
+    with pytest.raises(_RAW_EXC) as excinfo:
+        op(**op_kwargs(op, **dict(good, **make(good))))
+    assert_error_message(excinfo, names)
+
+
+def test_triton_ops_accept_the_good_arguments():
+    good = _bwd_good()
+    op = torch.ops.prefix_attn.triton_bwd.default
+    grads = op(**op_kwargs(op, **good))
+    assert [tuple(g.shape) for g in grads] == [tuple(good[n].shape) for n in ("q", "k", "v", "prefix_k", "prefix_v")]
