@@ -276,11 +276,33 @@ def oracle(c: Call, t: Dict[str, torch.Tensor], x: Built, dtype: torch.dtype):
     empty = torch.isneginf(s).all(-1, keepdim=True)
     s = s.masked_fill(empty, 0.0)
     m = s.amax(-1, keepdim=True).detach()
-    e = (s - m).exp()
-    lse = (m + e.sum(-1, keepdim=True).log())[..., 0].masked_fill(empty[..., 0], -math.inf)
-    probs = (e / e.sum(-1, keepdim=True)).masked_fill(empty, 0.0)
-    out = (probs.to(dtype) @ values).to(dtype)
-    return out, lse
+    lse = (m + (s - m).exp().sum(-1, keepdim=True).log())[..., 0].masked_fill(empty[..., 0], -math.inf)
+    return _FlashStyleAttend.apply(s, values, empty), lse
+
+
+class _FlashStyleAttend(torch.autograd.Function):
+    """out = softmax(s) @ values, in values' dtype. Its backward is the flash-style one every
+    fused kernel uses (FlashAttention's, PyTorch's flash SDPA, ours): Delta = rowsum(dout * out)
+    from out as rounded to its dtype, dS = P (dP - Delta). In float16 that rounding, not the
+    kernel, dominates dq when the softmax saturates (dS cancels to ~0): PyTorch in the same
+    precision errs as much, so the same-precision oracle must too."""
+
+    @staticmethod
+    def forward(ctx, s, values, empty):
+        m = s.amax(-1, keepdim=True)
+        e = (s - m).exp()
+        p = (e / e.sum(-1, keepdim=True)).masked_fill(empty, 0.0)
+        out = p.to(values.dtype) @ values
+        ctx.save_for_backward(p, values, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        p, values, out = ctx.saved_tensors
+        dv = p.to(values.dtype).transpose(-1, -2) @ dout.to(values.dtype)
+        dp = dout.to(p.dtype) @ values.to(p.dtype).transpose(-1, -2)
+        delta = (dout.to(p.dtype) * out.to(p.dtype)).sum(-1, keepdim=True)
+        return p * (dp - delta), dv, None
 
 
 def recompute_rel(c: Call, t: Dict[str, torch.Tensor], x: Built) -> float:
