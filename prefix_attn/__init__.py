@@ -6,9 +6,11 @@ See `prefix_attention` for shapes and the mask, and `available_backends` / `sele
 for which implementation runs.
 """
 from .backends import available_backends, select_backend
+from .cascade import merge_attention_states
 from .functional import prefix_attention, scaled_dot_product_attention
 from .prefix_encoder import PrefixEncoder
 
 __version__ = "0.1.0"
 
-__all__ = ["prefix_attention", "scaled_dot_product_attention", "available_backends", "select_backend"]
+__all__ = ["prefix_attention", "scaled_dot_product_attention", "merge_attention_states", "available_backends",
+           "select_backend", "PrefixEncoder"]
