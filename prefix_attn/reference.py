@@ -84,7 +84,10 @@ def reference_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor
     # softmax. torch.logsumexp's backward is exp(s - lse) instead, and when every visible score is
     # near finfo.min (an additive Hugging Face mask over all of them) lse rounds to the max,
     # log(l) is lost, and that gradient comes out l times too large.
-    row_max = scores.detach().amax(dim=-1, keepdim=True) if scores.shape[-1] else scores.new_zeros(*scores.shape[:-1], 1)
+    if scores.shape[-1]:
+        row_max = scores.detach().amax(dim=-1, keepdim=True)
+    else:  # no key at all (P = Nk = 0)
+        row_max = scores.new_zeros(*scores.shape[:-1], 1)
     lse = (row_max + (scores - row_max).exp().sum(dim=-1, keepdim=True).log())[..., 0]
     lse = lse.masked_fill(empty[..., 0], float("-inf"))
     probs = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)

@@ -103,7 +103,8 @@ def test_merge_with_the_two_parts_swapped_is_the_same():
     (dict(out_a=[0.0]), ["out_a"]),
 ])
 def test_merge_refuses_bad_input_naming_it(bad, words):
-    args = dict(out_a=torch.zeros(2, 3, 4), lse_a=torch.zeros(2, 3), out_b=torch.zeros(2, 3, 4), lse_b=torch.zeros(2, 3))
+    args = dict(out_a=torch.zeros(2, 3, 4), lse_a=torch.zeros(2, 3), out_b=torch.zeros(2, 3, 4),
+                lse_b=torch.zeros(2, 3))
     args.update(bad)
     with pytest.raises((ValueError, TypeError)) as excinfo:
         prefix_attn.merge_attention_states(**args)

@@ -28,8 +28,9 @@ import triton.language as tl
 from .._inputs import check_prefix_index_range
 from . import configs
 from .scores import as_bytes, dot_args, dropout_args, mask_kind, n_bucket, optional, score_units
-from .tiles import (block_scores, dropout_keep, kept_keys, load_key_block, load_tile, prefix_entry, query_block,
-                    query_range, seq_key_range, seq_scores, zero_padded_keys)
+from .tiles import (LOG2E, PREFIX, PREFIX_TAIL, SEQ, SEQ_EDGE, block_scores, dropout_keep, kept_keys, load_key_block,
+                    load_tile, prefix_entry, query_block, query_range, seq_key_range, seq_scores, walk_values,
+                    zero_padded_keys)
 from .tuning import launch
 
 _EVEN = {
@@ -60,33 +61,30 @@ def _bwd_preprocess_kernel(Out, DOut, DLse, Lse, Delta, Lse2,
     if HAS_DLSE:
         delta -= tl.load(DLse + pid_bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
     lse = tl.load(Lse + pid_bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * (1.4426950408889634 / EXP_MUL))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * (LOG2E / EXP_MUL))
     tl.store(Delta + pid_bh * Nq + offs_m, delta, mask=offs_m < Nq)
     tl.store(Lse2 + pid_bh * Nq + offs_m, lse2, mask=offs_m < Nq)
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, K, V, start, n_keys, stride_kn, stride_kd, stride_vn, stride_vd, offs_m,
-             offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK, stride_mask_b,
-             stride_mask_h, stride_mask_m, stride_mask_n, IS_SEQ: tl.constexpr, CHECK_KEYS: tl.constexpr,
-             APPLY_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, EVEN_D: tl.constexpr,
-             DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EXP_MUL: tl.constexpr, seed, drop_offset, drop_threshold,
-             drop_scale, bh, DROPOUT: tl.constexpr):
+def _dq_tile(dq, q, do, lse2, delta, K, V, start, n_keys, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n,
+             offs_d, D, qk_scale, Nq, Nk, KPM, stride_kpm_n, MASK, stride_mask_m, stride_mask_n, seed, drop_offset,
+             drop_threshold, drop_scale, bh, STAGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+             MASK_KIND: tl.constexpr, EVEN_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+             EXP_MUL: tl.constexpr, DROPOUT: tl.constexpr):
+    """dq's share from keys [start, start + BLOCK_N) of the walk's STAGE."""
     j = start + offs_n
-    s, kT = block_scores(q, K, j, n_keys, stride_kn, stride_kd, offs_m, offs_d, D, qk_scale, b, h, Nq, Nk, KPM,
-                             stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m,
-                             stride_mask_n, IS_SEQ, CHECK_KEYS, APPLY_CAUSAL, HAS_KPM, MASK_KIND, EVEN_D, DOT_F32,
-                             PRECISION)
-    vT = load_tile(V + j[None, :] * stride_vn + offs_d[:, None] * stride_vd, j[None, :], n_keys, offs_d[:, None],
-                   D, CHECK_KEYS, not EVEN_D)
-    if IS_SEQ and HAS_KPM:
-        vT = zero_padded_keys(vT, kept_keys(j, b, Nk, KPM, stride_kpm_b, stride_kpm_n)[None, :])
+    s, kT = block_scores(q, K, j, n_keys, stride_kn, stride_kd, offs_m, offs_d, D, qk_scale, Nq, Nk, KPM,
+                         stride_kpm_n, MASK, stride_mask_m, stride_mask_n, STAGE=STAGE, CAUSAL=CAUSAL,
+                         HAS_KPM=HAS_KPM, MASK_KIND=MASK_KIND, EVEN_D=EVEN_D, DOT_F32=DOT_F32, PRECISION=PRECISION)
+    vT = walk_values(V, j, n_keys, stride_vn, stride_vd, offs_d, D, Nk, KPM, stride_kpm_n, STAGE=STAGE,
+                     HAS_KPM=HAS_KPM, EVEN_D=EVEN_D, TRANSPOSED=True)
     if DOT_F32:
         vT = vT.to(tl.float32)
     p = tl.exp2((s - lse2[:, None]) * EXP_MUL)
     dp = tl.dot(do, vT, input_precision=PRECISION)
     if DROPOUT:  # dP of the dropped, rescaled probabilities that multiplied V
-        keep = dropout_keep(seed, drop_offset, drop_threshold, bh, offs_m, start, not IS_SEQ, p.shape[1])
+        keep = dropout_keep(seed, drop_offset, drop_threshold, bh, offs_m, start, STAGE < SEQ, p.shape[1])
         dp = tl.where(keep, dp * drop_scale, 0.0)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
@@ -122,6 +120,9 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, DOut, Lse2, Delta, DQ,
     delta = tl.load(Delta + pid_bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    # The row's masks, offset once: the tiles index them by query and key only.
+    kpm = KPM + b * stride_kpm_b
+    mask = MASK + b * stride_mask_b + h * stride_mask_h
     if HAS_PREFIX:
         e = prefix_entry(IDX, b, HAS_INDEX, PER_ROW)
         pk = PK + e * stride_pkt + g * stride_pkh
@@ -129,33 +130,33 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, DOut, Lse2, Delta, DQ,
         p_full = P // BLOCK_N * BLOCK_N
         for start in range(0, p_full, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse2, delta, pk, pv, start, P, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                          offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK,
-                          stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, False, False, False, False,
-                          0, EVEN_D, DOT_F32, PRECISION, EXP_MUL, seed, drop_offset, drop_threshold, drop_scale, pid_bh,
-                          DROPOUT)
+                          offs_m, offs_n, offs_d, D, qk_scale, Nq, Nk, kpm, stride_kpm_n, mask, stride_mask_m,
+                          stride_mask_n, seed, drop_offset, drop_threshold, drop_scale, pid_bh, STAGE=PREFIX, CAUSAL=CAUSAL,
+                          HAS_KPM=HAS_KPM, MASK_KIND=MASK_KIND, EVEN_D=EVEN_D, DOT_F32=DOT_F32, PRECISION=PRECISION,
+                          EXP_MUL=EXP_MUL, DROPOUT=DROPOUT)
         if p_full < P:
             dq = _dq_tile(dq, q, do, lse2, delta, pk, pv, p_full, P, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                          offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK,
-                          stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, False, True, False, False,
-                          0, EVEN_D, DOT_F32, PRECISION, EXP_MUL, seed, drop_offset, drop_threshold, drop_scale, pid_bh,
-                          DROPOUT)
+                          offs_m, offs_n, offs_d, D, qk_scale, Nq, Nk, kpm, stride_kpm_n, mask, stride_mask_m,
+                          stride_mask_n, seed, drop_offset, drop_threshold, drop_scale, pid_bh, STAGE=PREFIX_TAIL, CAUSAL=CAUSAL,
+                          HAS_KPM=HAS_KPM, MASK_KIND=MASK_KIND, EVEN_D=EVEN_D, DOT_F32=DOT_F32, PRECISION=PRECISION,
+                          EXP_MUL=EXP_MUL, DROPOUT=DROPOUT)
 
     if DO_SEQ:
         kb = K + b * stride_kb + g * stride_kh
         vb = V + b * stride_vb + g * stride_vh
         full, hi = seq_key_range(i0, Nq, Nk, BLOCK_M, BLOCK_N, CAUSAL)
         for start in range(0, full, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse2, delta, kb, vb, start, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
-                          offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK,
-                          stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, True, False, False, HAS_KPM,
-                          MASK_KIND, EVEN_D, DOT_F32, PRECISION, EXP_MUL, seed, drop_offset, drop_threshold, drop_scale,
-                          pid_bh, DROPOUT)
+            dq = _dq_tile(dq, q, do, lse2, delta, kb, vb, start, Nk, stride_kn, stride_kd, stride_vn, stride_vd, offs_m,
+                          offs_n, offs_d, D, qk_scale, Nq, Nk, kpm, stride_kpm_n, mask, stride_mask_m, stride_mask_n,
+                          seed, drop_offset, drop_threshold, drop_scale, pid_bh, STAGE=SEQ, CAUSAL=CAUSAL,
+                          HAS_KPM=HAS_KPM, MASK_KIND=MASK_KIND, EVEN_D=EVEN_D, DOT_F32=DOT_F32, PRECISION=PRECISION,
+                          EXP_MUL=EXP_MUL, DROPOUT=DROPOUT)
         for start in range(full, hi, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse2, delta, kb, vb, start, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
-                          offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK,
-                          stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, True, True, CAUSAL, HAS_KPM,
-                          MASK_KIND, EVEN_D, DOT_F32, PRECISION, EXP_MUL, seed, drop_offset, drop_threshold, drop_scale,
-                          pid_bh, DROPOUT)
+            dq = _dq_tile(dq, q, do, lse2, delta, kb, vb, start, Nk, stride_kn, stride_kd, stride_vn, stride_vd, offs_m,
+                          offs_n, offs_d, D, qk_scale, Nq, Nk, kpm, stride_kpm_n, mask, stride_mask_m, stride_mask_n,
+                          seed, drop_offset, drop_threshold, drop_scale, pid_bh, STAGE=SEQ_EDGE, CAUSAL=CAUSAL,
+                          HAS_KPM=HAS_KPM, MASK_KIND=MASK_KIND, EVEN_D=EVEN_D, DOT_F32=DOT_F32, PRECISION=PRECISION,
+                          EXP_MUL=EXP_MUL, DROPOUT=DROPOUT)
     ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     row_mask = (offs_m[:, None] < Nq) & (offs_d[None, :] < D)
     if ATOMIC:
@@ -167,15 +168,17 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, DOut, Lse2, Delta, DQ,
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, Q, DO, O, Lse2, Delta, Lse, DLse, DQ, stride_dqm, stride_dqd, row_base, m0,
                offs_m, offs_n, offs_d, j, n_keys, D, qk_scale, stride_qm, stride_qd, stride_dom, stride_dod,
-               stride_om, stride_od, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK, stride_mask_b,
-               stride_mask_h, stride_mask_m, stride_mask_n, IS_SEQ: tl.constexpr, CHECK_KEYS: tl.constexpr,
+               stride_om, stride_od, Nq, Nk, KPM, stride_kpm_n, MASK, stride_mask_m, stride_mask_n,
+               IS_SEQ: tl.constexpr, CHECK_KEYS: tl.constexpr,
                CHECK_ROWS: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
                FUSE_DELTA: tl.constexpr, HAS_DLSE: tl.constexpr, FUSE_DQ: tl.constexpr, EVEN_D: tl.constexpr,
                DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EXP_MUL: tl.constexpr, seed, drop_offset,
                drop_threshold, drop_scale, bh, j0, DROPOUT: tl.constexpr):
     """Adds one query block's share to the key block's dk (unscaled) and dv, in transposed form
     (sT is [keys, queries]); with FUSE_DQ also adds the block's dS K (unscaled) into DQ (float32,
-    atomics).
+    atomics). IS_SEQ: sequence keys (KPM / MASK point at the row's masks); otherwise prefix keys.
+    CHECK_KEYS / CHECK_ROWS: the key / query block may run past its end; CAUSAL: the query block
+    crosses the diagonal.
     FUSE_DELTA: Delta and the base-2 lse come from O, dO and lse here, not from the preprocess."""
     i = m0 + offs_m
     qT = load_tile(Q + i[None, :] * stride_qm + offs_d[:, None] * stride_qd, i[None, :], Nq, offs_d[:, None], D,
@@ -189,7 +192,7 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, O, Lse2, Delta, Lse, DLse, DQ, stride_dqm, s
         if HAS_DLSE:
             delta -= tl.load(DLse + row_base + i, mask=i < Nq, other=0.0)
         lse = tl.load(Lse + row_base + i, mask=i < Nq, other=float("-inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * (1.4426950408889634 / EXP_MUL))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * (LOG2E / EXP_MUL))
     else:
         lse2 = tl.load(Lse2 + row_base + i, mask=i < Nq, other=float("inf"))
         delta = tl.load(Delta + row_base + i, mask=i < Nq, other=0.0)
@@ -198,9 +201,8 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, O, Lse2, Delta, Lse, DLse, DQ, stride_dqm, s
         do = do.to(tl.float32)
     sT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale
     if IS_SEQ:
-        sT = seq_scores(sT, i[None, :], j[:, None], b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK,
-                        stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, CHECK_KEYS, CAUSAL, HAS_KPM,
-                        MASK_KIND)
+        sT = seq_scores(sT, i[None, :], j[:, None], Nq, Nk, KPM, stride_kpm_n, MASK, stride_mask_m, stride_mask_n,
+                        CHECK_BOUNDS=CHECK_KEYS, APPLY_CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, MASK_KIND=MASK_KIND)
     elif CHECK_KEYS:
         sT = tl.where(j[:, None] < n_keys, sT, float("-inf"))
     pT = tl.exp2((sT - lse2[None, :]) * EXP_MUL)
@@ -251,33 +253,37 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, MASK, DOut, Lse2, Delta, DK, DV, DQ,
     k, v = load_key_block(K + b * stride_kb + g * stride_kh, V + b * stride_vb + g * stride_vh, j, Nk, stride_kn,
                           stride_kd, stride_vn, stride_vd, offs_d, D, not EVEN_N, EVEN_D, DOT_F32)
     if HAS_KPM:  # then a padded key's dk and dv come out exactly 0, as its probabilities are
-        kept = kept_keys(j, b, Nk, KPM, stride_kpm_b, stride_kpm_n)[:, None]
+        kept = kept_keys(j, Nk, KPM + b * stride_kpm_b, stride_kpm_n)[:, None]
         k = zero_padded_keys(k, kept)
         v = zero_padded_keys(v, kept)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo, full = query_range(j0, Nq, Nk, BLOCK_M, BLOCK_N, CAUSAL)
+    kpm = KPM + b * stride_kpm_b
     for h in range(g * group, (g + 1) * group):
         qh = Q + b * stride_qb + h * stride_qh
         doh = DOut + b * stride_dob + h * stride_doh
         dqh = DQ + b * stride_dqb + h * stride_dqh
+        mask = MASK + b * stride_mask_b + h * stride_mask_h
         row_base = (b * Hq + h) * Nq
         for m0 in range(lo, full, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, qh, doh, doh, Lse2, Delta, Lse2, Lse2, dqh, stride_dqm, stride_dqd,
-                                row_base, m0, offs_m, offs_n, offs_d, j, Nk, D, qk_scale, stride_qm,
-                                stride_qd, stride_dom, stride_dod, 0, 0, b, h, Nq, Nk, KPM, stride_kpm_b,
-                                stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, True,
-                                not EVEN_N, not EVEN_M, True, HAS_KPM, MASK_KIND, False, False, FUSE_DQ, EVEN_D,
-                                DOT_F32, PRECISION, EXP_MUL, seed, drop_offset, drop_threshold, drop_scale, b * Hq + h, j0,
-                                DROPOUT)
+                                row_base, m0, offs_m, offs_n, offs_d, j, Nk, D, qk_scale, stride_qm, stride_qd,
+                                stride_dom, stride_dod, 0, 0, Nq, Nk, kpm, stride_kpm_n, mask, stride_mask_m,
+                                stride_mask_n, IS_SEQ=True, CHECK_KEYS=not EVEN_N, CHECK_ROWS=not EVEN_M,
+                                CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, MASK_KIND=MASK_KIND, FUSE_DELTA=False, HAS_DLSE=False,
+                                FUSE_DQ=FUSE_DQ, EVEN_D=EVEN_D, DOT_F32=DOT_F32, PRECISION=PRECISION, EXP_MUL=EXP_MUL,
+                                seed=seed, drop_offset=drop_offset, drop_threshold=drop_threshold,
+                                drop_scale=drop_scale, bh=b * Hq + h, j0=j0, DROPOUT=DROPOUT)
         for m0 in range(full, Nq, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, qh, doh, doh, Lse2, Delta, Lse2, Lse2, dqh, stride_dqm, stride_dqd,
-                                row_base, m0, offs_m, offs_n, offs_d, j, Nk, D, qk_scale, stride_qm,
-                                stride_qd, stride_dom, stride_dod, 0, 0, b, h, Nq, Nk, KPM, stride_kpm_b,
-                                stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, True,
-                                not EVEN_N, not EVEN_M, False, HAS_KPM, MASK_KIND, False, False, FUSE_DQ, EVEN_D,
-                                DOT_F32, PRECISION, EXP_MUL, seed, drop_offset, drop_threshold, drop_scale, b * Hq + h, j0,
-                                DROPOUT)
+                                row_base, m0, offs_m, offs_n, offs_d, j, Nk, D, qk_scale, stride_qm, stride_qd,
+                                stride_dom, stride_dod, 0, 0, Nq, Nk, kpm, stride_kpm_n, mask, stride_mask_m,
+                                stride_mask_n, IS_SEQ=True, CHECK_KEYS=not EVEN_N, CHECK_ROWS=not EVEN_M,
+                                CAUSAL=False, HAS_KPM=HAS_KPM, MASK_KIND=MASK_KIND, FUSE_DELTA=False, HAS_DLSE=False,
+                                FUSE_DQ=FUSE_DQ, EVEN_D=EVEN_D, DOT_F32=DOT_F32, PRECISION=PRECISION, EXP_MUL=EXP_MUL,
+                                seed=seed, drop_offset=drop_offset, drop_threshold=drop_threshold,
+                                drop_scale=drop_scale, bh=b * Hq + h, j0=j0, DROPOUT=DROPOUT)
     key_mask = (j[:, None] < Nk) & (offs_d[None, :] < D)
     tl.store(DK + b * stride_dkb + g * stride_dkh + j[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              (dk * scale).to(DK.dtype.element_ty), mask=key_mask)
@@ -342,14 +348,17 @@ def _bwd_dprefix_kernel(Q, PK, PV, Rows, RowStart, DOut, Out, Lse, DLse, Lse2, D
         m0 = (item % n_qblocks) * BLOCK_M
         for h in range(g * group, (g + 1) * group):
             row_base = (b * Hq + h) * Nq
+            # Prefix keys: no mask applies (KPM / MASK are unused placeholders).
             dk, dv = _dkdv_tile(dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DOut + b * stride_dob + h * stride_doh,
                                 Out + b * stride_ob + h * stride_oh, Lse2, Delta, Lse, DLse,
                                 DQ + b * stride_dqb + h * stride_dqh, stride_dqm, stride_dqd, row_base, m0,
                                 offs_m, offs_n, offs_d, j, P, D, qk_scale, stride_qm, stride_qd, stride_dom,
-                                stride_dod, stride_om, stride_od, b, h, Nq, P, Rows, 0, 0, Rows, 0, 0, 0, 0, False,
-                                not EVEN_N, not EVEN_M, False, False, 0, FUSE_DELTA, HAS_DLSE, FUSE_DQ, EVEN_D,
-                                DOT_F32, PRECISION, EXP_MUL, seed, drop_offset, drop_threshold, drop_scale, b * Hq + h, j0,
-                                DROPOUT)
+                                stride_dod, stride_om, stride_od, Nq, P, Rows, 0, Rows, 0, 0, IS_SEQ=False,
+                                CHECK_KEYS=not EVEN_N, CHECK_ROWS=not EVEN_M, CAUSAL=False, HAS_KPM=False,
+                                MASK_KIND=0, FUSE_DELTA=FUSE_DELTA, HAS_DLSE=HAS_DLSE, FUSE_DQ=FUSE_DQ, EVEN_D=EVEN_D,
+                                DOT_F32=DOT_F32, PRECISION=PRECISION, EXP_MUL=EXP_MUL, seed=seed,
+                                drop_offset=drop_offset, drop_threshold=drop_threshold, drop_scale=drop_scale,
+                                bh=b * Hq + h, j0=j0, DROPOUT=DROPOUT)
     key_mask = (j[:, None] < P) & (offs_d[None, :] < D)
     # DPK and DPV have layouts of their own (each gradient takes its input's, and prefix_k and
     # prefix_v may be different views).
@@ -374,20 +383,6 @@ def _rows_by_entry(prefix_index, T: int, device) -> Tuple[torch.Tensor, torch.Te
     entries, rows = torch.sort(prefix_index.to(torch.int64), stable=True)
     start = torch.searchsorted(entries, torch.arange(T + 1, device=device, dtype=torch.int64))
     return rows, start
-
-
-_SM_COUNT = {}
-
-
-def _chunk_target(device) -> int:
-    """Programs wanted for the prefix gradient: twice the SMs (asked once per device). Under the
-    interpreter, an odd count, so that tests split rows across uneven chunks."""
-    if device.type != "cuda":
-        return 7
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return 2 * _SM_COUNT[idx]
 
 
 def _num_chunks(rows_per_entry: int, Nq: int, T: int, Hkv: int, P: int, meta: dict, target: int) -> int:
@@ -455,7 +450,7 @@ def triton_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding
     if not prefix_only:
         delta = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
         lse2 = torch.empty_like(delta)
-        pre_m = 16 if configs.INTERPRET else 64
+        pre_m = configs.PREPROCESS_BLOCK_M
         _bwd_preprocess_kernel[(triton.cdiv(Nq, pre_m), B * Hq)](
             out, dout, dlse if dlse is not None else lse, lse, delta, lse2, *out.stride(), *dout.stride(), Hq, Nq,
             D, HAS_DLSE=dlse is not None, BLOCK_M=pre_m, BLOCK_D=dot["BLOCK_D"], num_warps=4, EXP_MUL=exp_mul)
@@ -503,7 +498,7 @@ def _launch_dprefix(q, prefix_k, prefix_v, prefix_index, dout, out, lse, dlse, l
         rows = start = q  # unused placeholders
         mode = 1 if per_row else 0
     rows_per_entry = 1 if per_row else B  # a bank entry may be used by every row
-    target = _chunk_target(q.device)
+    target = configs.dprefix_programs(q.device)
     atomic = not deterministic
     if atomic:  # float32 accumulators, zeroed; a float32 prefix accumulates in place
         in_place = prefix_k.dtype == torch.float32
@@ -524,7 +519,8 @@ def _launch_dprefix(q, prefix_k, prefix_v, prefix_index, dout, out, lse, dlse, l
     launch(_bwd_dprefix_kernel, "dprefix", grid, D, q.dtype,
            q, prefix_k, prefix_v, rows, start, dout, out, lse, dlse if dlse is not None else lse, lse2, delta,
            tk, tv, dq_arg,
-           *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(), *out.stride(), *tk.stride(), *tv.stride(), *sdq,
+           *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(), *out.stride(), *tk.stride(),
+           *tv.stride(), *sdq,
            B, Hq, Hkv, Nq, P, D, Hq // Hkv, qk_scale, scale, n_bucket(B * Nq), *drop,
            ROWS=mode, FUSE_DELTA=prefix_only, HAS_DLSE=dlse is not None, FUSE_DQ=fuse_dq, ATOMIC=atomic,
            tune=not deterministic, **dot)

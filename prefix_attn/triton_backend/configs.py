@@ -91,6 +91,24 @@ _INTERPRET: Dict[str, TileConfig] = {
 _HUGE_D = TileConfig(16, 16, 4, 1)
 
 
+# The backward's preprocess (Delta = rowsum(dO * O)): rows per program, 4 warps.
+PREPROCESS_BLOCK_M = 16 if INTERPRET else 64
+
+_SM_COUNT: Dict[int, int] = {}
+
+
+def dprefix_programs(device: torch.device) -> int:
+    """Programs wanted for the prefix gradient, which splits the (row, query block) pairs that use
+    a prefix block into chunks to get them: twice the SMs (asked once per device). Elsewhere (the
+    interpreter) an odd count, so that tests split rows across uneven chunks."""
+    if device.type != "cuda":
+        return 7
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return 2 * _SM_COUNT[idx]
+
+
 def block_d(D: int) -> int:
     """The padded head dim the kernels tile with: a power of two, at least 16."""
     return max(16, 1 << (max(D, 1) - 1).bit_length())

@@ -14,34 +14,31 @@ import triton.language as tl
 
 from .._inputs import check_prefix_index_range
 from .scores import as_bytes, dot_args, dropout_args, mask_kind, n_bucket, optional, score_units
-from .tiles import (block_scores, dropout_keep, kept_keys, load_tile, prefix_entry, query_block, seq_key_range,
-                    zero_padded_keys)
+from .tiles import (LN2, PREFIX, PREFIX_TAIL, SEQ, SEQ_EDGE, block_scores, dropout_keep, load_tile, prefix_entry,
+                    query_block, seq_key_range, walk_values)
 from .tuning import launch
 
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, K, V, start, n_keys, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n,
-              offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK, stride_mask_b,
-              stride_mask_h, stride_mask_m, stride_mask_n, IS_SEQ: tl.constexpr, CHECK_KEYS: tl.constexpr,
-              APPLY_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, EVEN_D: tl.constexpr,
-              DOT_F32: tl.constexpr, PRECISION: tl.constexpr, EXP_MUL: tl.constexpr, seed, drop_offset,
-              drop_threshold, bh, DROPOUT: tl.constexpr):
+              offs_d, D, qk_scale, Nq, Nk, KPM, stride_kpm_n, MASK, stride_mask_m, stride_mask_n, seed, drop_offset,
+              drop_threshold, bh, STAGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+              MASK_KIND: tl.constexpr, EVEN_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+              EXP_MUL: tl.constexpr, DROPOUT: tl.constexpr):
+    """One online-softmax step over keys [start, start + BLOCK_N) of the walk's STAGE."""
     j = start + offs_n
-    s, _ = block_scores(q, K, j, n_keys, stride_kn, stride_kd, offs_m, offs_d, D, qk_scale, b, h, Nq, Nk, KPM,
-                            stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m,
-                            stride_mask_n, IS_SEQ, CHECK_KEYS, APPLY_CAUSAL, HAS_KPM, MASK_KIND, EVEN_D, DOT_F32,
-                            PRECISION)
-    v = load_tile(V + j[:, None] * stride_vn + offs_d[None, :] * stride_vd, j[:, None], n_keys, offs_d[None, :],
-                  D, CHECK_KEYS, not EVEN_D)
-    if IS_SEQ and HAS_KPM:
-        v = zero_padded_keys(v, kept_keys(j, b, Nk, KPM, stride_kpm_b, stride_kpm_n)[:, None])
+    s, _ = block_scores(q, K, j, n_keys, stride_kn, stride_kd, offs_m, offs_d, D, qk_scale, Nq, Nk, KPM, stride_kpm_n,
+                        MASK, stride_mask_m, stride_mask_n, STAGE=STAGE, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM,
+                        MASK_KIND=MASK_KIND, EVEN_D=EVEN_D, DOT_F32=DOT_F32, PRECISION=PRECISION)
+    v = walk_values(V, j, n_keys, stride_vn, stride_vd, offs_d, D, Nk, KPM, stride_kpm_n, STAGE=STAGE,
+                    HAS_KPM=HAS_KPM, EVEN_D=EVEN_D, TRANSPOSED=False)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
     p = tl.exp2((s - m_safe[:, None]) * EXP_MUL)
     alpha = tl.exp2((m_i - m_safe) * EXP_MUL)
     l_i = l_i * alpha + tl.sum(p, 1)  # the undropped normaliser
     if DROPOUT:  # the kept ones' 1 / (1 - p) is applied with 1 / l at the end
-        p = tl.where(dropout_keep(seed, drop_offset, drop_threshold, bh, offs_m, start, not IS_SEQ, p.shape[1]),
+        p = tl.where(dropout_keep(seed, drop_offset, drop_threshold, bh, offs_m, start, STAGE < SEQ, p.shape[1]),
                      p, 0.0)
     if DOT_F32:
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
@@ -74,6 +71,9 @@ def _fwd_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, Out, Lse,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    # The row's masks, offset once: the tiles index them by query and key only.
+    kpm = KPM + b * stride_kpm_b
+    mask = MASK + b * stride_mask_b + h * stride_mask_h
     if HAS_PREFIX:
         e = prefix_entry(IDX, b, HAS_INDEX, PER_ROW)
         pk = PK + e * stride_pkt + g * stride_pkh
@@ -81,32 +81,34 @@ def _fwd_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, Out, Lse,
         p_full = P // BLOCK_N * BLOCK_N
         for start in range(0, p_full, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, pk, pv, start, P, stride_pkn, stride_pkd, stride_pvn,
-                                      stride_pvd, offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM,
-                                      stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h,
-                                      stride_mask_m, stride_mask_n, False, False, False, False, 0, EVEN_D, DOT_F32,
-                                      PRECISION, EXP_MUL, seed, drop_offset, drop_threshold, pid_bh, DROPOUT)
+                                      stride_pvd, offs_m, offs_n, offs_d, D, qk_scale, Nq, Nk, kpm, stride_kpm_n,
+                                      mask, stride_mask_m, stride_mask_n, seed, drop_offset, drop_threshold, pid_bh,
+                                      STAGE=PREFIX, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, MASK_KIND=MASK_KIND,
+                                      EVEN_D=EVEN_D, DOT_F32=DOT_F32, PRECISION=PRECISION, EXP_MUL=EXP_MUL,
+                                      DROPOUT=DROPOUT)
         if p_full < P:
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, pk, pv, p_full, P, stride_pkn, stride_pkd, stride_pvn,
-                                      stride_pvd, offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM,
-                                      stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h,
-                                      stride_mask_m, stride_mask_n, False, True, False, False, 0, EVEN_D, DOT_F32,
-                                      PRECISION, EXP_MUL, seed, drop_offset, drop_threshold, pid_bh, DROPOUT)
+                                      stride_pvd, offs_m, offs_n, offs_d, D, qk_scale, Nq, Nk, kpm, stride_kpm_n,
+                                      mask, stride_mask_m, stride_mask_n, seed, drop_offset, drop_threshold, pid_bh,
+                                      STAGE=PREFIX_TAIL, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, MASK_KIND=MASK_KIND,
+                                      EVEN_D=EVEN_D, DOT_F32=DOT_F32, PRECISION=PRECISION, EXP_MUL=EXP_MUL,
+                                      DROPOUT=DROPOUT)
 
     kb = K + b * stride_kb + g * stride_kh
     vb = V + b * stride_vb + g * stride_vh
     full, hi = seq_key_range(i0, Nq, Nk, BLOCK_M, BLOCK_N, CAUSAL)
     for start in range(0, full, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kb, vb, start, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
-                                  offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b,
-                                  stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
-                                  True, False, False, HAS_KPM, MASK_KIND, EVEN_D, DOT_F32, PRECISION, EXP_MUL,
-                                  seed, drop_offset, drop_threshold, pid_bh, DROPOUT)
+                                  offs_m, offs_n, offs_d, D, qk_scale, Nq, Nk, kpm, stride_kpm_n, mask,
+                                  stride_mask_m, stride_mask_n, seed, drop_offset, drop_threshold, pid_bh,
+                                  STAGE=SEQ, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, MASK_KIND=MASK_KIND,
+                                  EVEN_D=EVEN_D, DOT_F32=DOT_F32, PRECISION=PRECISION, EXP_MUL=EXP_MUL, DROPOUT=DROPOUT)
     for start in range(full, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kb, vb, start, Nk, stride_kn, stride_kd, stride_vn, stride_vd,
-                                  offs_m, offs_n, offs_d, D, qk_scale, b, h, Nq, Nk, KPM, stride_kpm_b,
-                                  stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
-                                  True, True, CAUSAL, HAS_KPM, MASK_KIND, EVEN_D, DOT_F32, PRECISION, EXP_MUL,
-                                  seed, drop_offset, drop_threshold, pid_bh, DROPOUT)
+                                  offs_m, offs_n, offs_d, D, qk_scale, Nq, Nk, kpm, stride_kpm_n, mask,
+                                  stride_mask_m, stride_mask_n, seed, drop_offset, drop_threshold, pid_bh,
+                                  STAGE=SEQ_EDGE, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, MASK_KIND=MASK_KIND,
+                                  EVEN_D=EVEN_D, DOT_F32=DOT_F32, PRECISION=PRECISION, EXP_MUL=EXP_MUL, DROPOUT=DROPOUT)
 
     # l == 0 only when no key was visible (P == 0): out 0, lse -inf
     has_any = l_i > 0
@@ -114,7 +116,7 @@ def _fwd_kernel(Q, K, V, PK, PV, IDX, KPM, MASK, Out, Lse,
         out = acc * (drop_scale / tl.where(has_any, l_i, 1.0))[:, None]
     else:
         out = acc / tl.where(has_any, l_i, 1.0)[:, None]
-    lse = tl.where(has_any, m_i * (0.6931471805599453 * EXP_MUL) + tl.log2(tl.where(has_any, l_i, 1.0)) * 0.6931471805599453,
+    lse = tl.where(has_any, m_i * (LN2 * EXP_MUL) + tl.log2(tl.where(has_any, l_i, 1.0)) * LN2,
                    float("-inf"))  # natural log
     row_ok = offs_m[:, None] < Nq
     if EVEN_D:

@@ -8,8 +8,9 @@ from torch import Tensor
 
 from .. import _dropout
 from . import configs
+from .tiles import LOG2E as _LOG2E
 
-LOG2E = 1.4426950408889634
+LOG2E = float(_LOG2E.value)  # the kernels' constant, on the host
 
 
 def score_units(attn_mask: Optional[Tensor], scale: float) -> Tuple[float, float]:

@@ -20,6 +20,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+# The stages of a query block's walk over the keys, each loop of a kernel one of them: it says
+# which masks a tile needs, in one constexpr.
+PREFIX = tl.constexpr(0)  # prefix tiles wholly inside P: no mask at all
+PREFIX_TAIL = tl.constexpr(1)  # the prefix's last, partial tile: its bounds
+SEQ = tl.constexpr(2)  # sequence tiles every query of the block sees: the padding / attn masks
+SEQ_EDGE = tl.constexpr(3)  # sequence tiles across the causal diagonal or the end: bounds and causality too
+
 
 @triton.jit
 def seq_key_range(i0, Nq, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
@@ -55,9 +65,10 @@ def query_range(j0, Nq, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL
 
 
 @triton.jit
-def kept_keys(j, b, Nk, KPM, stride_kpm_b, stride_kpm_n):
-    """key_padding_mask[b, j] for sequence keys j (of any shape); False past Nk."""
-    return tl.load(KPM + b * stride_kpm_b + j * stride_kpm_n, mask=j < Nk, other=0) != 0
+def kept_keys(j, Nk, KPM, stride_kpm_n):
+    """The batch row's key_padding_mask (KPM points at it) for sequence keys j, of any shape;
+    False past Nk."""
+    return tl.load(KPM + j * stride_kpm_n, mask=j < Nk, other=0) != 0
 
 
 @triton.jit
@@ -69,28 +80,26 @@ def zero_padded_keys(x, kept):
 
 
 @triton.jit
-def seq_scores(s, i, j, b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h,
-               stride_mask_m, stride_mask_n, CHECK_BOUNDS: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
-               HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr):
+def seq_scores(s, i, j, Nq, Nk, KPM, stride_kpm_n, MASK, stride_mask_m, stride_mask_n, CHECK_BOUNDS: tl.constexpr,
+               APPLY_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr):
     """Masks scores s of sequence keys j for queries i (i, j broadcast to s's shape): hidden keys
-    get -inf; an additive float mask is added (scores are in natural units then). CHECK_BOUNDS:
-    the tile may hold keys past Nk. On interior tiles with no mask tensors this is the identity.
-    Rows past Nq are never masked here: no kernel stores them, and the backward's lse for them
-    is +inf, which zeroes their probabilities."""
+    get -inf; an additive float mask is added (scores are in natural units then). KPM points at
+    the batch row's padding mask, MASK at the (row, head)'s attn_mask. CHECK_BOUNDS: the tile may
+    hold keys past Nk. On interior tiles with no mask tensors this is the identity. Rows past Nq
+    are never masked here: no kernel stores them, and the backward's lse for them is +inf, which
+    zeroes their probabilities."""
     if CHECK_BOUNDS or APPLY_CAUSAL or HAS_KPM or MASK_KIND == 1:
         visible = j < Nk
         if APPLY_CAUSAL:
             visible = visible & (j <= i + (Nk - Nq))
         if HAS_KPM:
-            visible = visible & kept_keys(j, b, Nk, KPM, stride_kpm_b, stride_kpm_n)
+            visible = visible & kept_keys(j, Nk, KPM, stride_kpm_n)
         if MASK_KIND == 1:
-            keep = tl.load(MASK + b * stride_mask_b + h * stride_mask_h + i * stride_mask_m + j * stride_mask_n,
-                           mask=(i < Nq) & (j < Nk), other=0)
+            keep = tl.load(MASK + i * stride_mask_m + j * stride_mask_n, mask=(i < Nq) & (j < Nk), other=0)
             visible = visible & (keep != 0)
         s = tl.where(visible, s, float("-inf"))
     if MASK_KIND == 2:
-        bias = tl.load(MASK + b * stride_mask_b + h * stride_mask_h + i * stride_mask_m + j * stride_mask_n,
-                       mask=(i < Nq) & (j < Nk), other=float("-inf"))
+        bias = tl.load(MASK + i * stride_mask_m + j * stride_mask_n, mask=(i < Nq) & (j < Nk), other=float("-inf"))
         s = s + bias
     return s
 
@@ -170,24 +179,44 @@ def load_key_block(K, V, j, n_keys, stride_kn, stride_kd, stride_vn, stride_vd, 
 
 
 @triton.jit
-def block_scores(q, K, j, n_keys, stride_kn, stride_kd, offs_m, offs_d, D, qk_scale, b, h, Nq, Nk, KPM,
-                 stride_kpm_b, stride_kpm_n, MASK, stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
-                 IS_SEQ: tl.constexpr, CHECK_KEYS: tl.constexpr, APPLY_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                 MASK_KIND: tl.constexpr, EVEN_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
-    """A query-major program's scores against keys j: (s [BLOCK_M, BLOCK_N] in the kernel's units,
-    masked; the K tile, transposed, that made them). IS_SEQ: sequence keys (masks apply);
-    otherwise prefix keys (only the bounds of a partial tile)."""
+def block_scores(q, K, j, n_keys, stride_kn, stride_kd, offs_m, offs_d, D, qk_scale, Nq, Nk, KPM, stride_kpm_n,
+                 MASK, stride_mask_m, stride_mask_n, STAGE: tl.constexpr, CAUSAL: tl.constexpr,
+                 HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr, EVEN_D: tl.constexpr, DOT_F32: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """A query-major program's scores against keys j of the walk's STAGE: (s [BLOCK_M, BLOCK_N]
+    in the kernel's units, masked as the stage needs; the K tile, transposed, that made them,
+    with padded keys zeroed)."""
+    check_keys: tl.constexpr = STAGE == PREFIX_TAIL or STAGE == SEQ_EDGE
     kT = load_tile(K + j[None, :] * stride_kn + offs_d[:, None] * stride_kd, j[None, :], n_keys, offs_d[:, None],
-                   D, CHECK_KEYS, not EVEN_D)
-    if IS_SEQ and HAS_KPM:
-        kT = zero_padded_keys(kT, kept_keys(j, b, Nk, KPM, stride_kpm_b, stride_kpm_n)[None, :])
+                   D, check_keys, not EVEN_D)
+    if STAGE >= SEQ and HAS_KPM:
+        kT = zero_padded_keys(kT, kept_keys(j, Nk, KPM, stride_kpm_n)[None, :])
     if DOT_F32:
         kT = kT.to(tl.float32)
     s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-    if IS_SEQ:
-        s = seq_scores(s, offs_m[:, None], j[None, :], b, h, Nq, Nk, KPM, stride_kpm_b, stride_kpm_n, MASK,
-                       stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n, CHECK_KEYS, APPLY_CAUSAL,
-                       HAS_KPM, MASK_KIND)
-    elif CHECK_KEYS:
+    if STAGE >= SEQ:
+        s = seq_scores(s, offs_m[:, None], j[None, :], Nq, Nk, KPM, stride_kpm_n, MASK, stride_mask_m, stride_mask_n,
+                       CHECK_BOUNDS=check_keys, APPLY_CAUSAL=STAGE == SEQ_EDGE and CAUSAL, HAS_KPM=HAS_KPM,
+                       MASK_KIND=MASK_KIND)
+    elif check_keys:
         s = tl.where(j[None, :] < n_keys, s, float("-inf"))
     return s, kT
+
+
+@triton.jit
+def walk_values(V, j, n_keys, stride_vn, stride_vd, offs_d, D, Nk, KPM, stride_kpm_n, STAGE: tl.constexpr,
+                HAS_KPM: tl.constexpr, EVEN_D: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """The V tile of keys j of the walk's STAGE ([BLOCK_N, BLOCK_D], or its transpose), padded
+    keys zeroed."""
+    check_keys: tl.constexpr = STAGE == PREFIX_TAIL or STAGE == SEQ_EDGE
+    if TRANSPOSED:
+        v = load_tile(V + j[None, :] * stride_vn + offs_d[:, None] * stride_vd, j[None, :], n_keys, offs_d[:, None],
+                      D, check_keys, not EVEN_D)
+        if STAGE >= SEQ and HAS_KPM:
+            v = zero_padded_keys(v, kept_keys(j, Nk, KPM, stride_kpm_n)[None, :])
+    else:
+        v = load_tile(V + j[:, None] * stride_vn + offs_d[None, :] * stride_vd, j[:, None], n_keys, offs_d[None, :],
+                      D, check_keys, not EVEN_D)
+        if STAGE >= SEQ and HAS_KPM:
+            v = zero_padded_keys(v, kept_keys(j, Nk, KPM, stride_kpm_n)[:, None])
+    return v
