@@ -81,7 +81,8 @@ def _oracle(x):
 
 
 @pytest.mark.parametrize("backend", backend_params() + ["reference"])
-@pytest.mark.parametrize("case", [pytest.param(dataclasses.replace(c, dtype="bf16"), id=c.id()) for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id())
+                                  for c in (dataclasses.replace(c, dtype="bf16") for c in CASES)])
 def test_autocast_matches_float64_oracle_on_cast_inputs(backend, case):
     x = _mixed_inputs(case, device_for(backend))
     ours = _run_autocast(x, backend)
