@@ -83,7 +83,8 @@ def _train(model, rows, bf16, tmp_path):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(output_dir=str(tmp_path / f"run-{bf16}"), per_device_train_batch_size=4,
-                             max_steps=STEPS, learning_rate=5e-2, lr_scheduler_type="constant", logging_steps=1, report_to="none",
+                             max_steps=STEPS, learning_rate=5e-2, lr_scheduler_type="constant", logging_steps=1,
+                             report_to="none",
                              save_strategy="no", use_cpu=True, bf16=bf16, disable_tqdm=True,
                              remove_unused_columns=False, dataloader_num_workers=0, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=_Rows(rows))
