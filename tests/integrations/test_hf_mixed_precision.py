@@ -160,3 +160,54 @@ def test_trainer_bf16_loss_curve(family, tmp_path):
     assert not torch.equal(table.detach(), before)
     if ours32 is not None:  # and our float32 run is PEFT's float32 run
         torch.testing.assert_close(_train(ours32, rows, False, tmp_path), hi, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_trainer_bf16_prompt_tuning_loss_curve(family, tmp_path):
+    """Prompt tuning (its prompt pass and the prefix kernel) under bf16=True, against PEFT's prompt
+    tuning. The first label is -100: PEFT also scores each row's first token from the prompt
+    (see prefix_attn.integrations.prompt_tuning)."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    from prefix_attn.integrations.prompt_tuning import load_peft_prompt
+
+    base = tiny_model(family, **NO_DROPOUT[family])
+    peft_model = get_peft_model(copy.deepcopy(base), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        weight = peft_model.prompt_encoder["default"].embedding.weight
+        weight.copy_(torch.randn(weight.shape, generator=g) * 0.5)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    ours = load_peft_prompt(copy.deepcopy(base), str(tmp_path / "peft"))
+    rows = _rows(family, base)
+    for row in rows:
+        row["labels"][0] = -100
+    table = ours.prefix_encoder.embedding.weight
+    before = table.detach().clone()
+    got = _train(ours, rows, True, tmp_path)
+    lo = _train(copy.deepcopy(peft_model), rows, True, tmp_path)
+    hi = _train(peft_model, rows, False, tmp_path)
+    assert_curve_within_bf16_noise(f"{family} prompt tuning vs PEFT", got, lo, hi)
+    assert (got[1:] < got[:-1]).all(), f"the loss did not fall at every step: {got.tolist()}"
+    assert table.dtype == torch.float32 and not torch.equal(table.detach(), before)
+
+
+def test_compile_fullgraph_under_autocast(fresh_dynamo):
+    """torch.compile(fullgraph=True) of a prefix-tuned Llama under CPU bf16 autocast: no graph
+    break, the loss and the float32 prefix gradient equal to eager's under the same autocast."""
+    model = random_prefix(add_prefix_tuning(tiny_model("llama"), P)).train()
+    rows = _rows("llama", model)
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    results = []
+    for run in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run(**batch)
+        out.loss.backward()
+        grad = get_prefix_encoder(model).weight.grad
+        assert out.logits.dtype == torch.bfloat16 and grad.dtype == torch.float32
+        results.append((out.loss.detach(), grad))
+    (eager_loss, eager_grad), (loss, grad) = results
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(grad, eager_grad, rtol=2e-2, atol=1e-3)
+    assert grad.abs().max() > 0
