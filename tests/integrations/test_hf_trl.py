@@ -82,3 +82,25 @@ def test_sft_trainer_default_config_trains_saves_reloads(smollm2, packing, tmp_p
         plain = base.generate(**batch, max_new_tokens=8, do_sample=False)
     assert torch.equal(got, again), f"\ntrained  {got}\nreloaded {again}"
     assert not torch.equal(got, plain), "the trained prefix changes nothing: the test shows nothing"
+
+
+def test_padding_free_batch_equals_separate_rows():
+    """TRL's packing hands the model one row of several sequences (its padding-free collator:
+    position_ids restarting at 0, no attention mask, the varlen kwargs). Each sequence must see
+    the prefix and its own earlier tokens only: its logits equal those of the sequence alone.
+    transformers looks for packed sequences only without a cache (use_cache=False, as in
+    training); with one, plain sdpa attention mixes the sequences too."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from hf_testing import random_prefix, tiny_model
+
+    model = random_prefix(add_prefix_tuning(tiny_model("llama"), 5))
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, 120, (n,), generator=g) for n in (7, 4, 9)]
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([{"input_ids": r} for r in rows])
+    assert "attention_mask" not in batch and batch["position_ids"].shape == (1, 20)
+    batch.pop("labels")
+    with torch.no_grad():
+        packed = model(**batch, use_cache=False).logits[0]
+        alone = torch.cat([model(input_ids=r[None], use_cache=False).logits[0] for r in rows])
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
