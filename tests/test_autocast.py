@@ -99,7 +99,7 @@ def test_autocast_casts_as_torch_sdpa_does():
     case = C(B=2, Hq=4, Hkv=4, Nq=19, Nk=19, P=0, D=32, prefix="none", mask="float-1HNqNk", dtype="bf16")
     x = _mixed_inputs(case, "cpu")
     ours = _run_autocast(x, "auto", sdpa=True)
-    t = x.cast(torch.float32).tensors()  # fresh leaves, same values and dtypes rules below
+    t = x.cast(torch.float32).tensors()  # the same values (v round-trips through float32 exactly)
     q, k, v = (t[n].detach().to(MASTER[n]).requires_grad_() for n in ("q", "k", "v"))
     with torch.autocast("cpu", dtype=AUTOCAST):
         theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=x.attn_mask)
