@@ -217,3 +217,22 @@ def test_autocast_under_compile_fullgraph(where):
     for n in eg:
         assert cg[n].dtype == eg[n].dtype == MASTER[n]
         torch.testing.assert_close(cg[n], eg[n], rtol=0, atol=0)
+
+
+@pytest.mark.skipif("cpu" not in prefix_attn.available_backends(), reason="compiled ops not built")
+def test_raw_op_is_not_cast():
+    """The cast lives in prefix_attention, not in an autocast kernel of the ops (see the comment
+    there): the raw op under autocast runs matching bfloat16 inputs as they are, and refuses mixed
+    ones with its dtype error rather than casting them."""
+    from attn_testing import op_kwargs
+
+    fwd = torch.ops.prefix_attn.fwd.default
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 16, generator=g).to(AUTOCAST) for _ in range(3))
+    with torch.autocast("cpu", dtype=AUTOCAST):
+        out, lse = fwd(**op_kwargs(fwd, q=q, k=k, v=v))
+        assert out.dtype == AUTOCAST and lse.dtype == torch.float32
+        with pytest.raises(TypeError, match="k must have dtype"):
+            fwd(**op_kwargs(fwd, q=q, k=k.float(), v=v))
+    expected = prefix_attn.prefix_attention(q, k, v, softmax_scale=0.25, backend="cpu")
+    assert max_abs_err(out, expected) == 0.0
