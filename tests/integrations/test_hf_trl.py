@@ -52,7 +52,8 @@ def test_sft_trainer_default_config_trains_saves_reloads(smollm2, packing, tmp_p
     base, tokenizer = smollm2
     model = add_prefix_tuning(copy.deepcopy(base), 8)
     # a prefix the model can read (its own activations for a text), not N(0, 1) noise
-    init_prefix_from_text(model, tokenizer("Answer every question in one short, clear sentence.", return_tensors="pt")["input_ids"][:, :8])
+    text = tokenizer("Answer every question in one short, clear sentence.", return_tensors="pt")["input_ids"]
+    init_prefix_from_text(model, text[:, :8])
     table = get_prefix_encoder(model).weight
     before = table.detach().clone()
     args = SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, max_steps=3, per_device_train_batch_size=3,
