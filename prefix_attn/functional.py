@@ -74,23 +74,19 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
         device_type = q.device.type
         q, k, v, prefix_k, prefix_v, attn_mask = (_autocast_cast(t, cast_to, device_type)
                                                   for t in (q, k, v, prefix_k, prefix_v, attn_mask))
+    # The backend runs on the cast tensors with autocast off: the reference's own ops must not be
+    # re-cast. (Inline, not a helper: the reference fallback's warning points at the caller.)
     with torch.autocast(q.device.type, enabled=False) if cast_to is not None else contextlib.nullcontext():
-        return _prefix_attention(q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask, attn_mask,
-                                 prefix_index, dropout_p, return_lse, deterministic, backend)
-
-
-def _prefix_attention(q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask, attn_mask, prefix_index,
-                      dropout_p, return_lse, deterministic, backend):
-    inputs = check_inputs(q, k, v, prefix_k, prefix_v, causal=causal, softmax_scale=softmax_scale,
-                          key_padding_mask=key_padding_mask, attn_mask=attn_mask, prefix_index=prefix_index)
-    inputs.dropout_p = _dropout.check_dropout_p(dropout_p)
-    if inputs.dropout_p > 0.0:
-        inputs.dropout_seed, inputs.dropout_offset = _dropout.next_stream(q.device)
-        if _dropout._recorders:
-            B, Hq, Nq, _ = q.shape
-            _dropout.note_call(inputs.dropout_seed, inputs.dropout_offset, inputs.dropout_p,
-                               (B, Hq, Nq, inputs.num_prefix, k.shape[2]), q.device)
-    out, lse = backends.run(inputs, backend, bool(deterministic))
+        inputs = check_inputs(q, k, v, prefix_k, prefix_v, causal=causal, softmax_scale=softmax_scale,
+                              key_padding_mask=key_padding_mask, attn_mask=attn_mask, prefix_index=prefix_index)
+        inputs.dropout_p = _dropout.check_dropout_p(dropout_p)
+        if inputs.dropout_p > 0.0:
+            inputs.dropout_seed, inputs.dropout_offset = _dropout.next_stream(q.device)
+            if _dropout._recorders:
+                B, Hq, Nq, _ = q.shape
+                _dropout.note_call(inputs.dropout_seed, inputs.dropout_offset, inputs.dropout_p,
+                                   (B, Hq, Nq, inputs.num_prefix, k.shape[2]), q.device)
+        out, lse = backends.run(inputs, backend, bool(deterministic))
     return (out, lse) if return_lse else out
 
 
