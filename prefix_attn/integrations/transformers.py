@@ -59,7 +59,7 @@ from transformers.masking_utils import (AttentionMaskInterface, bidirectional_ma
 
 from .. import __version__, _inputs
 from ..backends import ENV_VAR, select_backend
-from ..functional import prefix_attention
+from ..functional import compute_dtype, prefix_attention
 from ..prefix_encoder import PrefixEncoder
 
 __all__ = [
@@ -180,10 +180,11 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
             past = kwargs.get(_PAST_KWARG)
             prefix_bias = _prefix_position_bias(module, query.shape[2], key.shape[2] - query.shape[2]
                                                 if past is None else past, prefix_k.shape[-2], query.device)
+    dtype = compute_dtype(query)  # autocast's, inside an autocast region (query may be float32 there)
     if torch.compiler.is_compiling():
-        backend = _compiled_backend(query.device.type, query.dtype)
+        backend = _compiled_backend(query.device.type, dtype)
     else:
-        backend = _backend_for(query.device.type, query.dtype, os.environ.get(ENV_VAR))
+        backend = _backend_for(query.device.type, dtype, os.environ.get(ENV_VAR))
     B, Hq, Nq, D = query.shape
     Hkv = key.shape[1]
     if prefix_bias is not None:
@@ -287,7 +288,7 @@ def _attend_with_prefix_bias(query, key, value, prefix_k, prefix_v, prefix_bias,
     lse = torch.logaddexp(lse_seq, lse_pre)  # the prefix keys are always visible: finite
     out = (out_seq.float() * torch.exp(lse_seq - lse).unsqueeze(-1)
            + out_pre.float() * torch.exp(lse_pre - lse).unsqueeze(-1))
-    return out.to(query.dtype)
+    return out.to(out_seq.dtype)  # the calls' dtype: autocast's inside an autocast region, as torch's SDPA
 
 
 @functools.lru_cache(maxsize=None)
