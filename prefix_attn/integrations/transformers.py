@@ -755,9 +755,10 @@ def _owns_fsdp_unit(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def _own_config(model: nn.Module) -> list:
-    """Give the model a config object of its own, shared by its submodules as the old one was;
-    returns what was replaced, [(module, attribute, old config)], to undo it.
+def _own_config(model: nn.Module, outer: nn.Module) -> list:
+    """Give the model a config object of its own, shared by its submodules (and a PEFT wrapper,
+    `outer`) as the old one was; returns what was replaced, [(module, attribute, old config)], to
+    undo it.
 
     transformers reads the attention implementation from the config at every forward, and models
     built from one config object share it: switching it in place would switch every such model to
@@ -767,7 +768,7 @@ def _own_config(model: nn.Module) -> list:
     memo: dict = {}
     copy.deepcopy(model.config, memo)  # memo: id of the config and of each sub-config -> its copy
     replaced = []
-    for module in model.modules():
+    for module in {id(m): m for m in (*outer.modules(), *model.modules())}.values():
         for attr, value in list(module.__dict__.items()):
             if isinstance(value, PretrainedConfig) and isinstance(memo.get(id(value)), PretrainedConfig):
                 replaced.append((module, attr, value))
@@ -933,7 +934,7 @@ def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, prefix_proje
     previous = {name: p.requires_grad for name, p in model.named_parameters()}
     state = _PrefixTuning(encoder, bool(position_offset), geometry, model.config._attn_implementation, previous)
     _register(state)
-    replaced = _own_config(model)
+    replaced = _own_config(model, outer)
     try:
         _set_attn_implementation(model, ATTN_IMPLEMENTATION)
     except Exception:
