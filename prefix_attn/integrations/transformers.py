@@ -1073,15 +1073,19 @@ def _check_supported(model: nn.Module) -> None:
         raise NotImplementedError(
             f"prefix_attn: {name} gives its attention learned sinks ({sinks}.sinks), extra softmax terms that "
             "prefix_attn's kernels do not implement")
-    if not encoder_decoder and not getattr(type(model), "_supports_attention_backend", False):
-        raise NotImplementedError(
-            f"prefix_attn: {name} does not run its attention through transformers' AttentionInterface "
-            "(_supports_attention_backend is False), so prefix_attn's attention would never be called")
     if hasattr(config, "relative_attention_num_buckets") and not encoder_decoder:
         raise NotImplementedError(
             f"prefix_attn: {name} adds a relative position bias (T5's position_bias) to its attention scores, and "
             "its prefix keys need a bias of their own: add_prefix_tuning sets that up for encoder-decoder models "
             "(T5ForConditionalGeneration and its kin) only")
+    if not encoder_decoder and not getattr(type(model), "_supports_attention_backend", False):
+        # The class's own word that its layers hand attention kwargs (our prefix) through to a
+        # registered attention function. Some models that dispatch there do not (StableLM: its
+        # attention would run without the prefix). Encoder-decoders are checked by model type.
+        raise NotImplementedError(
+            f"prefix_attn: {name} does not support custom attention functions (_supports_attention_backend is "
+            "False: its attention is its own, or its layers do not pass attention kwargs through), so its "
+            "attention would never see the prefix")
 
 
 def _generate(self, *args, prefix_index=None, **kwargs):

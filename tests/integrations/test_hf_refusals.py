@@ -53,6 +53,18 @@ def _gpt_oss():
         **SMALL, **ATTENTION, num_local_experts=2, num_experts_per_tok=1, layer_types=["full_attention"] * 2))
 
 
+def _bloom():
+    # ALiBi inside attention code of its own, outside the AttentionInterface
+    return transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2,
+                                                                  n_head=4))
+
+
+def _stablelm():
+    # dispatches through the AttentionInterface, but its layers do not pass attention kwargs on
+    return transformers.StableLmForCausalLM(transformers.StableLmConfig(**SMALL, num_attention_heads=4,
+                                                                        num_key_value_heads=2))
+
+
 #: model -> what the one line must say
 REFUSED = {
     "gemma2": (_gemma2, r"soft-caps its attention scores \(attn_logit_softcapping=50.0\)"),
@@ -61,6 +73,8 @@ REFUSED = {
     "jamba": (_jamba, r"JambaForCausalLM .* mixes attention with layers of kind \['linear_attention', 'mamba'\]"),
     "vit": (_vit, r"ViTForImageClassification .* takes pixel_values \(a vision or audio model\)"),
     "gpt-oss": (_gpt_oss, r"GptOssForCausalLM .* learned sinks"),
+    "bloom": (_bloom, r"BloomForCausalLM .* does not support custom attention functions"),
+    "stablelm": (_stablelm, r"StableLmForCausalLM .* does not support custom attention functions"),
 }
 
 
