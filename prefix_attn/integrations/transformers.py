@@ -883,7 +883,7 @@ def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, prefix_proje
       so other models built from the same config object are not affected.
     - Refused at the call, with a line that says why: models it cannot run correctly (attention
       soft-capping, attention sinks, state-space or recurrent layers, vision and audio models,
-      models whose attention does not go through transformers' AttentionInterface).
+      decoders and encoders that do not support custom attention functions).
     - On a PEFT model (e.g. LoRA: a `peft.PeftModel`, or adapters added with `model.add_adapter`)
       the adapters' trainable parameters stay trainable, so both train; the prefix goes on the
       transformers model inside, and every function here accepts the wrapper. LoRA added after
