@@ -1388,6 +1388,9 @@ def save_peft_prefix(model: nn.Module, path: str, *, task: Optional[int] = None)
     from safetensors.torch import save_file
 
     state = _require_state(model, "save_peft_prefix")
+    if state.head:
+        warnings.warn(f"prefix_attn: save_peft_prefix writes the prefix alone; the trained task head "
+                      f"({', '.join(state.head)}) is not in it (save_prefix keeps both)", stacklevel=2)
     encoder = state.encoder
     encoder_decoder = bool(state.geometry.sites)
     if encoder_decoder and state.geometry.sites != _PEFT_SITES:
