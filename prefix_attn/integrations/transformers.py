@@ -59,6 +59,7 @@ from transformers.masking_utils import (AttentionMaskInterface, bidirectional_ma
 
 from .. import __version__, _inputs
 from ..backends import ENV_VAR, select_backend
+from ..cascade import merge_attention_states
 from ..functional import compute_dtype, prefix_attention
 from ..prefix_encoder import PrefixEncoder
 
@@ -288,10 +289,8 @@ def _attend_with_prefix_bias(query, key, value, prefix_k, prefix_v, prefix_bias,
                                         return_lse=True, backend=backend)
     out_pre, lse_pre = prefix_attention(query, keys, values, softmax_scale=softmax_scale, attn_mask=prefix_bias,
                                         dropout_p=dropout_p, return_lse=True, backend=backend)
-    lse = torch.logaddexp(lse_seq, lse_pre)  # the prefix keys are always visible: finite
-    out = (out_seq.float() * torch.exp(lse_seq - lse).unsqueeze(-1)
-           + out_pre.float() * torch.exp(lse_pre - lse).unsqueeze(-1))
-    return out.to(out_seq.dtype)  # the calls' dtype: autocast's inside an autocast region, as torch's SDPA
+    # out_seq's dtype: the calls', autocast's inside an autocast region, as torch's SDPA
+    return merge_attention_states(out_seq, lse_seq, out_pre, lse_pre)[0]
 
 
 @functools.lru_cache(maxsize=None)
