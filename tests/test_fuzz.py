@@ -193,6 +193,8 @@ def build(c: Call) -> Built:
                 lengths[-1] = 0
                 kept = torch.arange(Nk)[None, :] >= (Nk - lengths)[:, None]
         kpm = kept if c.kpm == "bool" else kept.to(torch.int32)
+        if c.seed % 2:  # column-major: strides (1, B)
+            kpm = kpm.t().contiguous().t()
     attn_mask = None
     if c.mask != "none":
         full = (B, Hq, Nq, Nk)
@@ -208,6 +210,8 @@ def build(c: Call) -> Built:
     index = None
     if c.prefix == "bank":
         index = torch.randint(0, c.T, (B,), generator=gen).to(getattr(torch, c.index_dtype))
+        if c.seed % 3 == 0:  # a strided view
+            index = torch.stack([index, index], dim=1)[:, 0]
     dout = torch.randn(B, Hq, Nq, D, generator=gen).to(dtype)
     dlse = torch.randn(B, Hq, Nq, generator=gen)
     return Built(leaves, views, kpm, kept, attn_mask, index, dout, dlse)
