@@ -44,6 +44,10 @@ PROFILE = os.environ.get("PREFIX_ATTN_FUZZ_PROFILE", "fast")
 _SHARE = {"cpu": 2.0, "reference": 2.0, "triton": 0.4, "cuda": 1.0}
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Triton's interpreter converts float32 to bfloat16 without rounding to nearest (494 of 1024
+# random values differ from torch's conversion, with up to twice its error), which the kernels'
+# rounded outputs and Delta inherit: bfloat16 is fuzzed on Triton only where it compiles (a GPU).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 POISON = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "huge": 1.7e38}
 
 
@@ -100,7 +104,7 @@ def calls(draw, small: bool):
         Nq=draw(st.integers(0, n) | st.sampled_from([1, 2])), Nk=draw(st.integers(0, n) | st.sampled_from([1])),
         P=draw(st.integers(0, n // 2 + 3) | st.sampled_from([0, 0, 1])),  # P = 0: rows may see no key
         D=draw(st.sampled_from([16, 24, 32, 64] if small else [16, 24, 32, 40, 64, 80, 96, 128])),
-        dtype=draw(st.sampled_from(list(DTYPES))), prefix=prefix,
+        dtype=draw(st.sampled_from(["fp32", "fp16"] if small and _INTERPRETED else list(DTYPES))), prefix=prefix,
         T=draw(st.integers(1, 5)), index_dtype=draw(st.sampled_from(["int64", "int32"])),
         causal=draw(st.booleans()), kpm=draw(st.sampled_from(["none", "bool", "int"])),
         poison=draw(st.sampled_from(["none", "nan", "inf", "-inf", "huge"])), mask=mask, mask_dims=keeps,
