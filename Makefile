@@ -104,7 +104,7 @@ cuda-emu:
 
 # Builds the extension with its CUDA kernels against a CUDA build of torch, as setup.py does with
 # PREFIX_ATTN_CUDA=1 (that torch unpacked, never imported; no GPU), and checks with readelf / nm
-# that the cuda backend's stream resolves at load time (issue 11). Not in CI: it downloads a
+# that the cuda backend's stream resolves at load time. Not in CI: it downloads a
 # ~530 MB wheel. TORCH_CUDA_WHEEL=file.whl or TORCH_CUDA_DIR=unpacked/ pick the torch; by default
 # pip downloads the venv's torch version, whose PyPI wheel is a CUDA build. About 70 s.
 .PHONY: cuda-link-check

@@ -219,7 +219,7 @@ def _cuda_available() -> bool:
     """The cuda backend is listed only where a real call works: the extension has CUDA kernels,
     torch sees a GPU, and a self-check (one small forward and backward on the current device, on
     the tensor-core path) runs and matches the reference. Otherwise BackendUnavailable says which
-    of these failed (issue 11: the backend was listed on an H200, and every call failed; its
+    of these failed (the backend was once listed on an H200 where every call failed; its
     tensor-core kernels were then written on a machine without a GPU)."""
     if not _ops.HAS_EXTENSION:
         raise BackendUnavailable(f"the compiled extension prefix_attn._C did not load: {_ops.EXTENSION_ERROR}")

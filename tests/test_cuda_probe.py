@@ -1,4 +1,4 @@
-"""The cuda backend's availability probe (prefix_attn/backends.py, issue 11): `cuda` is listed
+"""The cuda backend's availability probe (prefix_attn/backends.py): `cuda` is listed
 only where a real call works and passes a self-check against the reference (on the tensor-core
 path), the probe runs once, and when it fails the reason ("cuda backend failed its self-check:
 ...", with the worst error) reaches `unavailable_reason`, the error of an explicit request, and
@@ -70,7 +70,7 @@ def test_a_failing_probe_leaves_cuda_out_and_says_why(fake_gpu):
 
 
 def test_the_h200_failure_is_caught_by_the_probe(fake_gpu):
-    """What every call raised on the H200 (issue 11) now keeps cuda out of the list."""
+    """What every call raised on the first H200 run now keeps cuda out of the list."""
     fake_gpu.result = RuntimeError("prefix_attn: this torch exports no aoti_torch_get_current_cuda_stream; "
                                    "the cuda backend needs torch built with CUDA")
     assert "cuda" not in prefix_attn.available_backends()

@@ -1,4 +1,4 @@
-"""Attention dropout (issue 12) on every kernel backend, against the float64 oracle run on the
+"""Attention dropout on every kernel backend, against the float64 oracle run on the
 same random stream, and the stream itself: its definition, its keep rate, its seeding.
 
 The stream is a pure function of (seed, offset, row-head, query, key) (prefix_attn/_dropout.py,

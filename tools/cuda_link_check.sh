@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the extension with its CUDA kernels against a CUDA build of torch, the way setup.py does
 # with PREFIX_ATTN_CUDA=1, without importing that torch and without a GPU, and checks what the
-# dynamic loader will do with the result (issue 11: the cuda backend's stream resolved to null).
+# dynamic loader will do with the result (once, the cuda backend's stream resolved to null).
 #
 #   tools/cuda_link_check.sh                 (or `make cuda-link-check`): build, check, control
 #   tools/cuda_link_check.sh --check FILE.so checks 1-4 on a build made elsewhere, e.g. on a GPU
@@ -26,7 +26,7 @@
 #      defines, whose CUDA entry libc10_cuda.so (defining c10::cuda::getCurrentCUDAStream)
 #      registers when it loads;
 #   3. every weak undefined symbol of the extension that torch defines is defined by a library the
-#      extension itself needs (issue 11: a weak reference keeps no library in NEEDED, so it bound to
+#      extension itself needs (a weak reference keeps no library in NEEDED, so it bound to
 #      null when nothing else pulled libtorch_cuda.so into the load scope, and to the symbol only
 #      by accident when something did);
 #   4. every strong undefined symbol is defined in the extension's load scope (its NEEDED libraries

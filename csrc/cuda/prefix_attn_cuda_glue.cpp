@@ -40,7 +40,7 @@ void check_sizes(const FwdParams& p, const at::Tensor& q) {
 // Every symbol on this path is libc10's, which the extension needs anyway; setup.py also makes
 // libc10_cuda a DT_NEEDED of the extension, so the implementation is loaded whenever we are
 // (tools/cuda_link_check.sh checks both against a CUDA torch).
-// (Issue 11: the AOTI shim's aoti_torch_get_current_cuda_stream, referenced weakly, resolved to
+// (Once, the AOTI shim's aoti_torch_get_current_cuda_stream, referenced weakly, resolved to
 // null at load: --as-needed had dropped libtorch_cuda, which only that weak reference used.)
 // Without a CUDA build of torch, getDeviceGuardImpl throws "not linked with support for cuda".
 void* current_stream(const at::Tensor& q) {

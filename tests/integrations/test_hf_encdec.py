@@ -1,4 +1,4 @@
-"""Encoder-decoder prefix tuning (issue 13): BART and T5, with Li & Liang's three prefixes (the
+"""Encoder-decoder prefix tuning: BART and T5, with Li & Liang's three prefixes (the
 encoder's self-attention, the decoder's causal self-attention, the decoder's cross-attention) or
 any subset. T5 adds a relative position bias to its scores, which the prefix keys get too.
 

@@ -1,4 +1,4 @@
-"""Model coverage beyond Llama / Qwen2 / Mistral (issue 13): GPT-2 and Qwen3 (decoders, whose PEFT
+"""Model coverage beyond Llama / Qwen2 / Mistral: GPT-2 and Qwen3 (decoders, whose PEFT
 equivalence lives in test_hf_peft.py), BERT and RoBERTa (bidirectional encoders, which PEFT 0.21
 no longer prefix-tunes under transformers 5), and prefix tuning together with LoRA. Encoder-decoders
 (BART, T5) are in test_hf_encdec.py.
