@@ -1,6 +1,6 @@
-"""benchmarks/bench_e2e.py's GPU cases without a GPU: the same code paths at tiny shapes, on CPU
-in this process and on the faked CUDA device of tools/fake_cuda in a child process; the batch
-choice, the budget, and the merge into the GPU check's result files."""
+"""benchmarks/bench_e2e.py's GPU cases (harness/models.py) without a GPU: the same code paths at
+tiny shapes, on CPU in this process and on the faked CUDA device of tools/fake_cuda in a child
+process; the batch choice, the budget, and the merge into the GPU check's result files."""
 from __future__ import annotations
 
 import json
@@ -17,6 +17,7 @@ if BENCH not in sys.path:
     sys.path.insert(0, BENCH)
 
 import bench_e2e  # noqa: E402
+from harness import models as hm  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -57,7 +58,7 @@ def test_tiny_cases_on_cpu(tmp_path):
     # the merge: the kernel suite's content stays, the e2e section replaces an earlier one
     assert json.loads((merged / "results.json").read_text())["rows"] == [1, 2]
     assert json.loads((merged / "results.json").read_text())["e2e"]["rows"] == doc["rows"]
-    bench_e2e.save_gpu(None, [str(merged)], doc["meta"], doc["rows"], doc["targets"])
+    bench_e2e.save(None, [str(merged)], doc["meta"], doc["rows"], doc["targets"])
     md = (merged / "results.md").read_text()
     assert md.startswith("# kernel suite\n\nkernel rows\n") and md.count(bench_e2e.E2E_SECTION) == 1
     assert "TINY SHAPES" in md and "| train_gc | ours + grad. ckpt |" in md
@@ -85,7 +86,7 @@ def test_fake_cuda_path_and_budget(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     doc = json.loads((tmp_path / "b" / "e2e.json").read_text())
     assert not doc["meta"]["complete"]
-    assert [r["case"] for r in doc["rows"]] == [c.name for c in bench_e2e.gpu_cases(tiny=True)]
+    assert [r["case"] for r in doc["rows"]] == [c.name for c in hm.gpu_cases(tiny=True)]
     assert all(r["skipped"].startswith("not run: 0 s left") for r in doc["rows"])
     assert all(t["met"] is None for t in doc["targets"])
     assert sorted(os.listdir(tmp_path / "m")) == ["results.json", "results.md"]
@@ -100,8 +101,8 @@ def test_fake_cuda_path_and_budget(tmp_path):
 ])
 def test_batch_that_fills(free_gb, m1_gb, m2_gb, t2, expected):
     GB = 10**9
-    batch, how = bench_e2e.batch_that_fills(int(free_gb * GB), int(m1_gb * GB), int(m2_gb * GB), t2, cap=256,
-                                            max_step_s=3.0)
+    batch, how = hm.batch_that_fills(int(free_gb * GB), int(m1_gb * GB), int(m2_gb * GB), t2, cap=256,
+                                     max_step_s=3.0)
     per_row, fixed = (m2_gb - m1_gb), m1_gb - (m2_gb - m1_gb)
     by_memory = max(1, int((0.85 * free_gb - fixed) // per_row))
     assert batch == min(256, by_memory, max(1, int(3.0 / (t2 / 2)))) == expected, how
