@@ -2,71 +2,23 @@
 `measure`, which times one (shape, pass) for a set of implementations on any device.
 
 bench_attention.py (a CPU or GPU sweep, ours against one incumbent), gpu_suite.py (the GPU suite,
-ours against every incumbent, to a deadline), demo.py and test_micro.py are thin scripts over it,
+ours against every incumbent, to a deadline), demo.py and dropout_cost.py are thin scripts over it,
 so a figure means the same thing in each.
 
-Passes (the ids the scripts, their JSON and the READMEs use)
-    fwd              forward only; nothing requires grad (inference, and decoding)
-    train_step       forward + backward, every input requires grad (q, k, v, prefix_k,
-                     prefix_v). This IS the prefix-tuning step of every layer above the first:
-                     the model is frozen, but that layer's q, k and v depend on the prefixes of
-                     the layers below, so their gradients must flow down through its attention.
-                     (Full fine-tuning runs the same pass.)
-    prefix_only_bwd  the backward alone, with only prefix_k and prefix_v requiring grad; the
-                     forward runs untimed before each timed backward. The first layer's case
-                     of prefix tuning: its q, k, v come from frozen embeddings, so only the
-                     prefix needs a gradient, and no dq, dk or dv is computed.
-    Peak memory is always that of the whole step (forward and, where there is one, backward).
-
-FLOPs, one convention: visible (query, key) pairs only, 2 FLOPs per multiply-add; a masked
-pair counts nothing, so the incumbents get no credit for work they waste on masked pairs and
-for backward work the pass does not need.
-    pairs            = Nq * P + visible sequence pairs, per (batch row, query head);
-                       causal: query i sees sequence keys j <= i + Nk - Nq (bottom-right)
-    fwd              F = 4 * B * Hq * D * pairs            (S = QK^T and O = PV: 2 matmuls)
-    train_step       3.5 * F                               (forward 2 matmuls + backward 5:
-                                                            S again, dP, dV, dK, dQ. The
-                                                            FlashAttention benchmarks' count:
-                                                            backward = 2.5 F)
-    prefix_only_bwd  8 * B * Hq * Nq * P * D               (over the P prefix columns only:
-                                                            S again, dP, dV, dK, 4 matmuls of
-                                                            Nq x P x D per (row, head). No dQ;
-                                                            the sequence columns need nothing:
-                                                            Delta = rowsum(dO * O))
-
-Bytes floor, the least memory traffic a pass can do (each tensor read or written once; e =
-bytes per element of the inputs' dtype; Q = B*Hq*Nq*D, KV = B*Hkv*Nk*D, PR = Hkv*P*D for a
-prefix shared by the batch, L = B*Hq*Nq float32 log-sum-exps):
-    fwd              e * (2*Q + 2*KV + 2*PR)               read q, k, v, prefix; write out
-    train_step       e * (6*Q + 6*KV + 6*PR) + 8*L         forward (with lse written), then the
-                                                           backward: read q, k, v, prefix, out,
-                                                           dout, lse; write dq, dk, dv, dprefix
-    prefix_only_bwd  e * (3*Q + 4*PR) + 4*L                read q, out, dout, lse, prefix;
-                                                           write dprefix
-GB/s = bytes floor / time: how close a memory-bound pass (decoding, the prefix-only
-backward) comes to the card's bandwidth.
-
-Incumbents (`INCUMBENTS`; `incumbents_for` picks those that apply to a shape and pass)
-    sdpa-cat              what Hugging Face PEFT does: expand + torch.cat the prefix, GQA by
-                          repeat_interleave (HF's repeat_kv), SDPA with the boolean mask
-    sdpa-cat-lower-right  the same with causal_lower_right instead of a mask tensor (lets SDPA
-                          pick flash); only where Nk >= Nq, where it equals our visibility
-    sdpa-cat-gqa          grouped heads only: cat, then SDPA with enable_gqa=True (no kv-head
-                          expansion) and causal_lower_right: what a user picks for training
-    flex-cat              FlexAttention over the concatenation with a block mask, compiled once
-                          per shape: torch.compile(dynamic=False, fullgraph=True)
-    flash-attn-cat        flash_attn_func over the concatenation, where flash-attn is installed
-    sdpa-cache            decoding: the KV cache already holds [prefix ; sequence] (as PEFT's
-                          cache does), so nothing is concatenated per step; SDPA over it
-    flex-cache            decoding: compiled FlexAttention over the same cache
-Masks, block masks and compiled wrappers are built once per shape, outside the timing (HF
-builds its mask once per model forward, not per layer); so is the decoding cache.
-
-A compiled incumbent that does not run compiled is not measured as that incumbent: with
-fullgraph=True a graph break, and (`configure_dynamo`) a hit recompile limit, raise instead
-of running eagerly; and the compiled function counts the calls that ran its Python body
-eagerly (`eager_calls`). Such a row is flagged `fell_back` and kept out of the best incumbent
-(`add_speedups`).
+benchmarks/README.md ("What is measured") explains the passes, the FLOP and byte conventions
+and the incumbents; here they are code:
+    PASSES / TRAINABLE    fwd; train_step (every input requires grad: the prefix-tuning step of
+                          every layer above the first); prefix_only_bwd (the backward alone, only
+                          the prefix requires grad: the first layer). Peak memory is always that
+                          of the whole step.
+    flops / bytes_floor   visible (query, key) pairs only (a masked pair counts nothing); the
+                          least memory traffic, each tensor once (FLOPS_CONVENTION, BYTES_CONVENTION)
+    INCUMBENTS            what ours is compared with; masks, block masks, compiled wrappers and the
+                          decoding cache are built once per shape, outside the timing
+A compiled incumbent that does not run compiled is not measured as that incumbent: fullgraph=True
+and `configure_dynamo` make a graph break or a hit recompile limit raise, and the compiled
+function counts the calls that ran its Python body eagerly (`eager_calls`); such a row is flagged
+`fell_back` and never counts as the best incumbent (`add_speedups`).
 """
 
 from __future__ import annotations

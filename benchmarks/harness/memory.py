@@ -16,7 +16,7 @@ that has those settings and has imported torch and the target's module but run n
 ("fork", the default), or a new interpreter ("spawn", PREFIX_ATTN_MEMORY_METHOD=spawn); both read
 the same within 0.2 MB. Pages, not bytes: ~4 KiB granularity and a few hundred KiB of noise;
 memory never written is not resident. Linux with glibc only. tests/test_bench_harness.py checks
-it on known sizes (`python benchmarks/harness/memory.py --selftest` too).
+it on known sizes (selftest_alloc: filling 10 MB reads 9.5-11 MB; selftest_noop reads < 1 MB).
 
 The CPU measurement needs a target "module:function" (importable with benchmarks/ on sys.path, or
 "path/file.py:function"): a factory that takes JSON-able kwargs, builds its inputs, and returns the
@@ -273,44 +273,16 @@ def selftest_noop() -> Callable[[], None]:
     return fn
 
 
-def _selftest(method: str | None = None) -> int:
-    ok = True
-    for target, kwargs, lo, hi in [
-        ("harness.memory:selftest_alloc", {"mbytes": 100.0}, 99.0, 101.5),
-        ("harness.memory:selftest_alloc", {"mbytes": 10.0}, 9.5, 11.0),
-        ("harness.memory:selftest_noop", {}, 0.0, 1.0),
-    ]:
-        mb = measure_peak_extra(target, kwargs, device="cpu", method=method) / 1e6
-        good = lo <= mb <= hi
-        ok &= good
-        print(f"{target}({kwargs}): {mb:.2f} MB  expected [{lo}, {hi}]  {'ok' if good else 'FAIL'}")
-    return 0 if ok else 1
-
-
 def _child(target: str, kwargs_json: str) -> int:
     print(_RESULT_MARK + json.dumps(_measure_here(target, json.loads(kwargs_json))), flush=True)
     return 0
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--selftest", action="store_true", help="check the CPU method on known sizes")
-    ap.add_argument("--method", choices=["fork", "spawn"], default=None,
-                    help="how --selftest starts its fresh processes (default fork)")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--zygote", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--target", help=argparse.SUPPRESS)
-    ap.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.child:
-        return _child(args.target, args.kwargs)
-    if args.zygote:
-        return _zygote_loop()
-    if args.selftest:
-        return _selftest(args.method)
-    ap.print_help()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the fresh processes: `--zygote`, or `--child --target T --kwargs JSON`
+    ap = argparse.ArgumentParser(description="a fresh process of measure_peak_extra (not for direct use)")
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--zygote", action="store_true")
+    ap.add_argument("--target")
+    ap.add_argument("--kwargs", default="{}")
+    args = ap.parse_args()
+    sys.exit(_zygote_loop() if args.zygote else _child(args.target, args.kwargs))
