@@ -275,6 +275,8 @@ def test_gpu_suite_loop_on_faked_cuda(fake_cuda):
     md = gs.markdown(dict(gpu="fake", torch=torch.__version__, triton=None, cuda=None, date="today",
                            commit="x", tests_rc=0, complete=True), rows)
     assert "prefix_only_bwd" in md and "train_step" in md and "| decode |" in md
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == len(rows) + 2 and len({line.count(" | ") for line in table}) == 1  # one cell per column
     # past the deadline nothing starts
     assert not gs.run_case(cases[0], [], time.time() - 1, names)
 
