@@ -250,7 +250,7 @@ def redo_busy(path: str, args) -> int:
     print(f"# {path}: {len(todo)} of {len(rows)} rows were timed on a busy machine", file=sys.stderr)
     for i in todo:
         old = rows[i]
-        new, _ = run([at.Shape(**{k: old[k] for k in SHAPE_FIELDS})], [old["mode"]], args,
+        new, _ = run([at.Shape(**{k: old[k] for k in SHAPE_FIELDS if k in old})], [old["mode"]], args,
                      old.get("incumbent", DEFAULT_INCUMBENT))
         if new:
             rows[i] = {**old, **new[0], "redone": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}

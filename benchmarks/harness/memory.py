@@ -88,8 +88,7 @@ def peak_extra_bytes_cpu_here(fn: Callable[[], Any]) -> dict[str, int]:
     before = _proc_status_kib("VmRSS")["VmRSS"]
     fn()
     hwm = _proc_status_kib("VmHWM")["VmHWM"]
-    return {"extra_bytes": max(0, hwm - before) * 1024,
-            "rss_before_bytes": before * 1024, "hwm_bytes": hwm * 1024}
+    return {"extra_bytes": max(0, hwm - before) * 1024}
 
 
 def peak_call(fn: Callable[[], Any], device: Any = "cpu") -> tuple[Any, float, int | None]:
@@ -111,7 +110,7 @@ def peak_call(fn: Callable[[], Any], device: Any = "cpu") -> tuple[Any, float, i
 
 
 def measure_peak_extra(target: str, kwargs: dict | None = None, *, device: str = "cpu",
-                       method: str | None = None, timeout: float = 900.0, details: bool = False):
+                       method: str | None = None, timeout: float = 900.0) -> int:
     """Peak extra bytes of the callable built by ``target(**kwargs)``.
 
     device "cpu": in a fresh process (see module doc), started by ``method``:
@@ -122,14 +121,12 @@ def measure_peak_extra(target: str, kwargs: dict | None = None, *, device: str =
         "spawn" a new ``python`` per measurement (slower; stderr is shown on failure).
         The default can be set with the environment variable PREFIX_ATTN_MEMORY_METHOD.
     device "cuda[:i]": in this process, after one warm-up call (peak_call).
-    Returns an int (bytes), or a dict with extra / before / peak bytes when ``details``.
     """
     kwargs = dict(kwargs or {})
     if str(device).startswith("cuda"):
         fn = _resolve(target)(**kwargs)
         fn()
-        peak = max(0, peak_call(fn, device)[2])
-        return {"extra_bytes": peak} if details else peak
+        return max(0, peak_call(fn, device)[2])
     if not sys.platform.startswith("linux"):
         raise MemoryMeasurementError("CPU peak memory needs Linux /proc (VmHWM, clear_refs)")
     method = method or os.environ.get("PREFIX_ATTN_MEMORY_METHOD", "fork")
@@ -141,7 +138,7 @@ def measure_peak_extra(target: str, kwargs: dict | None = None, *, device: str =
         raise ValueError(f"method must be 'fork' or 'spawn', got {method!r}")
     if "error" in result:
         raise MemoryMeasurementError(f"memory child for {target}: {result['error']}")
-    return result if details else result["extra_bytes"]
+    return result["extra_bytes"]
 
 
 def _child_env() -> dict[str, str]:

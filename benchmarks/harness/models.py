@@ -313,7 +313,8 @@ def run_case(case: ModelCase, base, device, *, reps: int, case_end: float = floa
         a, b = outputs["ours"], outputs["peft"]
         same = float((a == b).float().mean()) if a.shape == b.shape else 0.0
     per_round = sum(once.values())
-    n = min(reps, int((min(case_end, end) - time.time()) // per_round)) if per_round > 0 else reps
+    left = min(case_end, end) - time.time()
+    n = reps if per_round <= 0 or left == float("inf") else min(reps, int(left // per_round))
     if n >= 1:
         n = max(2, n) if 2 * per_round <= end - time.time() else 1
         with timer.CpuMonitor(enabled=dev.type == "cpu") as mon:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from hf_testing import ROOT
 
@@ -91,6 +92,15 @@ def test_fake_cuda_path_and_budget(tmp_path):
     assert all(t["met"] is None for t in doc["targets"])
     assert sorted(os.listdir(tmp_path / "m")) == ["results.json", "results.md"]
     assert "INCOMPLETE" in (tmp_path / "m" / "results.md").read_text()
+
+
+def test_run_case_without_a_budget():
+    """The CPU cases run with no budget (an infinite end): every repeat is timed, ABBA."""
+    base = hm.load_base("llama-1b", "cpu", torch.float32, tiny=True)
+    case = hm.ModelCase("t", "llama-1b", "train", 2, 8, 2)
+    ours, peft = hm.run_case(case, base, "cpu", reps=3)
+    assert len(ours["seconds"]) == len(peft["seconds"]) == 3 and ours["timing"] == "median of 3 interleaved repeats"
+    assert ours["tokens_per_call"] == 16 and ours["peak_mb"] is None  # memory: cpu_memory=0
 
 
 @pytest.mark.parametrize("free_gb, m1_gb, m2_gb, t2, expected", [
