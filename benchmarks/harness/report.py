@@ -53,11 +53,10 @@ def bar_plot(path: str, title: str, panels: Sequence[tuple[str, dict[str, dict[s
             ax.set_yscale("log")
         ax.set_ylabel(label)
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels(groups, rotation=60 if len(groups) > 6 else 0, ha="right" if len(groups) > 6 else "center",
-                           fontsize=7)
+        ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=7)
         ax.grid(axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0, 0].set_title(title, fontsize=9)
+    axes[0, 0].set_title(title, fontsize=8, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
