@@ -72,8 +72,9 @@ def markdown(rows: list[dict], targets: list[dict], meta: dict) -> str:
         ("first call s", measured(lambda r: f"{r['first_call_s']:.1f}")),
         ("peak MB (step)", measured(lambda r: c(r["peak_mb"], ".0f"))),
         ("peak MB (+ model)", measured(lambda r: c(r["peak_total_mb"], ".0f"))),
-        ("tokens/s vs PEFT", ours(lambda r: c(r["speed_vs_peft"], ".2f") + "x")),
-        ("memory vs PEFT", ours(lambda r: c(r["memory_vs_peft"], ".2f") + "x")), ("note", note)])
+        ("tokens/s vs PEFT", ours(lambda r: c(r["speed_vs_peft"], ".2f") + "x" * (r["speed_vs_peft"] is not None))),
+        ("memory vs PEFT", ours(lambda r: c(r["memory_vs_peft"], ".2f") + "x" * (r["memory_vs_peft"] is not None))),
+        ("note", note)])
     choices = {r["case"]: r["batch_choice"] for r in rows if r.get("batch_choice") not in (None, "fixed")}
     target_table = report.markdown_table(targets, [
         ("target", lambda t: f"{t['case']} {t['metric']} {t['target']}"),
