@@ -206,3 +206,21 @@ def test_bench_attention_side_by_side():
     with pytest.raises(RuntimeError, match="sdpa-cat: boom"):
         ba.side_by_side([ours, dict(inc, error="boom")], "sdpa-cat", "cpu")
     assert re.fullmatch(r"\| B1-H2-N8-P2-D8-causal \| fwd \| 2\.00 \| 5\.00 \| 2\.50x .*", ba.tables([row], {}).splitlines()[2])
+
+
+def test_measure_times_the_others_when_one_fails_while_timed(monkeypatch):
+    def fails_later(shape, device):
+        right, calls = at.sdpa_cat(shape, device), []
+
+        def fn(*x):
+            calls.append(1)
+            if len(calls) > 2:  # the first call and the warm-up pass; then out of memory
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return right(*x)
+        return fn
+    monkeypatch.setitem(at.INCUMBENTS, "flaky", dataclasses.replace(at.INCUMBENTS["sdpa-cat"], build=fails_later))
+    rows = at.measure(at.Shape(B=1, H=2, N=8, P=2, D=8, causal=True), "prefix_only_bwd", ["ours", "flaky", "sdpa-cat"],
+                      warmup=1, reps=3, memory=False)
+    assert [("ms" in r, r.get("error", "")[:29]) for r in rows] == [
+        (True, ""), (False, "OutOfMemoryError while timed:"), (True, "")]
+    assert len({r["reps"] for r in rows if "ms" in r}) == 1

@@ -673,18 +673,39 @@ def measure(shape: Shape, pass_id: str, impls: Iterable[str], *, device="cpu", d
             row["error"] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
             if name in compiled:
                 row["fell_back"] = "compile failed"
-    if steps:
-        best = None
-        for _ in range(1 + max(0, retries)):
-            if device.type == "cpu" and wait_quiet_s > 0:
-                timer.wait_for_quiet(wait_quiet_s)
-            with timer.CpuMonitor(enabled=device.type == "cpu") as mon:
-                times = timer.time_interleaved(steps, device, warmup=warmup, reps=reps, min_reps=min_reps,
-                                               max_reps=max_reps, budget_s=budget_s, deadline=deadline)
-            if best is None or (mon.background or 0) < (best[1].background or 0):
-                best = (times, mon)
-            if (mon.background or 0) <= timer.BUSY_CORES:
-                break
+    best = None
+    while steps and best is None:
+        running = []  # which step was running when the timing raised (out of memory, most likely)
+
+        def guarded(name, step):
+            def mark(fn):
+                def run():
+                    running[:] = [name]
+                    return fn()
+                return run
+            run = mark(step)
+            if hasattr(step, "prepare"):
+                run.prepare = mark(step.prepare)
+            return run
+
+        try:
+            for _ in range(1 + max(0, retries)):
+                if device.type == "cpu" and wait_quiet_s > 0:
+                    timer.wait_for_quiet(wait_quiet_s)
+                with timer.CpuMonitor(enabled=device.type == "cpu") as mon:
+                    times = timer.time_interleaved({n: guarded(n, f) for n, f in steps.items()}, device,
+                                                   warmup=warmup, reps=reps, min_reps=min_reps, max_reps=max_reps,
+                                                   budget_s=budget_s, deadline=deadline)
+                if best is None or (mon.background or 0) < (best[1].background or 0):
+                    best = (times, mon)
+                if (mon.background or 0) <= timer.BUSY_CORES:
+                    break
+        except Exception as exc:  # noqa: BLE001 - that implementation's row says so; the others are timed again
+            if not running or best is not None:
+                raise
+            rows[running[0]]["error"] = f"{type(exc).__name__} while timed: {str(exc).strip()[:200]}"
+            del steps[running[0]]
+    if best is not None:
         times, mon = best
         work, floor = flops(shape, pass_id), bytes_floor(shape, pass_id, elem_bytes(torch_dtype))
         ran_eagerly = eager_calls() > eager_before
