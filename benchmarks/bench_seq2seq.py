@@ -24,26 +24,25 @@ T5's prefix keys carry a position bias, which the kernels do not take: its atten
 kernel calls merged by log-sum-exp (README, "Encoder-decoders"), and the prefix call's backward
 makes a [B, H, P, D] gradient per layer. BART's runs in one call.
 
-Measured as bench_e2e.py does (its time_interleaved): all implementations of a model in one
-process, warmed up, run alternately (in order, then in reverse), medians; tokens/s counts source + target tokens; peak memory is
-the step's extra resident memory in a fresh process per measurement (benchmarks/memory.py).
+Measured as bench_e2e.py does (harness.timer): all implementations of a model in one process,
+warmed up, run alternately (in order, then in reverse), medians; tokens/s counts source + target
+tokens; peak memory is the step's extra resident memory in a fresh process (harness.memory).
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
 from typing import Any, Callable
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+from harness import memory, provenance, report, timer  # noqa: E402
 
 MODELS = {
     "t5-small-config": ("T5ForConditionalGeneration", "T5Config", dict(
@@ -72,36 +71,25 @@ def base_model(name: str, tiny: bool = False, seed: int = 0):
     return getattr(transformers, model_cls)(config)
 
 
-def _peft_table(model, P: int, seed: int) -> torch.Tensor:
-    """PEFT's prompt_embeddings [P, L * 2 * H * D], N(0, 1) as PEFT initialises it."""
-    from prefix_attn.integrations.transformers import _geometry
-
-    geometry = _geometry(model, ("decoder",))
-    width = geometry.num_layers * 2 * geometry.num_kv_heads * geometry.head_dim
-    return torch.randn(P, width, generator=torch.Generator().manual_seed(seed))
-
-
 def build(impl: str, model, P: int, seed: int = 0):
     """`model` prefix-tuned by impl, PEFT and ours with the same prefix values."""
-    from peft import PrefixTuningConfig, get_peft_model
+    import tempfile
 
-    table = _peft_table(model, P, seed)
-    if impl == "peft":
-        peft_model = get_peft_model(model, PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P))
-        with torch.no_grad():
-            peft_model.prompt_encoder["default"].embedding.weight.copy_(table)
-        return peft_model
+    from peft import PrefixTuningConfig, get_peft_model
+    from safetensors.torch import save_file
+
     from prefix_attn.integrations.transformers import add_prefix_tuning, get_prefix_encoder, load_peft_prefix
 
-    if impl == "ours":
-        # through PEFT's own file format and layer order: the same prefix PEFT runs
-        import tempfile
-
-        from safetensors.torch import save_file
-
+    config = PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P)
+    peft_model = get_peft_model(model if impl == "peft" else copy.deepcopy(model), config)
+    weight = peft_model.prompt_encoder["default"].embedding.weight  # [P, layers * 2 * heads * head dim]
+    table = torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed))  # N(0, 1), as PEFT's init
+    if impl == "peft":
+        with torch.no_grad():
+            weight.copy_(table)
+        return peft_model
+    if impl == "ours":  # through PEFT's own file format and layer order: the same prefix PEFT runs
         with tempfile.TemporaryDirectory() as path:
-            peft_model = get_peft_model(copy.deepcopy(model), PrefixTuningConfig(task_type="SEQ_2_SEQ_LM",
-                                                                                 num_virtual_tokens=P))
             peft_model.save_pretrained(path)
             save_file({"prompt_embeddings": table}, os.path.join(path, "adapter_model.safetensors"))
             return load_peft_prefix(model, path)
@@ -134,7 +122,7 @@ def make_step(model, shape: dict, seed: int = 0) -> Callable[[], Any]:
 
 
 def memory_step(name: str, impl: str, tiny: bool = False, seed: int = 0) -> Callable[[], Any]:
-    """memory.py target: the step to measure, built in the fresh child process."""
+    """harness.memory's target: the step to measure, built in the fresh child process."""
     shape = TINY_SHAPE if tiny else SHAPE
     return make_step(build(impl, base_model(name, tiny), shape["prefix"], seed), shape, seed)
 
@@ -151,53 +139,44 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    import datetime
-
-    from bench_attention import git_commit, hardware_info
-    from bench_e2e import time_interleaved
-    from memory import measure_peak_extra
-
     shape, reps = (TINY_SHAPE, 2) if args.quick else (SHAPE, args.reps)
-    hw = hardware_info(torch.device("cpu"))
-    print(f"{hw['cpu_model']}, torch {torch.__version__} ({torch.get_num_threads()} threads), shape {shape}",
-          flush=True)
+    env = provenance.environment("cpu")
+    print(f"{provenance.describe(env)}, shape {shape}", flush=True)
     rows = []
+    tokens = shape["batch"] * (shape["source"] + shape["target"])
     for name in args.models:
         base = base_model(name, args.quick)
         calls = {impl: make_step(build(impl, copy.deepcopy(base), shape["prefix"]), shape) for impl in IMPLS}
-        times = time_interleaved(calls, reps)
+        times = timer.time_interleaved(calls, "cpu", warmup=1, reps=reps, abba=True)
         del calls
-        tokens = shape["batch"] * (shape["source"] + shape["target"])
         for impl in IMPLS:
-            peak = measure_peak_extra("bench_seq2seq:memory_step", {"name": name, "impl": impl, "tiny": args.quick})
-            median = statistics.median(times[impl])
-            rows.append({"model": name, "impl": impl, **shape, "seconds": times[impl], "median_s": median,
-                         "tokens_per_s": tokens / median, "peak_mb": peak / 1e6})
+            peak = memory.measure_peak_extra("bench_seq2seq:memory_step", {"name": name, "impl": impl, "tiny": args.quick})
+            median = statistics.median(times[impl]) / 1e3
+            rows.append({"model": name, "impl": impl, **shape, "seconds": [t / 1e3 for t in times[impl]],
+                         "median_s": median, "tokens_per_s": tokens / median, "peak_mb": peak / 1e6})
             print(f"  {name}/{impl}: {tokens / median:.0f} tokens/s, {peak / 1e6:.0f} MB", flush=True)
-    lines = ["# Encoder-decoder prefix tuning, one training step (CPU, float32)", "",
-             f"{hw['cpu_model']}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}; "
-             f"B = {shape['batch']}, source {shape['source']}, target {shape['target']}, P = {shape['prefix']}; "
-             f"medians of {reps} interleaved rounds. `benchmarks/bench_seq2seq.py` says what each row runs.", "",
-             "| model | impl | tokens/s | step (s, median) | peak memory (MB) | tokens/s vs PEFT | memory vs PEFT |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for row in rows:
-        peft = next(r for r in rows if r["model"] == row["model"] and r["impl"] == "peft")
-        ratio = "" if row["impl"] == "peft" else f"{row['tokens_per_s'] / peft['tokens_per_s']:.2f}x"
-        mem = "" if row["impl"] == "peft" or peft["peak_mb"] <= 0 else f"{row['peak_mb'] / peft['peak_mb']:.2f}x"
-        lines.append(f"| {row['model']} | {row['impl']} | {row['tokens_per_s']:.0f} | {row['median_s']:.3f} | "
-                     f"{row['peak_mb']:.0f} | {ratio} | {mem} |")
-    print("\n".join(lines))
+
+    def vs_peft(r, key):
+        peft = next(p for p in rows if p["model"] == r["model"] and p["impl"] == "peft")
+        return "" if r["impl"] == "peft" or peft[key] <= 0 else f"{r[key] / peft[key]:.2f}x"
+
+    md = "\n".join([
+        "# Encoder-decoder prefix tuning, one training step (CPU, float32)", "",
+        f"{provenance.describe(env)}; B = {shape['batch']}, source {shape['source']}, target {shape['target']}, "
+        f"P = {shape['prefix']}; medians of {reps} interleaved rounds. `benchmarks/bench_seq2seq.py` says what each "
+        "row runs.", "",
+        report.markdown_table(rows, [("model", lambda r: r["model"]), ("impl", lambda r: r["impl"]),
+                                     ("tokens/s", lambda r: f"{r['tokens_per_s']:.0f}"),
+                                     ("step (s, median)", lambda r: f"{r['median_s']:.3f}"),
+                                     ("peak memory (MB)", lambda r: f"{r['peak_mb']:.0f}"),
+                                     ("tokens/s vs PEFT", lambda r: vs_peft(r, "tokens_per_s")),
+                                     ("memory vs PEFT", lambda r: vs_peft(r, "peak_mb"))])])
+    print(md)
     if not args.no_save and not args.quick:
-        out = args.out or os.path.join(_HERE, "results", hw["slug"])
-        os.makedirs(out, exist_ok=True)
-        meta = {"benchmark": "seq2seq", "hardware": hw, "git_commit": git_commit(),
-                "date": datetime.datetime.now().isoformat(timespec="seconds"), "threads": torch.get_num_threads(),
-                "shape": shape, "reps": reps, "notes": __doc__}
-        with open(os.path.join(out, "seq2seq.json"), "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        with open(os.path.join(out, "seq2seq.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-        print(f"wrote {out}/seq2seq.json, seq2seq.md")
+        meta = {"benchmark": "seq2seq", "environment": env, "commit": env["commit"], "date": env["date"],
+                "shape": shape, "reps": reps}
+        paths = report.write(args.out or provenance.results_dir("cpu"), "seq2seq", {"meta": meta, "rows": rows}, md)
+        print("wrote " + ", ".join(paths))
     return 0
 
 

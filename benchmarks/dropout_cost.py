@@ -10,63 +10,35 @@ dropout, and their ratio. The mask is regenerated in the backward, so the step p
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import statistics
-import time
+import sys
 
-import torch
-
-import prefix_attn
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import attention as at, timer  # noqa: E402
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-B", type=int, default=4)
-    ap.add_argument("-H", type=int, default=12)
-    ap.add_argument("-N", type=int, default=512)
-    ap.add_argument("-P", type=int, default=64)
-    ap.add_argument("-D", type=int, default=64)
+    for name, default in (("B", 4), ("H", 12), ("N", 512), ("P", 64), ("D", 64)):
+        ap.add_argument(f"-{name}", type=int, default=default)
     ap.add_argument("--p", type=float, default=0.1, help="dropout probability compared with 0")
     ap.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=sorted(at.DTYPES))
     ap.add_argument("--reps", type=int, default=12)
     args = ap.parse_args(argv)
-    dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    gen = torch.Generator().manual_seed(0)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen).to(dev, dtype).requires_grad_()
-
-    q, k, v = randn(args.B, args.H, args.N, args.D), randn(args.B, args.H, args.N, args.D), randn(args.B, args.H, args.N, args.D)
-    pk, pv = randn(args.H, args.P, args.D), randn(args.H, args.P, args.D)
-    grad = torch.randn(args.B, args.H, args.N, args.D, generator=gen).to(dev, dtype)
-
-    def step(p: float, train: bool) -> float:
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.set_grad_enabled(train):
-            out = prefix_attn.prefix_attention(q, k, v, pk, pv, causal=args.causal, dropout_p=p)
-            if train:
-                out.backward(grad)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    print(f"prefix_attn {prefix_attn.select_backend(q)} backend, {args.dtype} on {dev}: B{args.B} H{args.H} "
-          f"N{args.N} P{args.P} D{args.D}{' causal' if args.causal else ''}, dropout {args.p} vs 0, "
-          f"{args.reps} interleaved repeats, medians")
-    for train in (False, True):
-        times = {0.0: [], args.p: []}
-        for _ in range(2):  # warm-up
-            for p in times:
-                step(p, train)
-        for _ in range(args.reps):
-            for p in times:
-                times[p].append(step(p, train))
-        med = {p: statistics.median(ts) * 1e3 for p, ts in times.items()}
-        print(f"  {'training step' if train else 'forward'}: {med[0.0]:.1f} ms without, {med[args.p]:.1f} ms with "
-              f"dropout: {med[args.p] / med[0.0]:.2f}x")
+    shape = at.Shape(B=args.B, H=args.H, N=args.N, P=args.P, D=args.D, causal=args.causal)
+    print(f"prefix_attn, {args.dtype} on {args.device}: {shape.name}, dropout {args.p} vs 0, {args.reps} interleaved "
+          "repeats, medians")
+    for mode in ("fwd", "train_step"):
+        sets = at.make_inputs(shape, mode, args.device, at.DTYPES[args.dtype])
+        steps = {p: at.make_step(at.ours(dataclasses.replace(shape, dropout=p)), sets, mode) for p in (0.0, args.p)}
+        med = {p: statistics.median(ms) for p, ms in timer.time_interleaved(steps, args.device, warmup=2,
+                                                                              reps=args.reps).items()}
+        print(f"  {'forward' if mode == 'fwd' else 'training step'}: {med[0.0]:.1f} ms without, {med[args.p]:.1f} ms "
+              f"with dropout: {med[args.p] / med[0.0]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""The benchmarks' shared counts, shapes and incumbents (benchmarks/bench_common.py), and the GPU
-suite's loop on CPU with torch.cuda's timing and memory calls faked. No GPU needed; the test
-that compiles FlexAttention on CPU is marked slow."""
+"""The kernel benchmarks' counts, shapes, incumbents and measurement (benchmarks/harness/attention.py),
+and the GPU suite's loop on CPU with torch.cuda's timing and memory calls faked. No GPU needed; the
+test that compiles FlexAttention on CPU is marked slow."""
 import dataclasses
 import math
 import os
@@ -14,7 +14,7 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if BENCH not in sys.path:
     sys.path.insert(0, BENCH)
 
-import bench_common as bc  # noqa: E402
+from harness import attention as bc  # noqa: E402
 
 H200_PEAK_TFLOPS = 989.0  # dense bf16 tensor cores
 H200_PEAK_GBPS = 4800.0
@@ -26,7 +26,7 @@ _DYNAMO_SETTINGS = ("recompile_limit", "cache_size_limit", "accumulated_recompil
 
 @pytest.fixture(autouse=True)
 def _restore_dynamo_config():
-    """bench_common.configure_dynamo changes process-wide settings; other test modules
+    """configure_dynamo changes process-wide settings; other test modules
     (torch.compile tests) must not see them."""
     cfg = torch._dynamo.config
     saved = {n: getattr(cfg, n) for n in _DYNAMO_SETTINGS if hasattr(cfg, n)}
@@ -63,15 +63,6 @@ def test_flops_convention():
     assert bc.flops(s, "fwd_bwd") == bc.flops(s, "train_step")  # the old name reads the same
     with pytest.raises(ValueError, match="prefix_bwd"):
         bc.flops(s, "prefix_bwd")
-
-
-def test_bench_attention_counts_as_the_gpu_suite():
-    import bench_attention as ba
-
-    s = bc.Shape(B=2, H=8, Hkv=2, N=100, Nk=300, P=16, D=64, causal=True)
-    for p in bc.PASSES:
-        assert ba.flops(s, p) == bc.flops(s, p)
-    assert ba.MODES == bc.PASSES
 
 
 # (dtype, B, H, N, P, D, causal, ms) of ours-triton's prefix-only backward in the first H200 run
@@ -147,7 +138,7 @@ def test_incumbent_selection():
     assert "sdpa-cat-lower-right" in _names(dataclasses.replace(short_kv, causal=False))
     dec = bc.Shape(B=64, H=32, Hkv=8, N=1, Nk=4096, P=128, D=128, causal=True)
     assert _names(dec, "decode") == ["sdpa-cache", "flex-cache"]
-    assert _names(gqa, "train") == _names(gqa)
+    assert _names(gqa, "decode") == ["sdpa-cache", "flex-cache"]  # a kind picks its own incumbents
     assert [i.name for i in bc.incumbents_for(gqa, names=["sdpa-cat-gqa", "sdpa-cat"])] == ["sdpa-cat-gqa", "sdpa-cat"]
 
 
@@ -266,7 +257,7 @@ def fake_cuda(monkeypatch):
 
 def test_gpu_suite_loop_on_faked_cuda(fake_cuda):
     gs = fake_cuda
-    cases = [bc.GpuCase("target", "fp32", bc.Shape(B=1, H=4, Hkv=2, N=32, P=8, D=16, causal=True)),
+    cases = [bc.KernelCase("target", "fp32", bc.Shape(B=1, H=4, Hkv=2, N=32, P=8, D=16, causal=True)),
              dataclasses.replace(bc.DECODE_CASE, dtype="fp32",
                                  shape=bc.Shape(B=2, H=4, Hkv=2, N=1, Nk=64, P=8, D=16, causal=True))]
     rows = []
@@ -277,13 +268,15 @@ def test_gpu_suite_loop_on_faked_cuda(fake_cuda):
     for r in rows:
         assert "error" not in r, r
         assert r["ms"] > 0 and r["gbps"] > 0 and r["first_call_s"] >= 0
-        assert r["max_abs_diff_vs_sdpa"] < 1e-4, r
+        assert r["reference_impl"].startswith("sdpa") and r["max_abs_diff"] < 1e-4, r
     assert {r["mode"] for r in rows} == set(bc.PASSES)
     bc.add_speedups(rows)
     assert all("speedup_vs_best_incumbent" in r for r in rows)
-    md = gs._markdown(dict(gpu="fake", torch=torch.__version__, triton=None, cuda=None, date="today",
+    md = gs.markdown(dict(gpu="fake", torch=torch.__version__, triton=None, cuda=None, date="today",
                            commit="x", tests_rc=0, complete=True), rows)
     assert "prefix_only_bwd" in md and "train_step" in md and "| decode |" in md
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == len(rows) + 2 and len({line.count(" | ") for line in table}) == 1  # one cell per column
     # past the deadline nothing starts
     assert not gs.run_case(cases[0], [], time.time() - 1, names)
 
@@ -296,7 +289,7 @@ def test_gpu_suite_flags_a_failed_compile(fake_cuda, monkeypatch):
             raise RuntimeError("Hard failure due to fullgraph=True\nmore")
         return fn
     monkeypatch.setitem(bc.INCUMBENTS, "flex-cat", dataclasses.replace(bc.INCUMBENTS["flex-cat"], build=broken))
-    case = bc.GpuCase("t", "fp32", bc.Shape(B=1, H=2, N=16, P=4, D=16, causal=True), causals=(True,),
+    case = bc.KernelCase("t", "fp32", bc.Shape(B=1, H=2, N=16, P=4, D=16, causal=True), causals=(True,),
                       passes=("fwd",))
     rows = []
     gs.run_case(case, rows, time.time() + 600, ["sdpa-cat", "flex-cat"])
@@ -304,12 +297,11 @@ def test_gpu_suite_flags_a_failed_compile(fake_cuda, monkeypatch):
     assert flex["fell_back"] == "compile failed" and "fullgraph" in flex["error"] and "ms" not in flex
     bc.add_speedups(rows)
     assert next(r for r in rows if r["impl"] == "ours-cpu")["best_incumbent"] == "sdpa-cat"
-    assert "FELL BACK" in gs._markdown(dict(gpu="fake", torch="", triton=None, cuda=None, date="", commit="",
+    assert "FELL BACK" in gs.markdown(dict(gpu="fake", torch="", triton=None, cuda=None, date="", commit="",
                                              tests_rc=0), rows)
 
 
-def test_gpu_suite_moves_an_eager_run_out_of_the_timings(fake_cuda, monkeypatch):
-    gs = fake_cuda
+def test_an_eager_run_moves_out_of_the_timings(monkeypatch):
     shape = bc.Shape(B=1, H=2, N=16, P=4, D=16, causal=True)
 
     def eager_flex(shape, device):
@@ -319,8 +311,9 @@ def test_gpu_suite_moves_an_eager_run_out_of_the_timings(fake_cuda, monkeypatch)
             bc._EAGER["flex"] += 1  # what _flex_body does when it runs eagerly
             return inner(*a)
         return fn
-    inc = dataclasses.replace(bc.INCUMBENTS["flex-cat"], build=eager_flex)
-    sets = gs.make_inputs(shape, torch.float32, "fwd")
-    row = gs.measure(inc, eager_flex(shape, "cpu"), shape, sets, "fwd")
-    assert row["fell_back"] and "ms" not in row and row["fallback_ms"] > 0
-    assert math.isfinite(row["fallback_tflops"])
+    monkeypatch.setitem(bc.INCUMBENTS, "flex-cat", dataclasses.replace(bc.INCUMBENTS["flex-cat"], build=eager_flex))
+    rows = {r["impl"]: r for r in bc.measure(shape, "fwd", ["sdpa-cat", "flex-cat"], reps=2, memory=False)}
+    flex = rows["flex-cat"]
+    assert flex["fell_back"] and "ms" not in flex and flex["fallback_ms"] > 0
+    assert math.isfinite(flex["fallback_tflops"])
+    assert "fell_back" not in rows["sdpa-cat"] and rows["sdpa-cat"]["ms"] > 0

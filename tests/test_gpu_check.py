@@ -101,7 +101,7 @@ def test_fake_cuda_flow_files_and_deadline(tmp_path):
     assert "== end to end" in log and "FAILED: tests" in log and "e2e" not in log.split("FAILED:")[-1], log
     for d in (local, mirror):
         names = sorted(os.listdir(d))
-        local_only = ["e2e.json", "e2e.md"] if d == local else []
+        local_only = ["e2e.json", "e2e.md", "e2e.png"] if d == local else []
         assert names == sorted(["env.txt", "gpu-check.log", "results.json", "results.md", "results.png",
                                 *local_only]), names
         assert all((d / n).is_file() for n in names)

@@ -1,6 +1,6 @@
-"""benchmarks/bench_e2e.py's GPU cases without a GPU: the same code paths at tiny shapes, on CPU
-in this process and on the faked CUDA device of tools/fake_cuda in a child process; the batch
-choice, the budget, and the merge into the GPU check's result files."""
+"""benchmarks/bench_e2e.py's GPU cases (harness/models.py) without a GPU: the same code paths at
+tiny shapes, on CPU in this process and on the faked CUDA device of tools/fake_cuda in a child
+process; the batch choice, the budget, and the merge into the GPU check's result files."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from hf_testing import ROOT
 
@@ -17,6 +18,7 @@ if BENCH not in sys.path:
     sys.path.insert(0, BENCH)
 
 import bench_e2e  # noqa: E402
+from harness import models as hm  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -57,7 +59,7 @@ def test_tiny_cases_on_cpu(tmp_path):
     # the merge: the kernel suite's content stays, the e2e section replaces an earlier one
     assert json.loads((merged / "results.json").read_text())["rows"] == [1, 2]
     assert json.loads((merged / "results.json").read_text())["e2e"]["rows"] == doc["rows"]
-    bench_e2e.save_gpu(None, [str(merged)], doc["meta"], doc["rows"], doc["targets"])
+    bench_e2e.save(None, [str(merged)], doc["meta"], doc["rows"], doc["targets"])
     md = (merged / "results.md").read_text()
     assert md.startswith("# kernel suite\n\nkernel rows\n") and md.count(bench_e2e.E2E_SECTION) == 1
     assert "TINY SHAPES" in md and "| train_gc | ours + grad. ckpt |" in md
@@ -85,11 +87,20 @@ def test_fake_cuda_path_and_budget(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     doc = json.loads((tmp_path / "b" / "e2e.json").read_text())
     assert not doc["meta"]["complete"]
-    assert [r["case"] for r in doc["rows"]] == [c.name for c in bench_e2e.gpu_cases(tiny=True)]
+    assert [r["case"] for r in doc["rows"]] == [c.name for c in hm.gpu_cases(tiny=True)]
     assert all(r["skipped"].startswith("not run: 0 s left") for r in doc["rows"])
     assert all(t["met"] is None for t in doc["targets"])
     assert sorted(os.listdir(tmp_path / "m")) == ["results.json", "results.md"]
     assert "INCOMPLETE" in (tmp_path / "m" / "results.md").read_text()
+
+
+def test_run_case_without_a_budget():
+    """The CPU cases run with no budget (an infinite end): every repeat is timed, ABBA."""
+    base = hm.load_base("llama-1b", "cpu", torch.float32, tiny=True)
+    case = hm.ModelCase("t", "llama-1b", "train", 2, 8, 2)
+    ours, peft = hm.run_case(case, base, "cpu", reps=3)
+    assert len(ours["seconds"]) == len(peft["seconds"]) == 3 and ours["timing"] == "median of 3 interleaved repeats"
+    assert ours["tokens_per_call"] == 16 and ours["peak_mb"] is None  # memory: cpu_memory=0
 
 
 @pytest.mark.parametrize("free_gb, m1_gb, m2_gb, t2, expected", [
@@ -100,8 +111,8 @@ def test_fake_cuda_path_and_budget(tmp_path):
 ])
 def test_batch_that_fills(free_gb, m1_gb, m2_gb, t2, expected):
     GB = 10**9
-    batch, how = bench_e2e.batch_that_fills(int(free_gb * GB), int(m1_gb * GB), int(m2_gb * GB), t2, cap=256,
-                                            max_step_s=3.0)
+    batch, how = hm.batch_that_fills(int(free_gb * GB), int(m1_gb * GB), int(m2_gb * GB), t2, cap=256,
+                                     max_step_s=3.0)
     per_row, fixed = (m2_gb - m1_gb), m1_gb - (m2_gb - m1_gb)
     by_memory = max(1, int((0.85 * free_gb - fixed) // per_row))
     assert batch == min(256, by_memory, max(1, int(3.0 / (t2 / 2)))) == expected, how

@@ -389,7 +389,7 @@ def test_encoders_are_refused():
 
 
 def test_bench_e2e_prompt_builders_agree():
-    """benchmarks/bench_e2e.py's prompt-tuning pair: the same soft prompt, the same logits for the
+    """The model benchmarks' prompt-tuning pair (benchmarks/harness/models.py): the same soft prompt, the same logits for the
     real tokens, and a training step that runs for each."""
     import os
     import sys
@@ -399,10 +399,10 @@ def test_bench_e2e_prompt_builders_agree():
     bench = os.path.join(ROOT, "benchmarks")
     if bench not in sys.path:
         sys.path.insert(0, bench)
-    import bench_e2e
+    from harness import models as hm
 
     base = tiny_model("llama")
-    models = {impl: bench_e2e.METHODS["prompt"](impl, copy.deepcopy(base), P, seed=3) for impl in bench_e2e.IMPLS}
+    models = {impl: hm.METHODS["prompt"](impl, copy.deepcopy(base), P, seed=3) for impl in hm.IMPLS}
     ids, mask = padded_batch()
     with torch.no_grad():
         ours = models["ours"](input_ids=ids, attention_mask=mask).logits
@@ -411,7 +411,7 @@ def test_bench_e2e_prompt_builders_agree():
     inputs = {"input_ids": ids, "attention_mask": mask}
     for impl, model in models.items():
         before = next(p for p in model.parameters() if p.requires_grad).detach().clone()
-        loss = bench_e2e.make_call(model, "train", inputs, 0, 0)()
+        loss = hm.make_call(model, hm.CPU_CASES["prompt_train"], inputs)()
         after = next(p for p in model.parameters() if p.requires_grad)
         assert torch.isfinite(loss) and not torch.equal(before, after), impl
 

@@ -1,76 +1,32 @@
-"""What every benchmark here shares: shapes, pass names, FLOP and byte counts, the incumbents.
+"""The attention kernels' benchmark: shapes, passes, FLOP and byte counts, the incumbents, and
+`measure`, which times one (shape, pass) for a set of implementations on any device.
 
-bench_attention.py (CPU or GPU, ours against one incumbent), gpu_suite.py (GPU, ours against
-every incumbent) and demo.py import this module, so a figure means the same thing in each.
+bench_attention.py (a CPU or GPU sweep, ours against one incumbent), gpu_suite.py (the GPU suite,
+ours against every incumbent, to a deadline), demo.py and dropout_cost.py are thin scripts over it,
+so a figure means the same thing in each.
 
-Passes (the ids the scripts, their JSON and the READMEs use)
-    fwd              forward only; nothing requires grad (inference, and decoding)
-    train_step       forward + backward, every input requires grad (q, k, v, prefix_k,
-                     prefix_v). This IS the prefix-tuning step of every layer above the first:
-                     the model is frozen, but that layer's q, k and v depend on the prefixes of
-                     the layers below, so their gradients must flow down through its attention.
-                     (Full fine-tuning runs the same pass.)
-    prefix_only_bwd  the backward alone, with only prefix_k and prefix_v requiring grad; the
-                     forward runs untimed before each timed backward. The first layer's case
-                     of prefix tuning: its q, k, v come from frozen embeddings, so only the
-                     prefix needs a gradient, and no dq, dk or dv is computed.
-    Peak memory is always that of the whole step (forward and, where there is one, backward).
-
-FLOPs, one convention: visible (query, key) pairs only, 2 FLOPs per multiply-add; a masked
-pair counts nothing, so the incumbents get no credit for work they waste on masked pairs and
-for backward work the pass does not need.
-    pairs            = Nq * P + visible sequence pairs, per (batch row, query head);
-                       causal: query i sees sequence keys j <= i + Nk - Nq (bottom-right)
-    fwd              F = 4 * B * Hq * D * pairs            (S = QK^T and O = PV: 2 matmuls)
-    train_step       3.5 * F                               (forward 2 matmuls + backward 5:
-                                                            S again, dP, dV, dK, dQ. The
-                                                            FlashAttention benchmarks' count:
-                                                            backward = 2.5 F)
-    prefix_only_bwd  8 * B * Hq * Nq * P * D               (over the P prefix columns only:
-                                                            S again, dP, dV, dK, 4 matmuls of
-                                                            Nq x P x D per (row, head). No dQ;
-                                                            the sequence columns need nothing:
-                                                            Delta = rowsum(dO * O))
-
-Bytes floor, the least memory traffic a pass can do (each tensor read or written once; e =
-bytes per element of the inputs' dtype; Q = B*Hq*Nq*D, KV = B*Hkv*Nk*D, PR = Hkv*P*D for a
-prefix shared by the batch, L = B*Hq*Nq float32 log-sum-exps):
-    fwd              e * (2*Q + 2*KV + 2*PR)               read q, k, v, prefix; write out
-    train_step       e * (6*Q + 6*KV + 6*PR) + 8*L         forward (with lse written), then the
-                                                           backward: read q, k, v, prefix, out,
-                                                           dout, lse; write dq, dk, dv, dprefix
-    prefix_only_bwd  e * (3*Q + 4*PR) + 4*L                read q, out, dout, lse, prefix;
-                                                           write dprefix
-GB/s = bytes floor / time: how close a memory-bound pass (decoding, the prefix-only
-backward) comes to the card's bandwidth.
-
-Incumbents (`INCUMBENTS`; `incumbents_for` picks those that apply to a shape and pass)
-    sdpa-cat              what Hugging Face PEFT does: expand + torch.cat the prefix, GQA by
-                          repeat_interleave (HF's repeat_kv), SDPA with the boolean mask
-    sdpa-cat-lower-right  the same with causal_lower_right instead of a mask tensor (lets SDPA
-                          pick flash); only where Nk >= Nq, where it equals our visibility
-    sdpa-cat-gqa          grouped heads only: cat, then SDPA with enable_gqa=True (no kv-head
-                          expansion) and causal_lower_right: what a user picks for training
-    flex-cat              FlexAttention over the concatenation with a block mask, compiled once
-                          per shape: torch.compile(dynamic=False, fullgraph=True)
-    flash-attn-cat        flash_attn_func over the concatenation, where flash-attn is installed
-    sdpa-cache            decoding: the KV cache already holds [prefix ; sequence] (as PEFT's
-                          cache does), so nothing is concatenated per step; SDPA over it
-    flex-cache            decoding: compiled FlexAttention over the same cache
-Masks, block masks and compiled wrappers are built once per shape, outside the timing (HF
-builds its mask once per model forward, not per layer); so is the decoding cache.
-
-A compiled incumbent that does not run compiled is not measured as that incumbent: with
-fullgraph=True a graph break, and (`configure_dynamo`) a hit recompile limit, raise instead
-of running eagerly; and the compiled function counts the calls that ran its Python body
-eagerly (`eager_calls`). Such a row is flagged `fell_back` and kept out of the best incumbent
-(`add_speedups`).
+benchmarks/README.md ("What is measured") explains the passes, the FLOP and byte conventions
+and the incumbents; here they are code:
+    PASSES / TRAINABLE    fwd; train_step (every input requires grad: the prefix-tuning step of
+                          every layer above the first); prefix_only_bwd (the backward alone, only
+                          the prefix requires grad: the first layer). Peak memory is always that
+                          of the whole step.
+    flops / bytes_floor   visible (query, key) pairs only (a masked pair counts nothing); the
+                          least memory traffic, each tensor once (FLOPS_CONVENTION, BYTES_CONVENTION)
+    INCUMBENTS            what ours is compared with; masks, block masks, compiled wrappers and the
+                          decoding cache are built once per shape, outside the timing
+A compiled incumbent that does not run compiled is not measured as that incumbent: fullgraph=True
+and `configure_dynamo` make a graph break or a hit recompile limit raise, and the compiled
+function counts the calls that ran its Python body eagerly (`eager_calls`); such a row is flagged
+`fell_back` and never counts as the best incumbent (`add_speedups`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import time
 import types
 from typing import Any, Callable, Iterable
 
@@ -184,7 +140,7 @@ def cpu_default_sweep() -> list[Shape]:
 
 
 @dataclasses.dataclass(frozen=True)
-class GpuCase:
+class KernelCase:
     """One row group of the GPU suite: a dtype and a shape, run for each causal setting and pass.
 
     kind "train": the incumbents concatenate the prefix per call. kind "decode": one new
@@ -201,27 +157,27 @@ class GpuCase:
         return [dataclasses.replace(self.shape, causal=c) for c in self.causals]
 
 
-def _grid_case(dtype: str, D: int, P: int, N: int, label: str = "grid") -> GpuCase:
+def _grid_case(dtype: str, D: int, P: int, N: int, label: str = "grid") -> KernelCase:
     # same tokens per batch (16384) at every N; heads x D = 1024
-    return GpuCase(label, dtype, Shape(B=max(1, 16384 // N), H=16 if D == 64 else 8, N=N, P=P, D=D, causal=True))
+    return KernelCase(label, dtype, Shape(B=max(1, 16384 // N), H=16 if D == 64 else 8, N=N, P=P, D=D, causal=True))
 
 
 # Decoding: one token per row, 64 rows, a 4096-token cache, P = 128, Llama-3-8B's heads (32 / 8).
-DECODE_CASE = GpuCase("decode", "bf16", Shape(B=64, H=32, Hkv=8, N=1, Nk=4096, P=128, D=128, causal=True),
-                      kind="decode", causals=(True,), passes=("fwd",))
+DECODE_CASE = KernelCase("decode", "bf16", Shape(B=64, H=32, Hkv=8, N=1, Nk=4096, P=128, D=128, causal=True),
+                         kind="decode", causals=(True,), passes=("fwd",))
 # Grouped heads for the training step (Llama-3-8B's 32 / 8), as many visible pairs as the
 # target. N = 4096 appears nowhere else in the grid: one (dtype, N, P, D) per case.
-GQA_CASE = GpuCase("gqa", "bf16", Shape(B=2, H=32, Hkv=8, N=4096, P=128, D=128, causal=True))
+GQA_CASE = KernelCase("gqa", "bf16", Shape(B=2, H=32, Hkv=8, N=4096, P=128, D=128, causal=True))
 # Training with attention dropout 0.1 (GPT-2's, BERT's default), against cat + SDPA with the same
 # dropout: what the counter-based mask regeneration costs. FlexAttention has no dropout. N = 1024
 # appears nowhere else in the grid (one (dtype, N, P, D) per case).
-DROPOUT_CASE = GpuCase("dropout", "bf16", Shape(B=16, H=16, N=1024, P=128, D=64, causal=True, dropout=0.1),
-                       causals=(True, False), passes=("train_step",))
+DROPOUT_CASE = KernelCase("dropout", "bf16", Shape(B=16, H=16, N=1024, P=128, D=64, causal=True, dropout=0.1),
+                          causals=(True, False), passes=("train_step",))
 
 
-def gpu_cases(quick: bool = False) -> list[GpuCase]:
-    """The GPU suite's cases, most important first: the issue's targets (bf16, D = 128,
-    N = 8192, causal first within each case), then decoding, grouped heads, the rest of the grid."""
+def gpu_cases(quick: bool = False) -> list[KernelCase]:
+    """The GPU suite's cases, most important first: the targets (bf16, D = 128, N = 8192, causal
+    first within each case), then decoding, grouped heads, the rest of the grid."""
     targets = [_grid_case("bf16", 128, P, 8192, "target") for P in (128, 512, 16)]
     if quick:
         return [targets[0], DECODE_CASE, GQA_CASE, _grid_case("fp16", 64, 128, 2048)]
@@ -330,37 +286,32 @@ def _repeat_kv(x, n_rep: int):
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
-def sdpa_cat(shape: Shape, device) -> Callable:
-    mask = prefix_bool_mask(shape.N, shape.nk, shape.P, device) if shape.causal else None
-    n_rep = shape.H // shape.hkv
-
-    def fn(q, k, v, pk, pv):
-        K, V = cat_prefix(k, v, pk, pv)
-        return F.scaled_dot_product_attention(q, _repeat_kv(K, n_rep), _repeat_kv(V, n_rep), attn_mask=mask,
-                                              dropout_p=shape.dropout)
-    return fn
-
-
-def _lower_right(shape: Shape):
+def _lower_right(shape: Shape, device):
     from torch.nn.attention.bias import causal_lower_right
 
     # bottom-right over P + Nk keys equals ours (prefix always visible) when Nk >= Nq
     return causal_lower_right(shape.N, shape.P + shape.nk) if shape.causal else None
 
 
-def sdpa_cat_lower_right(shape: Shape, device) -> Callable:
-    mask = _lower_right(shape)
-    n_rep = shape.H // shape.hkv
+def _sdpa_cat(mask_for: Callable) -> Callable[[Shape, Any], Callable]:
+    def build(shape: Shape, device) -> Callable:
+        mask = mask_for(shape, device)
+        n_rep = shape.H // shape.hkv
 
-    def fn(q, k, v, pk, pv):
-        K, V = cat_prefix(k, v, pk, pv)
-        return F.scaled_dot_product_attention(q, _repeat_kv(K, n_rep), _repeat_kv(V, n_rep), attn_mask=mask,
-                                              dropout_p=shape.dropout)
-    return fn
+        def fn(q, k, v, pk, pv):
+            K, V = cat_prefix(k, v, pk, pv)
+            return F.scaled_dot_product_attention(q, _repeat_kv(K, n_rep), _repeat_kv(V, n_rep), attn_mask=mask,
+                                                  dropout_p=shape.dropout)
+        return fn
+    return build
+
+
+sdpa_cat = _sdpa_cat(lambda s, device: prefix_bool_mask(s.N, s.nk, s.P, device) if s.causal else None)
+sdpa_cat_lower_right = _sdpa_cat(_lower_right)
 
 
 def sdpa_cat_gqa(shape: Shape, device) -> Callable:
-    mask = _lower_right(shape)
+    mask = _lower_right(shape, device)
 
     def fn(q, k, v, pk, pv):
         K, V = cat_prefix(k, v, pk, pv)
@@ -491,7 +442,7 @@ class Incumbent:
     name: str
     what: str
     build: Callable[[Shape, Any], Callable]   # untimed set-up -> fn(q, k, v, prefix_k, prefix_v)
-    kinds: tuple[str, ...] = ("train",)       # GpuCase kinds it stands for
+    kinds: tuple[str, ...] = ("train",)       # KernelCase kinds it stands for
     grouped_only: bool = False                # only where Hq != Hkv
     lower_right: bool = False                 # equals our visibility only where Nk >= Nq
     compiled: bool = False                    # its first call compiles; fallbacks are watched
@@ -567,3 +518,220 @@ def add_speedups(rows: list[dict], key_fields: Iterable[str] = ROW_SHAPE_KEYS) -
 def geomean(xs: Iterable[float]) -> float:
     xs = list(xs)
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+# --- measuring -----------------------------------------------------------------------------------
+
+INPUT_NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
+# A row's numbers move here when its compiled incumbent ran eagerly: nothing that reads "ms"
+# counts it as measured.
+FALLBACK_KEYS = ("ms", "tflops", "gbps")
+# A compiled incumbent starts only with this much time left before the deadline (its compile
+# alone can take tens of seconds).
+COMPILE_MARGIN_S = 60.0
+
+
+def make_inputs(shape: Shape, pass_id: str, device, dtype, n_sets: int = 1, seed: int = 0) -> list[tuple]:
+    """Independent input sets (q, k, v, prefix_k, prefix_v, grad_out), random, never zeros; the
+    pass's trainable inputs require grad."""
+    trainable = TRAINABLE[canonical_pass(pass_id)]
+    torch.manual_seed(seed)
+    sets = []
+    for _ in range(n_sets):
+        x = [torch.randn(shape.B, shape.H, shape.N, shape.D, device=device, dtype=dtype)]
+        x += [torch.randn(shape.B, shape.hkv, shape.nk, shape.D, device=device, dtype=dtype) for _ in range(2)]
+        x += [torch.randn(shape.hkv, shape.P, shape.D, device=device, dtype=dtype) for _ in range(2)]
+        for t, name in zip(x, INPUT_NAMES):
+            t.requires_grad_(name in trainable)
+        sets.append((*x, torch.randn_like(x[0])))
+    return sets
+
+
+def implementation(name: str, shape: Shape, device) -> tuple[Callable, "Incumbent | None"]:
+    """fn(q, k, v, prefix_k, prefix_v) for `ours` (backend auto), `ours-<backend>` or an incumbent's
+    name, and the Incumbent (None for ours). Masks and compiles happen here, untimed."""
+    if name == "ours" or name.startswith("ours-"):
+        return ours(shape, name[5:] or "auto"), None
+    if name not in INCUMBENTS:
+        raise ValueError(f"implementation must be ours, ours-<backend> or one of {list(INCUMBENTS)}, got {name!r}")
+    return INCUMBENTS[name].build(shape, torch.device(device)), INCUMBENTS[name]
+
+
+def run_once(fn: Callable, x: tuple, pass_id: str) -> dict[str, torch.Tensor]:
+    """One whole step (forward, and backward where the pass has one): {"out": ..., "dq": ...}, in
+    float32, for comparisons. Gradients are dropped from the inputs."""
+    if pass_id == "fwd":
+        with torch.no_grad():
+            return {"out": fn(*x[:5]).float()}
+    out = fn(*x[:5])
+    out.backward(x[5])
+    got = {"out": out.detach().float()}
+    for name, t in zip(INPUT_NAMES, x[:5]):
+        if t is not None and t.requires_grad:
+            # None: the input did not reach the output (P == 0 in cat + SDPA)
+            got["d" + name] = (t.grad if t.grad is not None else torch.zeros_like(t)).float()
+            t.grad = None
+    return got
+
+
+def make_step(fn: Callable, sets: list[tuple], pass_id: str) -> Callable[[], None]:
+    """A zero-argument step of pass_id, rotating among the input sets (so that repeats do not just
+    measure a warm L2). Gradients are dropped after each call, so each call allocates them afresh,
+    as a training step does. prefix_only_bwd times the backward alone: its step has a `prepare`
+    that runs the forward, which the timer calls untimed; called without it (a memory
+    measurement), the step runs both."""
+    pass_id = canonical_pass(pass_id)
+    turn = itertools.cycle(sets)
+    pending = []
+
+    def prepare():
+        x = next(turn)
+        pending.append((x, fn(*x[:5])))
+
+    def step():
+        if pass_id == "fwd":
+            with torch.no_grad():
+                fn(*next(turn)[:5])
+            return
+        if not pending:
+            prepare()
+        x, out = pending.pop()
+        out.backward(x[5])
+        for t in x[:5]:
+            if t is not None:
+                t.grad = None
+
+    if pass_id == "prefix_only_bwd":
+        step.prepare = prepare
+    return step
+
+
+def memory_step(shape: dict, impl: str, mode: str, device: str, dtype: str, seed: int = 0) -> Callable[[], None]:
+    """harness.memory's target: JSON-able arguments in, the whole step out (built in the fresh process)."""
+    s = Shape(**shape)
+    fn, inc = implementation(impl, s, device)
+    sets = make_inputs(s, mode, device, DTYPES[dtype], seed=seed)
+    if inc is not None and inc.prepare_inputs is not None:
+        sets = [(*inc.prepare_inputs(*x[:5]), x[5]) for x in sets]
+    step = make_step(fn, sets, mode)
+    return lambda: step()
+
+
+def _diffs(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    return {n: {"max_abs_diff": float((a - ref[n]).abs().max()) if a.numel() else 0.0,
+                "ref_max_abs": float(ref[n].abs().max()) if a.numel() else 0.0}
+            for n, a in got.items() if n in ref and a.shape == ref[n].shape}
+
+
+def measure(shape: Shape, pass_id: str, impls: Iterable[str], *, device="cpu", dtype="fp32", n_sets: int = 1,
+            warmup: int = 1, reps: int | None = None, min_reps: int = 3, max_reps: int = 50, budget_s: float = 2.0,
+            memory: bool = True, check: bool = True, deadline: float | None = None, retries: int = 0,
+            wait_quiet_s: float = 0.0, fields: dict | None = None) -> list[dict]:
+    """One row per implementation of `shape` in pass `pass_id`, all timed interleaved in this process.
+
+    Each implementation is built (masks, compiles: untimed) and run once on its own (`first_call_s`,
+    compile included; its output and gradients are kept for the accuracy check), then all are timed
+    together (harness.timer), then each one's peak memory of a whole step (harness.memory). A
+    build or call that raises costs that row only (`error`); a compiled incumbent that raises or
+    runs eagerly is flagged `fell_back`. `max_abs_diff` / `max_rel_diff` (relative to the largest
+    value of the same tensor) are against the first incumbent that ran (`reference_impl`), over the
+    output and every gradient. CPU: `background_cpu`, the cores other processes used meanwhile;
+    with retries, the timing is repeated while that exceeds timer.BUSY_CORES and the least
+    disturbed attempt kept.
+    """
+    from . import memory as mem
+    from . import timer
+
+    pass_id = canonical_pass(pass_id)
+    device = torch.device(device)
+    torch_dtype = DTYPES[dtype]
+    dtype_name = next(k for k, v in DTYPES.items() if v == torch_dtype)
+    sets = make_inputs(shape, pass_id, device, torch_dtype, n_sets)
+    base = {**(fields or {}), "config": shape.name, "dtype": dtype, "B": shape.B, "H": shape.H, "Hkv": shape.hkv,
+            "N": shape.N, "Nk": shape.nk, "P": shape.P, "D": shape.D, "causal": shape.causal,
+            "dropout": shape.dropout, "mode": pass_id}
+    rows, steps, outs, compiled = {}, {}, {}, set()
+    eager_before = eager_calls()
+    for name in impls:
+        row = rows[name] = dict(base, impl=name)
+        inc = INCUMBENTS.get(name)
+        if inc is not None and inc.compiled:
+            compiled.add(name)
+            if deadline is not None and time.time() > deadline - COMPILE_MARGIN_S:
+                row.update(error="not run: too close to the deadline to compile", fell_back="not compiled")
+                continue
+        try:
+            t0 = time.perf_counter()
+            fn, inc = implementation(name, shape, device)
+            own = sets if inc is None or inc.prepare_inputs is None else [
+                (*inc.prepare_inputs(*x[:5]), x[5]) for x in sets]
+            outs[name] = run_once(fn, own[0], pass_id)
+            timer.sync(device)
+            row["first_call_s"] = time.perf_counter() - t0
+            steps[name] = make_step(fn, own, pass_id)
+        except Exception as exc:  # noqa: BLE001 - an implementation that cannot run this shape
+            row["error"] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+            if name in compiled:
+                row["fell_back"] = "compile failed"
+    best = None
+    while steps and best is None:
+        running = []  # which step was running when the timing raised (out of memory, most likely)
+
+        def guarded(name, step):
+            def mark(fn):
+                def run():
+                    running[:] = [name]
+                    return fn()
+                return run
+            run = mark(step)
+            if hasattr(step, "prepare"):
+                run.prepare = mark(step.prepare)
+            return run
+
+        try:
+            for _ in range(1 + max(0, retries)):
+                if device.type == "cpu" and wait_quiet_s > 0:
+                    timer.wait_for_quiet(wait_quiet_s)
+                with timer.CpuMonitor(enabled=device.type == "cpu") as mon:
+                    times = timer.time_interleaved({n: guarded(n, f) for n, f in steps.items()}, device,
+                                                   warmup=warmup, reps=reps, min_reps=min_reps, max_reps=max_reps,
+                                                   budget_s=budget_s, deadline=deadline)
+                if best is None or (mon.background or 0) < (best[1].background or 0):
+                    best = (times, mon)
+                if (mon.background or 0) <= timer.BUSY_CORES:
+                    break
+        except Exception as exc:  # noqa: BLE001 - that implementation's row says so; the others are timed again
+            if not running or best is not None:
+                raise
+            rows[running[0]]["error"] = f"{type(exc).__name__} while timed: {str(exc).strip()[:200]}"
+            del steps[running[0]]
+    if best is not None:
+        times, mon = best
+        work, floor = flops(shape, pass_id), bytes_floor(shape, pass_id, elem_bytes(torch_dtype))
+        ran_eagerly = eager_calls() > eager_before
+        for name, ms in times.items():
+            row = rows[name]
+            row.update(timer.summary(ms), background_cpu=mon.background, cpu_per_wall=mon.own)
+            row.update(tflops=work / row["ms"] / 1e9, gbps=floor / row["ms"] / 1e6)
+            if memory:
+                kwargs = {"shape": dataclasses.asdict(shape), "impl": name, "mode": pass_id, "device": str(device),
+                          "dtype": dtype_name}
+                try:
+                    row["peak_mb"] = (mem.peak_call(steps[name], device)[2] if device.type == "cuda" else
+                                      mem.measure_peak_extra("harness.attention:memory_step", kwargs)) / 1e6
+                except (mem.MemoryMeasurementError, RuntimeError) as exc:
+                    row["memory_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            if name in compiled and ran_eagerly:
+                row["fell_back"] = "ran eagerly, not compiled"
+                for k in FALLBACK_KEYS:
+                    row["fallback_" + k] = row.pop(k)
+    ref = next((n for n in rows if n in outs and not n.startswith("ours") and not rows[n].get("fell_back")), None)
+    if check and ref is not None and not shape.dropout:  # with dropout the two draw different masks
+        for name, got in outs.items():
+            d = _diffs(got, outs[ref])
+            if d:
+                rows[name].update(reference_impl=ref, diff_by_tensor=d,
+                                  max_abs_diff=max(v["max_abs_diff"] for v in d.values()),
+                                  max_rel_diff=max(v["max_abs_diff"] / max(v["ref_max_abs"], 1e-30)
+                                                   for v in d.values()))
+    return list(rows.values())

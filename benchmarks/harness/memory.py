@@ -1,65 +1,26 @@
-"""Peak *extra* memory of one call: what an op needs on top of what already exists.
+"""Peak *extra* memory of one call, one measurer per device: what an op needs on top of what
+already exists (inputs, weights), at the peak: its output, autograd's saved tensors, gradients and
+temporaries, freed before it returns or not. That decides whether a batch fits.
 
-    extra = peak memory while the call runs  -  memory in use just before it
+CUDA, in this process (`peak_call`): synchronize; reset the peak; before = memory_allocated();
+run; synchronize; extra = max_memory_allocated() - before: the caching allocator's count of live
+tensor bytes (cached-but-free blocks are not counted).
 
-Inputs, weights and anything built before the call are not counted; the output, autograd's
-saved tensors, gradients and every temporary are, whether they are freed before the call
-returns or not. That is the number that decides whether a batch fits.
+CPU, in a fresh process per measurement (`measure_peak_extra`): there is no allocator counter, so
+we read the kernel's. The process runs with MALLOC_MMAP_THRESHOLD_=65536 (every block of 64 KiB or
+more is its own mmap and goes back to the kernel when freed, so the resident set follows live
+memory) and MALLOC_ARENA_MAX=2. It builds its inputs, runs the call once (lazy init, thread
+pools), gc.collect(), writes "5" to /proc/self/clear_refs (VmHWM := VmRSS), reads VmRSS, runs the
+call again, reads VmHWM: extra = VmHWM - VmRSS. Each measurement is a child forked from a zygote
+that has those settings and has imported torch and the target's module but run nothing
+("fork", the default), or a new interpreter ("spawn", PREFIX_ATTN_MEMORY_METHOD=spawn); both read
+the same within 0.2 MB. Pages, not bytes: ~4 KiB granularity and a few hundred KiB of noise;
+memory never written is not resident. Linux with glibc only. tests/test_bench_harness.py checks
+it on known sizes (selftest_alloc: filling 10 MB reads 9.5-11 MB; selftest_noop reads < 1 MB).
 
-How it is measured
-------------------
-CUDA (in this process)
-    ``torch.cuda.synchronize()``; baseline = ``torch.cuda.memory_allocated()``;
-    ``torch.cuda.reset_peak_memory_stats()``; run; synchronize;
-    extra = ``torch.cuda.max_memory_allocated() - baseline``.
-    This is the caching allocator's own count of live tensor bytes, exact to its
-    rounding (512 B blocks); cached-but-free blocks are not counted.
-
-CPU (one fresh process per measurement)
-    There is no allocator counter on CPU, so we read the kernel's: the process's resident
-    set (VmRSS) and its high-water mark (VmHWM) in /proc/self/status. To make RSS follow
-    live memory, the process runs with
-
-        MALLOC_MMAP_THRESHOLD_=65536   every block >= 64 KiB gets its own mmap, and goes
-                                       back to the kernel the moment it is freed (glibc
-                                       would otherwise keep freed heap pages resident,
-                                       and raise the threshold on its own);
-        MALLOC_ARENA_MAX=2             no pile of per-thread arenas holding small blocks.
-
-    Inside the fresh process: build the inputs, run the call once (warm-up: lazy init,
-    OpenMP thread stacks, one-time caches), ``gc.collect()``, write "5" to
-    /proc/self/clear_refs (resets VmHWM to the current VmRSS, Linux >= 4.0), read VmRSS,
-    run the call once more, read VmHWM. extra = VmHWM - VmRSS-before. A fresh process per
-    (impl, config, mode) keeps one measurement's heap state from leaking into the next.
-
-    How the fresh process starts (``method``):
-      "fork"  (default) one zygote process is started with the malloc settings, imports
-              torch and the target's module and runs nothing else; each measurement is a
-              child forked from it. The child is a new process whose heap no earlier
-              measurement touched, as with spawn, minus ~1.5 s of ``import torch``.
-      "spawn" ``python memory.py --child ...`` per measurement.
-    Both give the same numbers (within 0.2 MB on the attention benchmarks; the selftest
-    reads identically); fork is 3-10x faster per measurement.
-
-    Caveats: it counts pages, not bytes, so it has ~4 KiB granularity per buffer plus a
-    few hundred KiB of noise (small allocations, Python objects); memory allocated but
-    never written (``torch.empty`` never touched) does not become resident and is not
-    counted. Differences below ~1 MB are noise. Needs Linux and a glibc-based Python.
-
-    Validation (``python benchmarks/memory.py --selftest [--method spawn]``): a callable
-    that allocates and fills a 100 MB float32 tensor reads 99.6-99.9 MB, 10 MB reads
-    9.8-9.9 MB, and one that allocates nothing reads 0.00 MB.
-
-Usage
------
-    from memory import measure_peak_extra
-    nbytes = measure_peak_extra("bench_attention:build_memory_step",
-                                {"cfg": {...}, "impl": "ours", ...}, device="cpu")
-
-``target`` is ``"module:function"`` (or ``"path/to/file.py:function"``): a factory that
-takes the JSON-able ``kwargs``, builds its inputs and returns the zero-argument callable
-to measure. The module must be importable from this directory (the child runs with
-benchmarks/ first on sys.path) or from the installed packages.
+The CPU measurement needs a target "module:function" (importable with benchmarks/ on sys.path, or
+"path/file.py:function"): a factory that takes JSON-able kwargs, builds its inputs, and returns the
+zero-argument callable to measure.
 """
 
 from __future__ import annotations
@@ -76,7 +37,7 @@ import sys
 import time
 from typing import Any, Callable
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+_BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/: targets import from here
 _RESULT_MARK = "PEAK_EXTRA_JSON "
 
 CPU_CHILD_ENV = {
@@ -99,8 +60,8 @@ def _resolve(target: str) -> Callable[..., Callable[[], Any]]:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     else:
-        if _HERE not in sys.path:
-            sys.path.insert(0, _HERE)
+        if _BENCH not in sys.path:
+            sys.path.insert(0, _BENCH)
         module = importlib.import_module(module_name)
     return getattr(module, attr)
 
@@ -127,27 +88,29 @@ def peak_extra_bytes_cpu_here(fn: Callable[[], Any]) -> dict[str, int]:
     before = _proc_status_kib("VmRSS")["VmRSS"]
     fn()
     hwm = _proc_status_kib("VmHWM")["VmHWM"]
-    return {"extra_bytes": max(0, hwm - before) * 1024,
-            "rss_before_bytes": before * 1024, "hwm_bytes": hwm * 1024}
+    return {"extra_bytes": max(0, hwm - before) * 1024}
 
 
-def peak_extra_bytes_cuda(fn: Callable[[], Any], device: Any = None) -> dict[str, int]:
-    """The CUDA measurement, in this process. Calls fn twice (warm-up, then measured)."""
+def peak_call(fn: Callable[[], Any], device: Any = "cpu") -> tuple[Any, float, int | None]:
+    """(fn's result, seconds, peak bytes above what was allocated before the call) of one call; the
+    peak is None off CUDA, where only a fresh process measures it (measure_peak_extra)."""
     import torch
 
-    fn()
-    gc.collect()
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    return {"extra_bytes": max(0, peak - before), "rss_before_bytes": before, "hwm_bytes": peak}
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    t0 = time.perf_counter()
+    result = fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    return result, seconds, (torch.cuda.max_memory_allocated(device) - before) if cuda else None
 
 
 def measure_peak_extra(target: str, kwargs: dict | None = None, *, device: str = "cpu",
-                       method: str | None = None, timeout: float = 900.0, details: bool = False):
+                       method: str | None = None, timeout: float = 900.0) -> int:
     """Peak extra bytes of the callable built by ``target(**kwargs)``.
 
     device "cpu": in a fresh process (see module doc), started by ``method``:
@@ -157,13 +120,13 @@ def measure_peak_extra(target: str, kwargs: dict | None = None, *, device: str =
                 paying ~1.5 s of ``import torch`` each time;
         "spawn" a new ``python`` per measurement (slower; stderr is shown on failure).
         The default can be set with the environment variable PREFIX_ATTN_MEMORY_METHOD.
-    device "cuda[:i]": in this process.
-    Returns an int (bytes), or a dict with extra / before / peak bytes when ``details``.
+    device "cuda[:i]": in this process, after one warm-up call (peak_call).
     """
     kwargs = dict(kwargs or {})
     if str(device).startswith("cuda"):
-        result = peak_extra_bytes_cuda(_resolve(target)(**kwargs), device)
-        return result if details else result["extra_bytes"]
+        fn = _resolve(target)(**kwargs)
+        fn()
+        return max(0, peak_call(fn, device)[2])
     if not sys.platform.startswith("linux"):
         raise MemoryMeasurementError("CPU peak memory needs Linux /proc (VmHWM, clear_refs)")
     method = method or os.environ.get("PREFIX_ATTN_MEMORY_METHOD", "fork")
@@ -175,7 +138,7 @@ def measure_peak_extra(target: str, kwargs: dict | None = None, *, device: str =
         raise ValueError(f"method must be 'fork' or 'spawn', got {method!r}")
     if "error" in result:
         raise MemoryMeasurementError(f"memory child for {target}: {result['error']}")
-    return result if details else result["extra_bytes"]
+    return result["extra_bytes"]
 
 
 def _child_env() -> dict[str, str]:
@@ -307,44 +270,16 @@ def selftest_noop() -> Callable[[], None]:
     return fn
 
 
-def _selftest(method: str | None = None) -> int:
-    ok = True
-    for target, kwargs, lo, hi in [
-        ("memory:selftest_alloc", {"mbytes": 100.0}, 99.0, 101.5),
-        ("memory:selftest_alloc", {"mbytes": 10.0}, 9.5, 11.0),
-        ("memory:selftest_noop", {}, 0.0, 1.0),
-    ]:
-        mb = measure_peak_extra(target, kwargs, device="cpu", method=method) / 1e6
-        good = lo <= mb <= hi
-        ok &= good
-        print(f"{target}({kwargs}): {mb:.2f} MB  expected [{lo}, {hi}]  {'ok' if good else 'FAIL'}")
-    return 0 if ok else 1
-
-
 def _child(target: str, kwargs_json: str) -> int:
     print(_RESULT_MARK + json.dumps(_measure_here(target, json.loads(kwargs_json))), flush=True)
     return 0
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--selftest", action="store_true", help="check the CPU method on known sizes")
-    ap.add_argument("--method", choices=["fork", "spawn"], default=None,
-                    help="how --selftest starts its fresh processes (default fork)")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--zygote", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--target", help=argparse.SUPPRESS)
-    ap.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.child:
-        return _child(args.target, args.kwargs)
-    if args.zygote:
-        return _zygote_loop()
-    if args.selftest:
-        return _selftest(args.method)
-    ap.print_help()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the fresh processes: `--zygote`, or `--child --target T --kwargs JSON`
+    ap = argparse.ArgumentParser(description="a fresh process of measure_peak_extra (not for direct use)")
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--zygote", action="store_true")
+    ap.add_argument("--target")
+    ap.add_argument("--kwargs", default="{}")
+    args = ap.parse_args()
+    sys.exit(_zygote_loop() if args.zygote else _child(args.target, args.kwargs))
