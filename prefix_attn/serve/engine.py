@@ -226,6 +226,8 @@ class Engine:
         self._refs = [0] * self.max_adapters           # requests in flight per slot
         self._retired = set()                          # slots unloaded while in use
         self._slot_of_request: Dict[str, int] = {}
+        #: steps run, and the most distinct slots (adapters, BASE_SLOT included) one step mixed
+        self.stats = {"steps": 0, "max_distinct_slots": 0}
 
         _register_attention()
         decoder = getattr(model, "base_model", model)
@@ -269,6 +271,8 @@ class Engine:
         ids = self._batch_request_ids()
         with self._lock:
             slots = [self._slot_of_request.get(i, BASE_SLOT) for i in ids]
+        self.stats["steps"] += 1
+        self.stats["max_distinct_slots"] = max(self.stats["max_distinct_slots"], len(set(slots)))
         num = cu_q.shape[0] - 1
         slots = slots + [BASE_SLOT] * (num - len(slots))  # zero-length padding sequences, if any
         device = kwargs["input_ids"].device if kwargs.get("input_ids") is not None else cu_q.device
