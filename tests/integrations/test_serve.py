@@ -374,3 +374,50 @@ def test_shutdown_finishes_running_requests_then_refuses():
     assert result["r"].json()["choices"][0]["token_ids"] == _reference(_copy(base), [3, 4], 5)
     with pytest.raises(httpx.TransportError):
         httpx.post(running.url + "/v1/completions", json={"prompt": [3, 4]}, timeout=5)
+
+
+def test_smollm2_mixed_adapters_equal_generate_alone(smollm2, tmp_path):
+    """The real model, through its chat template: two random prefixes (one ours, one PEFT) and the
+    base model, concurrently; each answer equals generate() with that adapter alone."""
+    model, tokenizer = smollm2
+    base = copy.deepcopy(model).eval()
+    base.config._attn_implementation = "sdpa"
+    paths, refs = {}, {}
+    for i, name in enumerate(["ours", "peft"]):
+        ref = H.random_prefix(hf.add_prefix_tuning(copy.deepcopy(base), P), seed=40 + i, std=1.0)
+        path = str(tmp_path / name)
+        if name == "ours":
+            hf.save_prefix(ref, path)
+        else:
+            hf.save_peft_prefix(ref, path)
+        paths[name], refs[name] = path, ref
+    refs[None] = base
+    engine = Engine(copy.deepcopy(base), num_virtual_tokens=P, max_adapters=2, num_blocks=64, max_batch_tokens=512)
+    running = _Running(build_app(engine, tokenizer, base_name="smollm2", limits=Limits(max_new_tokens=16)), engine)
+    try:
+        for name, path in paths.items():
+            assert engine.load_adapter(name, path) >= 0
+        questions = ["What is the capital of France?", "Say hello."]
+        jobs = [(name, q) for q in questions for name in ("ours", "peft", None)]
+
+        async def ask(client, name, question):
+            body = {"messages": [{"role": "user", "content": question}], "max_tokens": 6}
+            if name:
+                body["model"] = name
+            r = await client.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["token_ids"]
+
+        async def main():
+            async with httpx.AsyncClient(base_url=running.url, timeout=TIMEOUT) as client:
+                return await asyncio.gather(*(ask(client, n, q) for n, q in jobs))
+
+        results = asyncio.run(main())
+        for (name, question), got in zip(jobs, results):
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                                tokenize=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            assert got == _reference(refs[name], ids, 6), (name, question)
+        assert engine.stats["max_distinct_slots"] == 3
+    finally:
+        running.stop()
