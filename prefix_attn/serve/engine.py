@@ -111,6 +111,14 @@ def paged_prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value:
     k = key[0][:, plan.k_index].transpose(0, 1)    # [R, Hkv, max_k, D]
     v = value[0][:, plan.k_index].transpose(0, 1)
     common = dict(causal=True, softmax_scale=scaling)
+    R, Hq, max_q, D = q.shape
+    Hkv = k.shape[1]
+    grouped = max_q == 1 and Hq != Hkv
+    if grouped:
+        # A decode step (one query per request): the query heads that share a KV head become
+        # that head's queries, so the kernel reads each KV head once (as prefix_attn's own
+        # attention function does); one query position masks nothing causally.
+        q, common["causal"] = q.reshape(R, Hkv, Hq // Hkv, D), False
     if plan.with_prefix is None:
         out = prefix_attention(q, k, v, bank_k, bank_v, prefix_index=plan.slots, key_padding_mask=plan.k_valid,
                                **common)
@@ -122,6 +130,8 @@ def paged_prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value:
                                          key_padding_mask=plan.k_valid[rows], **common)
         rows = plan.without_prefix
         out[rows] = prefix_attention(q[rows], k[rows], v[rows], key_padding_mask=plan.k_valid[rows], **common)
+    if grouped:
+        out = out.reshape(R, Hq, 1, D)
     # back to the packed layout [1, sum q, Hq, D]
     out = out.transpose(1, 2)[plan.q_valid]  # [sum q, Hq, D], rows in packed order
     return out.unsqueeze(0), None
