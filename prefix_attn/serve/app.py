@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -353,6 +354,7 @@ def build_app(engine: Engine, tokenizer=None, *, base_name: str = "base", limits
             await asyncio.sleep(0.05)
         server.fail_in_flight()
         await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+        print("prefix_attn.serve: stopped", file=sys.stderr, flush=True)
 
     app = Starlette(routes=[
         Route("/v1/completions", server.completions, methods=["POST"]),

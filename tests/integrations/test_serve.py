@@ -421,3 +421,51 @@ def test_smollm2_mixed_adapters_equal_generate_alone(smollm2, tmp_path):
         assert engine.stats["max_distinct_slots"] == 3
     finally:
         running.stop()
+
+
+def test_the_one_command_serves_and_stops_on_sigterm(tmp_path):
+    """`python -m prefix_attn.serve BASE --adapters NAME=DIR BAD` as a user runs it: the bad adapter
+    is refused at start-up and the others served; SIGTERM stops it after its shutdown ran."""
+    import signal
+    import subprocess
+    import sys
+
+    base = _base()
+    checkpoint = tmp_path / "tiny"
+    base.save_pretrained(checkpoint)
+    _char_tokenizer().save_pretrained(checkpoint)
+    model = H.random_prefix(hf.add_prefix_tuning(_copy(base), P), seed=50, std=3.0)
+    hf.save_prefix(model, str(tmp_path / "good"))
+    (tmp_path / "bad").mkdir()
+    port = H._free_port()
+    env = {**os.environ, "PYTHONPATH": H.ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "prefix_attn.serve", str(checkpoint), "--adapters", f"good={tmp_path / 'good'}",
+           str(tmp_path / "bad"), "--port", str(port), "--num-blocks", "32", "--max-batch-tokens", "128",
+           "--max-new-tokens", "8"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        r = httpx.post(url + "/v1/completions", json={"model": "good", "prompt": "hello", "max_tokens": 4},
+                       timeout=TIMEOUT)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == _reference(model, [ord(c) for c in "hello"], 4)
+        assert [m["id"] for m in httpx.get(url + "/v1/models", timeout=TIMEOUT).json()["data"]] == [
+            str(checkpoint), "good"]
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        # uvicorn shuts down, then re-raises the signal it caught: -SIGTERM is its clean exit
+        assert proc.returncode in (0, -signal.SIGTERM), out
+        assert "adapter 'bad' refused" in out and out.rstrip().endswith("prefix_attn.serve: stopped"), out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
