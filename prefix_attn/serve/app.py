@@ -49,6 +49,8 @@ class HTTPError(Exception):
 
 
 _ids = itertools.count()
+#: How often a waiting request checks its client, the engine and its deadline (seconds).
+POLL_SECONDS = 0.25
 
 
 class Server:
@@ -163,23 +165,17 @@ class Server:
                 if left <= 0:
                     raise HTTPError(504, f"the request took longer than {self.limits.request_timeout} s "
                                          "(--request-timeout); it was cancelled", "timeout_error")
-                get = asyncio.ensure_future(outputs.get())
-                waiters = {get}
-                disconnect = None
-                if not stream:  # streaming responses notice a disconnect themselves (Starlette cancels us)
-                    disconnect = asyncio.ensure_future(request.is_disconnected())
-                    waiters.add(disconnect)
-                done, _ = await asyncio.wait(waiters, timeout=min(left, 1.0), return_when=asyncio.FIRST_COMPLETED)
-                if disconnect is not None and not disconnect.done():
-                    disconnect.cancel()
-                if get not in done:
-                    get.cancel()
-                    if disconnect is not None and disconnect in done and disconnect.result():
-                        raise asyncio.CancelledError()
+                try:
+                    # A short wait, then the checks: a waiter per request polling without pause
+                    # would hold the GIL the generation thread needs.
+                    output = await asyncio.wait_for(outputs.get(), timeout=min(left, POLL_SECONDS))
+                except asyncio.TimeoutError:
+                    # streaming responses notice a disconnect themselves (Starlette cancels them)
+                    if not stream and await request.is_disconnected():
+                        raise HTTPError(499, "the client closed the connection", "client_closed")
                     if not self.engine.alive:
                         raise HTTPError(503, "the generation engine stopped", "server_error")
                     continue
-                output = get.result()
                 if output is None:  # shutdown with the request unfinished
                     raise HTTPError(503, "the server shut down before the request finished", "server_error")
                 if output.error is not None:

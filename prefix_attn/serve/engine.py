@@ -284,6 +284,9 @@ class Engine:
         self.stats["steps"] += 1
         self.stats["max_distinct_slots"] = max(self.stats["max_distinct_slots"], len(set(slots)))
         num = cu_q.shape[0] - 1
+        if len(slots) > num:  # the one assumption on transformers' internals, checked every step
+            raise RuntimeError(f"prefix_attn.serve: the batch processor lists {len(slots)} requests in this step but "
+                               f"cu_seq_lens_q holds {num}; this transformers version packs steps differently")
         slots = slots + [BASE_SLOT] * (num - len(slots))  # zero-length padding sequences, if any
         device = kwargs["input_ids"].device if kwargs.get("input_ids") is not None else cu_q.device
         kwargs[PLAN_KWARG] = plan = _plan(cu_q, cu_k, slots, device)

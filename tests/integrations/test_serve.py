@@ -299,7 +299,8 @@ def test_adapters_load_and_unload_at_run_time_bad_ones_refused(served, tmp_path)
 def test_queue_full_429_timeout_504_and_cancellation():
     """With the generation loop held: the admitted requests fill --max-queue and the next one gets
     429; a request past --request-timeout gets 504 and leaves the engine; a client that goes away
-    mid-stream cancels its request (it stops short of max_tokens and frees its place)."""
+    (waiting for a whole answer, or mid-stream) cancels its request: it frees its place, and the
+    streamed one stops short of max_tokens."""
     base = _base()
     running = _serve(base, max_queue=3, limits=Limits(max_new_tokens=32, max_context=128, request_timeout=2.0))
     gate = _Gate(running.engine)
@@ -320,6 +321,12 @@ def test_queue_full_429_timeout_504_and_cancellation():
                 assert [a.status_code for a in answers] == [504] * 3, [a.text for a in answers]
                 assert "request-timeout" in answers[0].json()["error"]["message"]
                 assert running.engine._pending == 0
+                with pytest.raises(httpx.ReadTimeout):  # a client that gives up: its place is freed
+                    await client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 4}, timeout=0.5)
+                deadline = time.monotonic() + 10
+                while running.engine._pending:  # the gate is still closed: it cannot have finished
+                    assert time.monotonic() < deadline, "the abandoned request still holds its place"
+                    await asyncio.sleep(0.02)
                 gate.release()
 
                 steps = running.engine.stats["steps"]
@@ -334,8 +341,12 @@ def test_queue_full_429_timeout_504_and_cancellation():
                     assert time.monotonic() < deadline, "the cancelled request still holds its place"
                     await asyncio.sleep(0.02)
                 gate.release()
-                await asyncio.sleep(0.3)
-                assert running.engine.stats["steps"] - steps < 32  # it did not run to max_tokens
+                scheduler = running.engine.manager.batch_processor.scheduler
+                deadline = time.monotonic() + 20
+                while scheduler.active_requests or scheduler.waiting_requests:  # gone, cancelled or done
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.02)
+                assert running.engine.stats["steps"] - steps < 32  # cancelled: it did not run to max_tokens
                 r = await client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2})
                 assert r.status_code == 200
         asyncio.run(main())
