@@ -480,3 +480,44 @@ def test_the_one_command_serves_and_stops_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("lengths", [
+    [(3, 3), (1, 7), (4, 9), (1, 1)],   # a prefill, decodes, a chunked prefill over a cached past
+    [(1, 5), (1, 12), (1, 2)],          # a decode step (grouped query heads)
+    [(6, 6)],
+])
+def test_paged_attention_regroups_each_request_against_float64(lengths):
+    """The paged attention function alone, on a packed step of requests with (queries, keys)
+    lengths as given and slots mixing bank entries and no prefix: each request's output equals
+    a float64 attention over [its prefix ; its keys], causal bottom-right."""
+    from prefix_attn.integrations.transformers import PREFIX_KWARG
+    from prefix_attn.serve.engine import _plan, paged_prefix_attention
+
+    g = torch.Generator().manual_seed(len(lengths))
+    Hq, Hkv, D, T, P_ = 6, 2, 8, 3, 5
+    slots = [(i % (T + 1)) - 1 for i in range(len(lengths))]  # -1 (none), 0, 1, 2, -1, ...
+    cu_q = torch.tensor([0] + [sum(q for q, _ in lengths[: i + 1]) for i in range(len(lengths))])
+    cu_k = torch.tensor([0] + [sum(k for _, k in lengths[: i + 1]) for i in range(len(lengths))])
+    query = torch.randn(1, Hq, int(cu_q[-1]), D, generator=g)
+    key, value = (torch.randn(1, Hkv, int(cu_k[-1]), D, generator=g) for _ in range(2))
+    bank = [(torch.randn(T, Hkv, P_, D, generator=g), torch.randn(T, Hkv, P_, D, generator=g))]
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    plan = _plan(cu_q, cu_k, slots, "cpu")
+    out, _ = paged_prefix_attention(module, query, key, value, None, scaling=D ** -0.5,
+                                    **{PREFIX_KWARG: bank, "prefix_attn_plan": plan})
+    assert out.shape == (1, int(cu_q[-1]), Hq, D)
+    for r, ((nq, nk), slot) in enumerate(zip(lengths, slots)):
+        q = query[0, :, cu_q[r]:cu_q[r + 1]].double()
+        k = key[0, :, cu_k[r]:cu_k[r + 1]].double().repeat_interleave(Hq // Hkv, 0)
+        v = value[0, :, cu_k[r]:cu_k[r + 1]].double().repeat_interleave(Hq // Hkv, 0)
+        visible = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + nk - nq
+        if slot >= 0:
+            pk, pv = (b[slot].double().repeat_interleave(Hq // Hkv, 0) for b in bank[0])
+            k, v = torch.cat([pk, k], 1), torch.cat([pv, v], 1)
+            visible = torch.cat([torch.ones(nq, P_, dtype=torch.bool), visible], 1)
+        scores = (q @ k.transpose(-1, -2)) * D ** -0.5
+        ref = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v  # [Hq, nq, D]
+        got = out[0, cu_q[r]:cu_q[r + 1]].transpose(0, 1)
+        assert (got.double() - ref).abs().max() < 1e-5, (r, slot)
