@@ -9,6 +9,6 @@ from .backends import available_backends, select_backend
 from .functional import prefix_attention, scaled_dot_product_attention
 from .prefix_encoder import PrefixEncoder
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["prefix_attention", "scaled_dot_product_attention", "available_backends", "select_backend"]
