@@ -150,9 +150,10 @@ def build_ext_class(mode: str):
 
                 def compile_level(item):
                     level, level_flags = item
-                    return self.compiler.compile(
+                    objects = self.compiler.compile(
                         [f"csrc/{B.level_source(level)}"], output_dir=os.path.join(self.build_temp, "isa", level),
                         include_dirs=include_dirs, extra_postargs={"cxx": flags + level_flags, "nvcc": []})
+                    return [B.isolate_level_object(o, level) for o in objects] if len(levels) > 1 else objects
 
                 with concurrent.futures.ThreadPoolExecutor(len(levels)) as pool:
                     objects = [o for objs in pool.map(compile_level, levels.items()) for o in objs]

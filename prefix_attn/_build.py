@@ -67,3 +67,29 @@ def common_flags(arch: str = "") -> List[str]:
     if arch:
         return [f"-march={arch}"]
     return X86_LEVELS["baseline"] if is_x86_64() else []
+
+
+def isolate_level_object(obj: str, level: str) -> str:
+    """Gives every symbol a level's object defines a name of its own (suffix .cpu_<level>), in a
+    copy next to it; returns the copy's path.
+
+    The levels' objects all hold out-of-line copies of the same library code (std::vector's
+    members, say), each compiled with that level's instructions, under the same weak names; the
+    linker keeps one copy per name for the whole extension, which can be an AVX-512 one called
+    from the baseline level: an illegal instruction on an older CPU. Renamed, each level calls
+    only its own copies. (The level's own functions already have unique names: the namespace.)
+    tools/isa_check.py checks the result."""
+    import subprocess
+
+    nm = os.environ.get("NM", "nm")
+    objcopy = os.environ.get("OBJCOPY", "objcopy")
+    listing = subprocess.run([nm, "--defined-only", "-P", obj], check=True, capture_output=True, text=True).stdout
+    own = f"cpu_{level}"
+    names = sorted({line.split()[0] for line in listing.splitlines() if line.strip()})
+    renamed = [name for name in names if own not in name]
+    out = obj[: -len(".o")] + f".{own}.o" if obj.endswith(".o") else obj + f".{own}"
+    map_path = out + ".symbols"
+    with open(map_path, "w") as f:
+        f.writelines(f"{name} {name}.{own}\n" for name in renamed)
+    subprocess.run([objcopy, f"--redefine-syms={map_path}", obj, out], check=True)
+    return out
