@@ -128,7 +128,8 @@ def _build_first_use():
         with open(log, "w") as f:
             f.write(f"{type(exc).__name__}: {exc}\n")
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        first = next((line for line in lines if re.search(r"\berror\b", line, re.I)), lines[0] if lines else "")
+        # the compiler's first "error:" line says more than torch's "Error building extension"
+        first = next((line for line in lines if re.search(r"\berror:", line)), lines[0] if lines else "")
         raise FirstUseBuildError(f"compiling it at first use failed: {first[:300]} (the whole log: {log})") from exc
 
 
