@@ -9,9 +9,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 TORCH  ?= torch==2.13.0
 
-SOURCES := $(shell find csrc prefix_attn -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
+SOURCES := $(shell find csrc prefix_attn -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml prefix_attn/_build.py
 
-.PHONY: install demo test bench cuda-check triton-check gpu-check gpu-stamp clean
+.PHONY: install demo test bench cuda-check triton-check gpu-check gpu-stamp clean isa-check qemu-check install-check
 
 install: $(VENV)/.built
 
@@ -38,6 +38,34 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench_attention.py
+
+# The CPU kernels are compiled once per ISA level (AVX-512, AVX2, baseline x86-64) and picked at
+# the first call. isa-check: every function of the built extension uses only its level's
+# instructions (objdump). qemu-check: the CPU oracle tests of the short tier (every kernel path)
+# under emulated CPUs without AVX-512 (Haswell: AVX2) and without AVX (Nehalem), about 10 minutes
+# each on 2 cores; `make test` runs a short check under each (tests/test_portable.py) where
+# qemu-x86_64 is installed (Debian: apt-get install qemu-user).
+QEMU       ?= qemu-x86_64
+QEMU_CPUS  ?= Haswell Nehalem
+QEMU_TESTS ?= tests/test_correctness.py -m gpu_tier -k cpu
+isa-check: install
+	$(PY) tools/isa_check.py
+qemu-check: install
+	@for cpu in $(QEMU_CPUS); do \
+	  echo "== qemu -cpu $$cpu"; \
+	  $(QEMU) -cpu $$cpu $(PY) tools/emulated_check.py 2>&1 | grep -v "TCG doesn't support" ; \
+	  test $${PIPESTATUS[0]} -eq 0 || exit 1; \
+	  $(QEMU) -cpu $$cpu $(PY) -m pytest -q -p no:cacheprovider $(QEMU_TESTS) 2>&1 | grep -v "TCG doesn't support" | tail -3; \
+	  test $${PIPESTATUS[0]} -eq 0 || exit 1; \
+	done
+
+# Installs the package every way a user would, each into a fresh venv that has only torch (pip
+# install with and without build isolation, from an sdist, a pure-Python wheel, the binary wheel,
+# and without a compiler), and checks the fused CPU backend then runs. INSTALL_CHECK_CASES picks
+# some; CI runs "isolated no-compiler". Timings in the output.
+INSTALL_CHECK_CASES ?=
+install-check:
+	PYTHON=$(PYTHON) TORCH="$(TORCH)" tools/install_check.sh $(INSTALL_CHECK_CASES)
 
 # Compiles every CUDA kernel source with nvcc, without torch (the kernels include only CUDA
 # headers and our params header), for each architecture, and prints ptxas's register and
@@ -115,4 +143,4 @@ gpu-stamp:
 	@$(PYTHON) tools/project_commit.py --stamp
 
 clean:
-	rm -rf build *.egg-info prefix_attn/_C*.so $(VENV)/.built
+	rm -rf build dist *.egg-info prefix_attn/_C*.so $(VENV)/.built
