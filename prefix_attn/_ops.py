@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 from typing import Optional
 
 import torch
@@ -48,6 +49,7 @@ EXTENSION_ERROR: Optional[BaseException] = None
 BUILD: Optional[str] = None
 _NOT_INSTALLED = False  # no prefix_attn/_C*.so: load() may compile one (never over a broken one)
 _first_use_tried = False
+_load_lock = threading.Lock()
 
 try:
     from . import _C  # noqa: F401  (registers the ops)
@@ -137,6 +139,13 @@ def load() -> bool:
     """Makes the compiled ops available: the installed extension, else one compiled here now (the
     first call of a process that needs it; later processes take it from the cache). False, with
     EXTENSION_ERROR saying why, where neither works. Tried once per process."""
+    if HAS_EXTENSION:
+        return True
+    with _load_lock:  # a second thread waits for the first one's build rather than report failure
+        return _load_locked()
+
+
+def _load_locked() -> bool:
     global _C, HAS_EXTENSION, EXTENSION_ERROR, BUILD, _first_use_tried
     if HAS_EXTENSION:
         return True

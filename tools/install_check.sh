@@ -12,6 +12,7 @@
 #   sdist         python -m build --sdist, then pip install <sdist>
 #   wheel         python -m build --wheel (isolated: pure Python), then pip install <wheel>
 #   binary-wheel  pip wheel --no-build-isolation (the portable binary), then pip install <wheel>
+#   editable      pip install --no-build-isolation --no-deps -e <repo>   (what `make install` does)
 #   no-compiler   CXX=/nonexistent pip install --no-build-isolation <repo>, then a call
 #
 # Environment: PYTHON (default python3), TORCH (default torch==2.13.0; pip's configured
@@ -23,7 +24,7 @@ PYTHON="${PYTHON:-python3}"
 TORCH="${TORCH:-torch==2.13.0}"
 WORK="${WORK:-/tmp/prefix_attn_install_check}"
 CASES=("$@")
-[ ${#CASES[@]} -eq 0 ] && CASES=(isolated no-isolation sdist wheel binary-wheel no-compiler)
+[ ${#CASES[@]} -eq 0 ] && CASES=(isolated no-isolation sdist wheel binary-wheel editable no-compiler)
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 rm -rf "$WORK" && mkdir -p "$WORK/dist"
@@ -79,7 +80,7 @@ check_case() {
       t1=$(now); first_call v-isolated "first use"; echo "   first call (compiles one ISA level): $(elapsed "$t1") s" ;;
     no-isolation)
       base_venv v-noiso
-      "$WORK/v-noiso/bin/python" -m pip install -q "setuptools>=64" wheel ninja
+      "$WORK/v-noiso/bin/python" -m pip install -q "setuptools>=77" wheel ninja
       t0=$(now)
       "$WORK/v-noiso/bin/python" -m pip install -q --no-build-isolation "$SRC" 2>&1 | tail -3
       echo "   install (compiles every ISA level): $(elapsed "$t0") s"
@@ -110,7 +111,7 @@ check_case() {
       t1=$(now); first_call v-wheel "first use"; echo "   first call (compiles one ISA level): $(elapsed "$t1") s" ;;
     binary-wheel)
       base_venv v-bwheel-build
-      "$WORK/v-bwheel-build/bin/python" -m pip install -q "setuptools>=64" wheel ninja
+      "$WORK/v-bwheel-build/bin/python" -m pip install -q "setuptools>=77" wheel ninja
       t0=$(now)
       "$WORK/v-bwheel-build/bin/python" -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/dist/binary" "$SRC"
       local whl; whl=$(ls "$WORK"/dist/binary/*.whl)
@@ -119,9 +120,16 @@ check_case() {
       "$WORK/v-bwheel/bin/python" -m pip install -q "$whl"
       echo "   install: $(elapsed "$t0") s"
       t1=$(now); first_call v-bwheel "installed"; echo "   first call: $(elapsed "$t1") s" ;;
+    editable)
+      base_venv v-editable
+      "$WORK/v-editable/bin/python" -m pip install -q "setuptools>=77" wheel ninja
+      t0=$(now)
+      "$WORK/v-editable/bin/python" -m pip install -q --no-build-isolation --no-deps -e "$SRC" 2>&1 | tail -3
+      echo "   install (what make install does; compiles every ISA level): $(elapsed "$t0") s"
+      t1=$(now); first_call v-editable "installed"; echo "   first call: $(elapsed "$t1") s" ;;
     no-compiler)
       base_venv v-nocc
-      "$WORK/v-nocc/bin/python" -m pip install -q "setuptools>=64" wheel ninja
+      "$WORK/v-nocc/bin/python" -m pip install -q "setuptools>=77" wheel ninja
       t0=$(now)
       CXX=/nonexistent "$WORK/v-nocc/bin/python" -m pip install -q --no-build-isolation "$SRC" 2>&1 | tail -3
       echo "   install without a compiler: $(elapsed "$t0") s"
