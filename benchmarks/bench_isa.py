@@ -2,7 +2,7 @@
 the CPU benchmark's target shapes (fp32, causal and not; forward, and forward + backward).
 
     python benchmarks/bench_isa.py --build dispatched=/work/wt21 --build native=/tmp/native/pkg \
-        --build avx2=/work/wt21:avx2 [--rounds 7] [--json out.json]
+        --build avx2=/work/wt21:avx2 [--rounds 7] [--threads 1 --clock cpu] [--json out.json]
 
 Each --build NAME=DIR[:LEVEL] is a directory holding a prefix_attn package (its _C*.so decides
 the build) and optionally a level to force (PREFIX_ATTN_CPU_ISA). Two builds of the extension
@@ -34,9 +34,13 @@ def configs():
     return [(shape, causal, mode) for shape in CPU_TARGET_SHAPES for causal in (True, False) for mode in PASSES]
 
 
-def worker() -> None:
+def worker(threads: int, clock: str) -> None:
     """Reads {"config": i, "reps": n} lines, answers with the n call times in ms."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    timer = time.process_time if clock == "cpu" else time.perf_counter
 
     import prefix_attn
     from prefix_attn import _ops
@@ -77,9 +81,9 @@ def worker() -> None:
             prepared[i] = prepare(i)
         times = []
         for _ in range(request["reps"]):
-            t0 = time.perf_counter()
+            t0 = timer()
             prepared[i]()
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append((timer() - t0) * 1e3)
         print(json.dumps(times), flush=True)
 
 
@@ -97,6 +101,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--reps", type=int, default=2, help="calls per worker, round and config")
     parser.add_argument("--json", help="write the raw times and summary here")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: the worker's CPU time, which other processes on a busy machine disturb less "
+                             "than wall time (meant with --threads 1)")
     args = parser.parse_args()
 
     workers = {}
@@ -107,7 +115,8 @@ def main() -> None:
         env.pop("PREFIX_ATTN_CPU_ISA", None)
         if level:
             env["PREFIX_ATTN_CPU_ISA"] = level
-        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"], env=env, text=True,
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(args.threads), args.clock],
+                                env=env, text=True,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         info = json.loads(proc.stdout.readline())
         print(f"{name:12s} isa {info['isa']:8s} (built: {','.join(info['isas'])}) threads {info['threads']} "
@@ -117,7 +126,8 @@ def main() -> None:
     cfgs = configs()
     names = list(workers)
     times = {name: {i: [] for i in range(len(cfgs))} for name in names}
-    print(f"load average before: {loadavg()}", flush=True)
+    print(f"clock {args.clock}, rounds {args.rounds}, calls per round {args.reps} (the fastest kept); "
+          f"load average before: {loadavg()}", flush=True)
     for r in range(args.rounds):
         for i in range(len(cfgs)):
             shift = (r + i) % len(names)
@@ -159,7 +169,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--worker"]:
-        worker()
+    if sys.argv[1:2] == ["--worker"]:
+        worker(int(sys.argv[2]), sys.argv[3])
     else:
         main()
