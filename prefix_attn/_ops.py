@@ -18,7 +18,7 @@ it regenerates the same mask.
 """
 from __future__ import annotations
 
-import glob
+import importlib.util
 import logging
 import os
 import re
@@ -51,15 +51,14 @@ _NOT_INSTALLED = False  # no prefix_attn/_C*.so: load() may compile one (never o
 _first_use_tried = False
 _load_lock = threading.Lock()
 
-try:
-    from . import _C  # noqa: F401  (registers the ops)
-    HAS_EXTENSION, BUILD = True, "installed"
-except ModuleNotFoundError as exc:  # not installed: load() compiles it at first use
-    if exc.name != f"{__package__}._C":
-        raise
-    _C, _NOT_INSTALLED = None, True
-except ImportError as exc:  # installed and broken (another torch, a missing CUDA library): the real error
-    _C, EXTENSION_ERROR = None, exc
+if importlib.util.find_spec(f"{__package__}._C") is None:  # not installed: load() compiles it at first use
+    _NOT_INSTALLED = True
+else:
+    try:
+        from . import _C  # noqa: F401  (registers the ops)
+        HAS_EXTENSION, BUILD = True, "installed"
+    except ImportError as exc:  # installed and broken (another torch, a missing CUDA library): the real error
+        _C, EXTENSION_ERROR = None, exc
 
 
 def _source_dir() -> Optional[str]:

@@ -149,6 +149,11 @@ print('calls ran:', tuple(out.shape))") > "$WORK/v-nocc.out" 2>&1 || { cat "$WOR
 failed=()
 for c in "${CASES[@]}"; do
   t0=$(now)
-  if check_case "$c"; then echo "   $c: ok ($(elapsed "$t0") s in all)"; else echo "   $c: FAILED"; failed+=("$c"); fi
+  # a subshell outside any `if`: there set -e stops the case at its first failing command
+  set +e
+  (set -e; check_case "$c")
+  rc=$?
+  set -e
+  if [ $rc = 0 ]; then echo "   $c: ok ($(elapsed "$t0") s in all)"; else echo "   $c: FAILED"; failed+=("$c"); fi
 done
 [ ${#failed[@]} -eq 0 ] && echo "install-check: all ${#CASES[@]} cases passed" || { echo "install-check: FAILED: ${failed[*]}"; exit 1; }
