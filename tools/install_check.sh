@@ -84,13 +84,13 @@ check_case() {
       t0=$(now)
       "$WORK/v-noiso/bin/python" -m pip install -q --no-build-isolation "$SRC" 2>&1 | tail -3
       echo "   install (compiles every ISA level): $(elapsed "$t0") s"
-      "$WORK/v-noiso/bin/python" -m pip show prefix_attn | grep -i "^Requires" | sed 's/^/   | /'
+      "$WORK/v-noiso/bin/python" -c "import importlib.metadata as m; print('   | Requires-Dist:', m.requires('prefix_attn'))"
       t1=$(now); first_call v-noiso "installed"; echo "   first call: $(elapsed "$t1") s" ;;
     sdist)
       base_venv v-sdist
       "$WORK/v-sdist/bin/python" -m pip install -q build
       t0=$(now)
-      (cd "$SRC" && "$WORK/v-sdist/bin/python" -m build -q --sdist --outdir "$WORK/dist" . > /dev/null)
+      (cd "$SRC" && "$WORK/v-sdist/bin/python" -m build --sdist --outdir "$WORK/dist" . > "$WORK/sdist.log" 2>&1)
       echo "   built $(basename "$WORK"/dist/*.tar.gz): $(elapsed "$t0") s"
       t0=$(now)
       "$WORK/v-sdist/bin/python" -m pip install -q "$WORK"/dist/*.tar.gz 2>&1 | tail -3
@@ -100,7 +100,7 @@ check_case() {
       base_venv v-wheel
       "$WORK/v-wheel/bin/python" -m pip install -q build
       t0=$(now)
-      (cd "$SRC" && "$WORK/v-wheel/bin/python" -m build -q --wheel --outdir "$WORK/dist/pure" . > /dev/null)
+      (cd "$SRC" && "$WORK/v-wheel/bin/python" -m build --wheel --outdir "$WORK/dist/pure" . > "$WORK/wheel.log" 2>&1)
       local whl; whl=$(ls "$WORK"/dist/pure/*.whl)
       echo "   built $(basename "$whl"): $(elapsed "$t0") s"
       case "$whl" in *-py3-none-any.whl) ;; *) echo "   expected a pure-Python wheel"; return 1 ;; esac
