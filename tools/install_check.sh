@@ -76,7 +76,8 @@ check_case() {
       base_venv v-isolated; t0=$(now)
       "$WORK/v-isolated/bin/python" -m pip install -q "$SRC" 2>&1 | tail -3
       echo "   install: $(elapsed "$t0") s"
-      ! "$WORK/v-isolated/bin/python" -m pip list 2>/dev/null | grep -qiE "^nvidia-" || { echo "   CUDA wheels got installed"; return 1; }
+      "$WORK/v-isolated/bin/python" -m pip list > "$WORK/isolated.list" 2>/dev/null
+      ! grep -qiE "^nvidia-" "$WORK/isolated.list" || { echo "   CUDA wheels got installed"; return 1; }
       t1=$(now); first_call v-isolated "first use"; echo "   first call (compiles one ISA level): $(elapsed "$t1") s" ;;
     no-isolation)
       base_venv v-noiso
@@ -84,7 +85,7 @@ check_case() {
       t0=$(now)
       "$WORK/v-noiso/bin/python" -m pip install -q --no-build-isolation "$SRC" 2>&1 | tail -3
       echo "   install (compiles every ISA level): $(elapsed "$t0") s"
-      "$WORK/v-noiso/bin/python" -c "import importlib.metadata as m; print('   | Requires-Dist:', m.requires('prefix_attn'))"
+      "$WORK/v-noiso/bin/python" -c "import importlib.metadata as m; print('   | Requires-Dist:', [r for r in m.requires('prefix_attn') if 'extra' not in r])"
       t1=$(now); first_call v-noiso "installed"; echo "   first call: $(elapsed "$t1") s" ;;
     sdist)
       base_venv v-sdist
@@ -104,7 +105,8 @@ check_case() {
       local whl; whl=$(ls "$WORK"/dist/pure/*.whl)
       echo "   built $(basename "$whl"): $(elapsed "$t0") s"
       case "$whl" in *-py3-none-any.whl) ;; *) echo "   expected a pure-Python wheel"; return 1 ;; esac
-      unzip -l "$whl" | grep -q "prefix_attn/_csrc/cpu/prefix_attn_cpu.cpp" || { echo "   the wheel lacks the C++ sources"; return 1; }
+      unzip -l "$whl" > "$WORK/wheel.list"  # not piped into grep -q: its early exit would fail unzip (pipefail)
+      grep -q "prefix_attn/_csrc/cpu/prefix_attn_cpu.cpp" "$WORK/wheel.list" || { echo "   the wheel lacks the C++ sources"; return 1; }
       t0=$(now)
       "$WORK/v-wheel/bin/python" -m pip install -q "$whl"
       echo "   install: $(elapsed "$t0") s"
