@@ -43,8 +43,8 @@ bench: install
 # The CPU kernels are compiled once per ISA level (AVX-512, AVX2, baseline x86-64) and picked at
 # the first call. isa-check: every function of the built extension uses only its level's
 # instructions (objdump). qemu-check: the CPU oracle tests of the short tier (every kernel path)
-# under emulated CPUs without AVX-512 (Haswell: AVX2) and without AVX (Nehalem), about 10 minutes
-# each on 2 cores; `make test` runs a short check under each (tests/test_portable.py) where
+# under emulated CPUs without AVX-512 (Haswell: AVX2) and without AVX (Nehalem): 65 tests, 41
+# minutes under Haswell on 2 busy cores (load 10); `make test` runs a short check under each (tests/test_portable.py) where
 # qemu-x86_64 is installed (Debian: apt-get install qemu-user).
 QEMU       ?= qemu-x86_64
 QEMU_CPUS  ?= Haswell:avx2 Nehalem:baseline
