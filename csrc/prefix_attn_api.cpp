@@ -17,6 +17,7 @@
 #include <string>
 
 #include "cpu/prefix_attn_cpu.h"
+#include "cpu/prefix_attn_cpu_dispatch.h"
 #include "prefix_attn_params.h"
 
 #ifdef PREFIX_ATTN_WITH_CUDA
@@ -406,6 +407,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         },
         "The ops' range check of prefix_index; on_device=True takes the CUDA path whatever the "
         "device (a test aid: tests count its host reads on CPU).");
+  m.def("_cpu_isa", [] { return std::string(prefix_attn::cpu::isa_in_use()); },
+        "The ISA level the CPU kernels run at (chosen at the first call; PREFIX_ATTN_CPU_ISA).");
+  m.def("_cpu_isas_built", &prefix_attn::cpu::isas_built, "The ISA levels compiled in, best first.");
   m.def("_has_cuda_kernels", [] {
 #ifdef PREFIX_ATTN_WITH_CUDA
     return true;

@@ -10,7 +10,7 @@ from .cascade import merge_attention_states
 from .functional import prefix_attention, scaled_dot_product_attention
 from .prefix_encoder import PrefixEncoder
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["prefix_attention", "scaled_dot_product_attention", "merge_attention_states", "available_backends",
            "select_backend", "PrefixEncoder"]

@@ -108,7 +108,7 @@ def unavailable_reason(name: str) -> Optional[str]:
         raise ValueError(f"prefix_attn: unknown backend {name!r}; known: {sorted(_REGISTRY)}")
     if _is_available(backend):
         return None
-    return _unavailable.get(name, "its availability check failed")
+    return _unavailable.get(name, "its availability check returned False")
 
 
 def available_backends() -> List[str]:
@@ -202,8 +202,18 @@ def _run_reference(inputs: AttnInputs, deterministic: bool) -> Tuple[Tensor, Ten
 
 def _triton_available() -> bool:
     if importlib.util.find_spec("triton") is None:
-        return False
-    return torch.cuda.is_available() or _TRITON_INTERPRET
+        raise BackendUnavailable("triton is not installed (pip install 'prefix_attn[triton]'; it runs on CUDA GPUs)")
+    if not (torch.cuda.is_available() or _TRITON_INTERPRET):
+        raise BackendUnavailable(f"it runs on CUDA GPUs, and torch.cuda.is_available() is False "
+                                 f"(torch {torch.__version__}{'' if torch.version.cuda else ', a CPU-only build'})")
+    return True
+
+
+def _cpu_available() -> bool:
+    """The extension's CPU kernels: installed, or compiled here at this first probe (`_ops.load`)."""
+    if not _ops.load():
+        raise BackendUnavailable(_ops.why_unavailable())
+    return True
 
 
 def _run_triton(inputs: AttnInputs, deterministic: bool) -> Tuple[Tensor, Tensor]:
@@ -221,11 +231,15 @@ def _cuda_available() -> bool:
     the tensor-core path) runs and matches the reference. Otherwise BackendUnavailable says which
     of these failed (the backend was once listed on an H200 where every call failed; its
     tensor-core kernels were then written on a machine without a GPU)."""
-    if not _ops.HAS_EXTENSION:
-        raise BackendUnavailable(f"the compiled extension prefix_attn._C did not load: {_ops.EXTENSION_ERROR}")
+    if not _ops.HAS_EXTENSION:  # no build at first use here: it would compile the CPU kernels only
+        if _ops.EXTENSION_ERROR is not None:
+            raise BackendUnavailable(f"the compiled extension prefix_attn._C did not load: {_ops.EXTENSION_ERROR}")
+        raise BackendUnavailable("prefix_attn was installed without its compiled extension (pip's build isolation "
+                                 "makes a pure-Python install); the CUDA kernels need a build against this torch "
+                                 "with nvcc: pip install --no-build-isolation (README: Install)")
     if not _ops._C._has_cuda_kernels():
         raise BackendUnavailable("prefix_attn._C has no CUDA kernels: it was built with PREFIX_ATTN_CUDA=0, or "
-                                 "without a CUDA torch or nvcc")
+                                 "without a CUDA torch or nvcc, or compiled at first use (CPU kernels only)")
     if not torch.cuda.is_available():
         raise BackendUnavailable(f"torch.cuda.is_available() is False (torch {torch.__version__})")
     if torch.cuda.is_current_stream_capturing():
@@ -283,7 +297,7 @@ def _cuda_probe(device: torch.device) -> Optional[str]:
     return worst
 
 
-register_backend(Backend("cpu", ("cpu",), _KERNEL_DTYPES, 10, lambda: _ops.HAS_EXTENSION,
+register_backend(Backend("cpu", ("cpu",), _KERNEL_DTYPES, 10, _cpu_available,
                          _extension_unsupported, _run_extension))
 register_backend(Backend("cuda", ("cuda",), _KERNEL_DTYPES, 20, _cuda_available,
                          _extension_unsupported, _run_extension))

@@ -36,7 +36,12 @@
 #include <type_traits>
 #include <vector>
 
-namespace prefix_attn::cpu {
+// Compiled once per ISA level (csrc/cpu/isa/*.cpp), each into its own namespace; the dispatcher
+// (prefix_attn_cpu_dispatch.cpp) picks one at the first call. A direct build is cpu_native.
+#ifndef PREFIX_ATTN_CPU_NS
+#define PREFIX_ATTN_CPU_NS cpu_native
+#endif
+namespace prefix_attn::PREFIX_ATTN_CPU_NS {
 namespace {
 
 constexpr int64_t kBlockM = 128;  // queries per tile
@@ -1058,4 +1063,4 @@ void backward(const BwdParams& params) {
   dispatch_dtype(params.dtype, [&](auto tag) { backward_impl<decltype(tag)>(params); });
 }
 
-}  // namespace prefix_attn::cpu
+}  // namespace prefix_attn::PREFIX_ATTN_CPU_NS

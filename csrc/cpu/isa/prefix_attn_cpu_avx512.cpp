@@ -1,0 +1,7 @@
+// The CPU kernels at the avx512 level, in namespace prefix_attn::cpu_avx512. The flags come from
+// prefix_attn/_build.py (the one list both the setup.py build and the first-use build read).
+#if defined(__x86_64__) && !defined(__AVX512F__)
+#error "compile this file with the AVX-512 flags of prefix_attn/_build.py (x86-64-v4)"
+#endif
+#define PREFIX_ATTN_CPU_NS cpu_avx512
+#include "../prefix_attn_cpu.cpp"
