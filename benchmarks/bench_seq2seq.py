@@ -74,9 +74,9 @@ def base_model(name: str, tiny: bool = False, seed: int = 0):
 
 def _peft_table(model, P: int, seed: int) -> torch.Tensor:
     """PEFT's prompt_embeddings [P, L * 2 * H * D], N(0, 1) as PEFT initialises it."""
-    from prefix_attn.integrations.transformers import _geometry
+    from prefix_attn.integrations.hf.geometry import model_geometry
 
-    geometry = _geometry(model, ("decoder",))
+    geometry = model_geometry(model, ("decoder",))
     width = geometry.num_layers * 2 * geometry.num_kv_heads * geometry.head_dim
     return torch.randn(P, width, generator=torch.Generator().manual_seed(seed))
 

@@ -14,7 +14,8 @@ import torch
 
 import hf_testing
 from hf_testing import random_prefix as _random_prefix
-from hf_testing import assert_fp32_close, oracle_copy, padded_batch, tiny_model
+from hf_testing import (PREFIX_ATTENTION_CALLERS, assert_fp32_close, oracle_copy, padded_batch, prefix_attention,
+                        tiny_model)
 from prefix_attn.integrations import transformers as hf
 from prefix_attn.integrations.transformers import (ATTN_IMPLEMENTATION, add_prefix_tuning, get_prefix_encoder,
                                                    init_prefix_from_text, load_peft_prefix, load_prefix,
@@ -174,7 +175,7 @@ def test_decoding_attends_to_prefix_and_cache_in_the_kernel(monkeypatch):
     [Hkv, P, D] prefix, padding as key_padding_mask; and the cache holds no prefix."""
     model = _random_prefix(add_prefix_tuning(tiny_model("llama"), 5))
     calls = []
-    real = hf.prefix_attention
+    real = prefix_attention
 
     def spy(q, k, v, prefix_k, prefix_v, **kwargs):
         kpm = kwargs.get("key_padding_mask")
@@ -182,7 +183,8 @@ def test_decoding_attends_to_prefix_and_cache_in_the_kernel(monkeypatch):
                       None if kpm is None else tuple(kpm.shape), kwargs.get("attn_mask") is None))
         return real(q, k, v, prefix_k, prefix_v, **kwargs)
 
-    monkeypatch.setattr(hf, "prefix_attention", spy)
+    for caller in PREFIX_ATTENTION_CALLERS:
+        monkeypatch.setattr(caller, "prefix_attention", spy)
     ids, mask = padded_batch(batch=3, length=9)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
                          return_dict_in_generate=True)
