@@ -6,8 +6,9 @@ module per job. Importing it imports nothing; its modules need transformers.
 Module map (each module imports only those above it, and none of another's private names):
 
     _state.py     what the modules share: the attention kwargs and attributes they agree on,
-                  Geometry, PrefixTuning (what was changed on a model) and how to find it from
-                  any model or PEFT wrapper
+                  PrefixSource (the protocol of the trainable thing attached to a model, which
+                  PrefixEncoder and SoftPrompt implement), Geometry, PrefixTuning (what was
+                  changed on a model) and how to find it from any model or PEFT wrapper
     t5.py         T5 and its kin: the relative position bias, and the prefix keys' own bias
     roberta.py    RoBERTa and its kin: positions that count real tokens past the padding
     bart.py       BART and its kin: positions shifted inside the stack's position embedding
@@ -17,7 +18,7 @@ Module map (each module imports only those above it, and none of another's priva
     quantized.py  quantized bases marked as adapter-trained for the HF Trainer
     refusals.py   the models refused at the call, with one line that says why
     hooks.py      what runs every forward call: the stacks' pre-hook, the generate wrapper
-    attach.py     add_prefix_tuning / remove_prefix_tuning
+    attach.py     add_prefix_tuning / remove_prefix_tuning; attach(), the same for any PrefixSource
     io.py         save_prefix / load_prefix (prefix_attn's own files), init_prefix_from_text
     peft_io.py    PEFT prefix-tuning adapters: load_peft_prefix / save_peft_prefix
     prompt.py     prompt tuning and P-tuning: SoftPrompt, add_prompt_tuning, PEFT prompt adapters
@@ -28,7 +29,7 @@ How it plugs in (one generic path for every model that uses transformers' Attent
   transformers' `AttentionInterface` (the attention function) and `AttentionMaskInterface`
   (the mask function; without one, transformers hands a custom attention attention_mask=None
   and padding would be lost).
-- A forward pre-hook on the decoder (`model.base_model`) runs the PrefixEncoder once per
+- A forward pre-hook on the decoder (`model.base_model`) runs the PrefixSource once per
   forward call and passes the per-layer prefixes down as an attention kwarg, `prefix_attn_kv`;
   transformers forwards such kwargs to every attention call. The hook also checks and forwards
   `prefix_index` (multi-task batches) and shifts the positions (`position_offset`).

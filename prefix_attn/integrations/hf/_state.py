@@ -1,13 +1,14 @@
-"""What the modules of the Hugging Face integration share: the names they agree on, the record of
-what add_prefix_tuning changed on a model (PrefixTuning), its geometry, and how to find both from
-any model a user hands in (a PEFT wrapper included). Nothing here changes a model.
+"""What the modules of the Hugging Face integration share: the names they agree on, the trainable
+thing a tuned model carries (PrefixSource), the record of what add_prefix_tuning changed on a
+model (PrefixTuning), its geometry, and how to find both from any model a user hands in (a PEFT
+wrapper included). Nothing here changes a model.
 """
 from __future__ import annotations
 
 import copy
 import weakref
 from dataclasses import dataclass, field, fields
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Protocol, Tuple, runtime_checkable
 
 from torch import Tensor, nn
 
@@ -42,6 +43,24 @@ BIAS_ATTR = "_prefix_attn_bias_owner"
 STATE_ATTR = "_prefix_attn_tuning"
 
 
+@runtime_checkable
+class PrefixSource(Protocol):
+    """The trainable thing attached to a tuned model as `model.prefix_encoder` (an nn.Module).
+
+    Called with no argument, once per forward call, it returns the prefix: one (prefix_k,
+    prefix_v) pair per prefixed attention module, each [Hkv, P, D], or a bank [T, Hkv, P, D]
+    when num_tasks = T > 1 (prefix_index then picks each row's entry). PrefixEncoder (prefix
+    tuning: a table, or an MLP over one) and prompt.SoftPrompt (prompt tuning: the model's own
+    keys and values for the soft prompt) implement it; the per-call machinery (hooks, attention,
+    generate) asks for nothing more. What only a PrefixEncoder has (its file formats, its table)
+    is reached through require_prefix_tuning."""
+
+    num_virtual_tokens: int  # P
+    num_tasks: int  # T
+
+    def __call__(self) -> Tuple[Tuple[Tensor, Tensor], ...]: ...
+
+
 @dataclass(frozen=True)
 class Geometry:
     num_layers: int  # prefixed attention modules: the layers, or for encoder-decoders the slots
@@ -68,7 +87,7 @@ users: "weakref.WeakSet" = weakref.WeakSet()
 @dataclass(eq=False)  # compared and hashed by identity: users holds it weakly
 class PrefixTuning:
     """What add_prefix_tuning changed on a model, so remove_prefix_tuning can undo it."""
-    encoder: PrefixEncoder
+    encoder: PrefixSource
     position_offset: bool
     geometry: Geometry
     previous_attn_implementation: Optional[str]
@@ -118,4 +137,18 @@ def require_tuning(model: nn.Module, what: str) -> PrefixTuning:
     state = get_tuning(model)
     if state is None:
         raise ValueError(f"prefix_attn: {what} needs a model prepared with add_prefix_tuning")
+    return state
+
+
+def require_prefix_tuning(model: nn.Module, what: str) -> PrefixTuning:
+    """require_tuning, for what only a PrefixEncoder has (its table, its file formats): a
+    TypeError, before anything is read or written, when the model's prefix comes from another
+    PrefixSource (a prompt-tuned model's SoftPrompt)."""
+    state = require_tuning(model, what)
+    if not isinstance(state.encoder, PrefixEncoder):
+        raise TypeError(
+            f"prefix_attn: {what} is for prefix tuning (a PrefixEncoder, from add_prefix_tuning); this model's prefix "
+            f"comes from a {type(state.encoder).__name__}. A prompt-tuned model (add_prompt_tuning): use "
+            "save_peft_prompt / load_peft_prompt, or export_prompt_as_prefix(model) first to turn the trained prompt "
+            "into a prefix")
     return state

@@ -7,7 +7,7 @@ import contextlib
 import copy
 import functools
 import types
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -15,8 +15,8 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ...prefix_encoder import PrefixEncoder
-from ._state import (ATTN_IMPLEMENTATION, BIAS_ATTR, NO_PREFIX, SLOT_ATTR, STATE_ATTR, PrefixTuning, get_tuning,
-                     has_peft_adapters, hf_model, require_tuning, text_config)
+from ._state import (ATTN_IMPLEMENTATION, BIAS_ATTR, NO_PREFIX, SLOT_ATTR, STATE_ATTR, Geometry, PrefixSource,
+                     PrefixTuning, get_tuning, has_peft_adapters, hf_model, require_tuning, text_config)
 from .attention import register, unregister
 from .bart import shift_positions
 from .geometry import encoder_decoder_attention, model_geometry, stacks
@@ -27,8 +27,9 @@ from .refusals import check_supported
 from .t5 import bias_owner
 
 
-def get_prefix_encoder(model: nn.Module) -> Optional[PrefixEncoder]:
-    """The PrefixEncoder add_prefix_tuning attached to model, or None."""
+def get_prefix_encoder(model: nn.Module) -> Optional[PrefixSource]:
+    """The PrefixEncoder add_prefix_tuning attached to model (the SoftPrompt of add_prompt_tuning),
+    or None."""
     state = get_tuning(model)
     return None if state is None else state.encoder
 
@@ -131,6 +132,26 @@ def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, prefix_proje
     unit that holds it (the root, unless the encoder gets a unit of its own). Undo with
     `remove_prefix_tuning(model)`.
     """
+    def make_encoder(model: nn.Module, geometry: Geometry) -> PrefixEncoder:
+        reference = next(model.parameters(), None)
+        device = reference.device if reference is not None else None
+        dtype = reference.dtype if reference is not None and reference.dtype.is_floating_point else torch.float32
+        if dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32  # train the prefix in float32; attention casts it to the model's dtype
+        return PrefixEncoder(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, num_virtual_tokens,
+                             prefix_projection=prefix_projection, encoder_hidden_size=encoder_hidden_size,
+                             num_tasks=num_tasks, dropout=dropout, device=device, dtype=dtype)
+
+    return attach(model, make_encoder, position_offset=position_offset, sites=sites, train_head=train_head)
+
+
+def attach(model: nn.Module, make_source: Callable[[nn.Module, Geometry], PrefixSource], *,
+           position_offset: bool = True, sites=None, train_head: bool = True) -> nn.Module:
+    """add_prefix_tuning with the prefix from any PrefixSource: make_source(model, geometry) builds
+    it once the model has passed every check (the transformers model, a PEFT wrapper's included).
+    The rest is add_prefix_tuning's: frozen parameters, the task head, the config copy, the
+    attention implementation, the hooks, generate; remove_prefix_tuning undoes it and returns the
+    source. prompt.add_prompt_tuning attaches its SoftPrompt this way."""
     outer, model = model, hf_model(model)
     if get_tuning(model) is not None:
         raise ValueError("prefix_attn: this model already has prefix tuning; call remove_prefix_tuning(model) first")
@@ -142,15 +163,7 @@ def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, prefix_proje
     geometry = model_geometry(model, sites)
     keep_adapters = has_peft_adapters(outer, model)  # PEFT froze the base already; its adapters train on
     head = task_head(model) if train_head and not keep_adapters else ()
-
-    reference = next(model.parameters(), None)
-    device = reference.device if reference is not None else None
-    dtype = reference.dtype if reference is not None and reference.dtype.is_floating_point else torch.float32
-    if dtype in (torch.float16, torch.bfloat16):
-        dtype = torch.float32  # train the prefix in float32; attention casts it to the model's dtype
-    encoder = PrefixEncoder(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, num_virtual_tokens,
-                            prefix_projection=prefix_projection, encoder_hidden_size=encoder_hidden_size,
-                            num_tasks=num_tasks, dropout=dropout, device=device, dtype=dtype)
+    encoder = make_source(model, geometry)
 
     previous = {name: p.requires_grad for name, p in model.named_parameters()}
     state = PrefixTuning(encoder, bool(position_offset), geometry, model.config._attn_implementation, previous)
@@ -224,9 +237,10 @@ def _detach(model: nn.Module, state: PrefixTuning) -> None:
     state.slotted.clear()
 
 
-def remove_prefix_tuning(model: nn.Module) -> PrefixEncoder:
+def remove_prefix_tuning(model: nn.Module) -> PrefixSource:
     """Undo add_prefix_tuning: the previous attention implementation, requires_grad flags and
-    generate; the hook and `model.prefix_encoder` go. Returns the detached PrefixEncoder."""
+    generate; the hook and `model.prefix_encoder` go. Returns the detached PrefixEncoder (the
+    PrefixSource that was attached)."""
     model = hf_model(model)
     state = get_tuning(model)
     if state is None:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ... import __version__
 from ...prefix_encoder import PrefixEncoder
-from ._state import Geometry, get_tuning, hf_model, is_encoder_decoder, require_tuning
+from ._state import Geometry, get_tuning, hf_model, is_encoder_decoder, require_prefix_tuning
 from .attach import add_prefix_tuning, prefix_disabled
 from .geometry import model_geometry
 from .head import head_parameters, task_head
@@ -80,7 +80,7 @@ def save_prefix(model: nn.Module, path: str) -> None:
     collective) and global rank 0 writes the files."""
     from safetensors.torch import save_file
 
-    state = require_tuning(model, "save_prefix")
+    state = require_prefix_tuning(model, "save_prefix")
     tensors, sharded = _full_state_dict(state.encoder.state_dict())
     parameters = dict(hf_model(model).named_parameters())
     head, head_sharded = _full_state_dict({name: parameters[name] for name in state.head})
@@ -140,6 +140,7 @@ def load_prefix(model: nn.Module, path: str) -> nn.Module:
                           sites=sites, train_head=bool(head))
         state = get_tuning(model)
     else:
+        require_prefix_tuning(model, "load_prefix")  # a PrefixEncoder, whose settings must match
         current = {**state.encoder.config(), "position_offset": state.position_offset,
                    "sites": state.geometry.sites or None}
         wanted = {**saved, "position_offset": config.get("position_offset", True), "sites": sites}
@@ -200,7 +201,7 @@ def init_prefix_from_text(model: nn.Module, input_ids, *, task: Optional[int] = 
     the model then behaves exactly as if the text were prepended to every input. With a bank,
     `task` picks the entry (None: all of them). Needs a plain-table prefix.
     """
-    state = require_tuning(model, "init_prefix_from_text")
+    state = require_prefix_tuning(model, "init_prefix_from_text")
     encoder = state.encoder
     if encoder.prefix_projection:
         raise ValueError("prefix_attn: init_prefix_from_text needs a plain-table prefix, not prefix_projection")

@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ._state import get_tuning, hf_model, is_encoder_decoder, require_tuning, text_config
+from ._state import get_tuning, hf_model, is_encoder_decoder, require_prefix_tuning, text_config
 from .attach import add_prefix_tuning
 from .geometry import model_geometry
 from .io import check_geometry, mismatch_error
@@ -90,7 +90,7 @@ def load_peft_prefix(model: nn.Module, path: str, *, task: Optional[int] = None)
         add_prefix_tuning(model, P, sites=sites)
         state = get_tuning(model)
     else:
-        encoder = state.encoder
+        encoder = require_prefix_tuning(model, "load_peft_prefix").encoder
         if state.geometry.sites != geometry.sites:
             raise mismatch_error("the PEFT adapter", path, [("sites", geometry.sites, state.geometry.sites)])
         if encoder.prefix_projection:
@@ -119,7 +119,7 @@ def save_peft_prefix(model: nn.Module, path: str, *, task: Optional[int] = None)
     Its outputs equal this model's when position_offset=True (PEFT's positions)."""
     from safetensors.torch import save_file
 
-    state = require_tuning(model, "save_peft_prefix")
+    state = require_prefix_tuning(model, "save_peft_prefix")
     if state.head:
         warnings.warn(f"prefix_attn: save_peft_prefix writes the prefix alone; the trained task head "
                       f"({', '.join(state.head)}) is not in it (save_prefix keeps both)", stacklevel=2)

@@ -20,9 +20,9 @@ reaches the prompt through the kernels' prefix gradients and then back through t
 pass. Per step the model runs on B * N + P tokens instead of B * (P + N).
 
 How it plugs in: `add_prompt_tuning` is `add_prefix_tuning` (the attention function, mask
-function, decoder hook, positions, generate and freezing of prefix_attn.integrations.transformers)
-with the table of prefix keys and values replaced by a `SoftPrompt` that computes them. The
-`SoftPrompt` is `model.prefix_encoder`; `remove_prompt_tuning` undoes it all.
+function, decoder hook, positions, generate and freezing: attach.attach) with a `SoftPrompt`, which
+computes the prefix keys and values, as the PrefixSource instead of a table. The `SoftPrompt` is
+`model.prefix_encoder`; `remove_prompt_tuning` undoes it all.
 
 - P-tuning (Liu et al. 2021, PEFT's "P_TUNING"): `reparameterization="mlp"` or `"lstm"` puts
   PEFT's prompt encoder (MLP, or bidirectional LSTM + MLP) in front of the prompt; it runs once
@@ -51,8 +51,8 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ._state import KV_SINK_KWARG, get_tuning, hf_model, require_tuning, text_config
-from .attach import add_prefix_tuning, get_prefix_encoder, prefix_disabled, remove_prefix_tuning
+from ._state import KV_SINK_KWARG, Geometry, get_tuning, hf_model, require_tuning, text_config
+from .attach import add_prefix_tuning, attach, get_prefix_encoder, prefix_disabled, remove_prefix_tuning
 from .io import mismatch_error
 from .peft_io import read_peft_adapter
 from .refusals import check_supported
@@ -61,13 +61,6 @@ __all__ = ["SoftPrompt", "add_prompt_tuning", "remove_prompt_tuning", "get_soft_
            "load_peft_prompt", "save_peft_prompt"]
 
 _REPARAMETERIZATIONS = (None, "mlp", "lstm")
-
-
-def _not_prefix_tuning(*_args, **_kwargs):
-    raise TypeError("prefix_attn: this model is prompt-tuned (add_prompt_tuning); the prefix-tuning functions "
-                    "(save_prefix, load_prefix, load_peft_prefix, init_prefix_from_text, ...) do not apply to it. "
-                    "Use save_peft_prompt / load_peft_prompt, or export_prompt_as_prefix(model) first to turn the "
-                    "trained prompt into a prefix")
 
 
 class SoftPrompt(nn.Module):
@@ -84,10 +77,11 @@ class SoftPrompt(nn.Module):
 
     `prompt()` is the prompt [P, token_dim]; calling the module runs the model on it (a batch of
     one, positions 0 .. P-1, the prefix switched off) and returns a tuple of one (key, value)
-    pair per layer, each [Hkv, P, D]: the prefix every row attends to.
+    pair per layer, each [Hkv, P, D]: the prefix every row attends to. It is the PrefixSource
+    of a prompt-tuned model (as a PrefixEncoder is of a prefix-tuned one).
     """
 
-    num_tasks = 1  # what the decoder hook of add_prefix_tuning asks of its encoder
+    num_tasks = 1  # PrefixSource: one prompt for every row, no bank
 
     def __init__(self, model: nn.Module, num_virtual_tokens: int, token_dim: int, *,
                  reparameterization: Optional[str] = None, encoder_hidden_size: Optional[int] = None,
@@ -120,11 +114,6 @@ class SoftPrompt(nn.Module):
         # entries, so that copy.deepcopy(model) points the copy's SoftPrompt at the copy.
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_cache", None)
-
-    # What the prefix-tuning functions of transformers.py would use, refused with a clear error.
-    prefix_projection = property(_not_prefix_tuning)
-    config = _not_prefix_tuning
-    load_table = table = merge = _not_prefix_tuning
 
     def prompt(self) -> Tensor:
         """The soft prompt [P, token_dim], differentiable (P-tuning's encoder runs here, once)."""
@@ -283,13 +272,12 @@ def add_prompt_tuning(model: nn.Module, num_virtual_tokens: int, *, init_text: U
     with torch.no_grad():
         soft_prompt.embedding.weight.copy_(embeddings(ids.to(weight.device)))
 
-    add_prefix_tuning(outer, num_virtual_tokens, train_head=train_head)
-    # The prefix-tuning machinery stays (attention and mask functions, the decoder hook, positions
-    # shifted by P, generate, frozen parameters); its table of keys and values becomes the prompt.
-    state = get_tuning(model)
-    state.encoder = soft_prompt
-    model.prefix_encoder = soft_prompt
-    return outer
+    # The prefix-tuning machinery (attention and mask functions, the decoder hook, positions
+    # shifted by P, generate, frozen parameters), with the prompt's keys and values as the prefix.
+    def make_source(model: nn.Module, geometry: Geometry) -> SoftPrompt:
+        return soft_prompt
+
+    return attach(outer, make_source, train_head=train_head)
 
 
 def get_soft_prompt(model: nn.Module) -> Optional[SoftPrompt]:
