@@ -29,7 +29,8 @@ def _as_prefix_index(index, num_tasks: int, batch: int, device: torch.device,
     if not isinstance(index, Tensor):
         index = torch.as_tensor(index)
     if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
-        raise ValueError(f"prefix_attn: prefix_index must hold integer task ids, got dtype {index.dtype}")
+        # A TypeError, as prefix_attention's own check of prefix_index gives for the same mistake
+        raise TypeError(f"prefix_attn: prefix_index must hold integer task ids, got dtype {index.dtype}")
     if index.dim() == 0:
         index = index.expand(batch)
     expanded = from_generate and index.dim() == 1 and 0 < index.shape[0] < batch and batch % index.shape[0] == 0
