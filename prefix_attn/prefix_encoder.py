@@ -16,7 +16,9 @@ Two parametrizations, as in prefix tuning (Li & Liang 2021) and PEFT:
   produces the table. The MLP runs once per forward call on the T * P virtual tokens, never
   once per sample. `merge()` folds it into a plain table for inference.
 
-Only torch is needed here; the Hugging Face glue lives in prefix_attn.integrations.transformers.
+Only torch is needed here; the Hugging Face glue lives in prefix_attn.integrations.transformers
+(the package prefix_attn.integrations.hf), where a PrefixEncoder is the PrefixSource of a
+prefix-tuned model.
 """
 from __future__ import annotations
 

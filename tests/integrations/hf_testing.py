@@ -16,6 +16,7 @@ or more even in the tiny models; fp32 rounding moves them by 1e-6 there and ~5e-
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
@@ -40,6 +41,7 @@ from transformers import AttentionInterface  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
 from prefix_attn.integrations import transformers as hf  # noqa: E402
+from prefix_attn.integrations.hf import _state as hf_state, attention as hf_attention, t5 as hf_t5  # noqa: E402
 from prefix_attn import _dropout  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -214,6 +216,28 @@ def assert_fp32_close(name: str, ours: torch.Tensor, ref32: torch.Tensor, ref64:
     return {"ours": err_ours, "ref": err_ref, "bound": bound}
 
 
+# --------------------------------------------------------------------------- spying on the kernel calls
+
+#: The integration's modules that call prefix_attention (T5's prefix bias path makes two calls of its
+#: own): a spy must replace it in each.
+PREFIX_ATTENTION_CALLERS = (hf_attention, hf_t5)
+#: prefix_attention as the integration calls it, for a spy to pass its calls on to.
+prefix_attention = hf_attention.prefix_attention
+
+
+@contextlib.contextmanager
+def prefix_attention_replaced(replacement):
+    """Within the block, every prefix_attention call of the integration goes to replacement."""
+    saved = [module.prefix_attention for module in PREFIX_ATTENTION_CALLERS]
+    for module in PREFIX_ATTENTION_CALLERS:
+        module.prefix_attention = replacement
+    try:
+        yield
+    finally:
+        for module, original in zip(PREFIX_ATTENTION_CALLERS, saved):
+            module.prefix_attention = original
+
+
 # --------------------------------------------------------------------------- the oracle
 
 ORACLE = "prefix_attn_test_oracle"
@@ -263,7 +287,7 @@ def _oracle_position_bias(module, position_bias, Nq, Nk, P):
     """T5's own compute_bias over P + Nk keys, the prefix taking the first P positions as past tokens
     (what PEFT's prefix in the cache gets); its sequence part must be the bias the model passed.
     Cross-attention (no bias owner) has no bias, so its prefix keys get 0."""
-    owner = module.__dict__.get(hf._BIAS_ATTR)
+    owner = module.__dict__.get(hf_state.BIAS_ATTR)
     if owner is None or P == 0:
         return torch.cat([position_bias.new_zeros(*position_bias.shape[:-1], P), position_bias], -1)
     bias = owner.compute_bias(Nq, P + Nk, device=position_bias.device, past_seen_tokens=P + Nk - Nq)

@@ -26,6 +26,8 @@ from hf_testing import random_prefix as _random_prefix
 from hf_testing import ORACLE_CALLS, assert_fp32_close, encoder_batch, oracle_copy, peft_float64, tiny_model
 from prefix_attn import _dropout
 from prefix_attn.integrations import transformers as hf
+from prefix_attn.integrations.hf import peft_io, t5
+from prefix_attn.integrations.hf._state import SLOT_ATTR, get_tuning
 from prefix_attn.integrations.transformers import (add_prefix_tuning, get_prefix_encoder, load_peft_prefix,
                                                    load_prefix, prefix_disabled, remove_prefix_tuning,
                                                    save_peft_prefix, save_prefix)
@@ -96,11 +98,11 @@ def test_three_prefixes_by_default_each_attention_its_own(family):
     model = add_prefix_tuning(_model(family), 4)
     encoder = get_prefix_encoder(model)
     assert (encoder.num_layers, encoder.num_kv_heads, encoder.head_dim) == (3 * L, H, D)
-    slots = {name: hf.prefix_slot(m) for name, m in model.named_modules() if hf._SLOT_ATTR in m.__dict__}
+    slots = {name: hf.prefix_slot(m) for name, m in model.named_modules() if SLOT_ATTR in m.__dict__}
     assert slots == {names.format(i): site * L + i for site, names in enumerate(NAMES[family]) for i in range(L)}
     remove_prefix_tuning(model)
     model = add_prefix_tuning(model, 4, sites=("cross", "encoder"))  # any order: stored in the canonical one
-    assert hf._state(model).geometry.sites == ("encoder", "cross") and get_prefix_encoder(model).num_layers == 2 * L
+    assert get_tuning(model).geometry.sites == ("encoder", "cross") and get_prefix_encoder(model).num_layers == 2 * L
     assert all(hf.prefix_slot(model.get_submodule(NAMES[family][1].format(i))) == hf.NO_PREFIX for i in range(L))
 
 
@@ -221,11 +223,11 @@ def test_peft_adapter_imports_with_peft_logits(family, tmp_path):
     base = _model(family)
     peft_model = _peft_twin(base, str(tmp_path / "peft"))
     ours = load_peft_prefix(copy.deepcopy(base), str(tmp_path / "peft"))
-    assert hf._state(ours).geometry.sites == ("decoder",)
+    assert get_tuning(ours).geometry.sites == ("decoder",)
     inputs = _inputs(base)
     assert_fp32_close("PEFT import", _logits(ours, inputs), _logits(peft_model, inputs),
                       _logits(peft_float64(base, str(tmp_path / "peft")), inputs))
-    assert hf._peft_seq2seq_layers(3) == [0, 2, 1] and hf._peft_seq2seq_layers(4) == [0, 2, 0, 2]
+    assert peft_io._peft_seq2seq_layers(3) == [0, 2, 1] and peft_io._peft_seq2seq_layers(4) == [0, 2, 0, 2]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -441,7 +443,7 @@ def test_save_load_round_trips(family, sites, tmp_path):
                                              encoder_hidden_size=16, num_tasks=2))
     save_prefix(model, str(tmp_path))
     loaded = load_prefix(_model(family), str(tmp_path))
-    assert hf._state(loaded).geometry == hf._state(model).geometry
+    assert get_tuning(loaded).geometry == get_tuning(model).geometry
     inputs = dict(_inputs(model), prefix_index=torch.tensor([1, 0, 1]))
     assert torch.equal(_logits(loaded, inputs), _logits(model, inputs))
     other = add_prefix_tuning(_model(family), 4, sites="decoder", prefix_projection=True, encoder_hidden_size=16,
@@ -461,7 +463,7 @@ def test_disabled_and_removed_is_the_base_model(family):
     with prefix_disabled(model):
         torch.testing.assert_close(_logits(model, inputs), expected, rtol=1e-5, atol=1e-5)
     remove_prefix_tuning(model)
-    assert not any(hf._SLOT_ATTR in m.__dict__ for m in model.modules())
+    assert not any(SLOT_ATTR in m.__dict__ for m in model.modules())
     assert model.config._attn_implementation == base.config._attn_implementation
     assert torch.equal(_logits(model, inputs), expected)
     assert all(p.requires_grad for p in model.parameters())
@@ -509,8 +511,8 @@ def test_prefix_bias_merge_is_exact(prefix_kind, backend):
     padding = torch.ones(B, Nk, dtype=torch.bool)
     padding[2] = False
     with _dropout.record_masks() as calls:
-        out = hf._attend_with_prefix_bias(q, k, v, pk, pv, prefix_bias, index, causal=True, softmax_scale=1.0,
-                                          key_padding_mask=padding, attn_mask=seq_bias, dropout_p=p, backend=backend)
+        out = t5.attend_with_prefix_bias(q, k, v, pk, pv, prefix_bias, index, causal=True, softmax_scale=1.0,
+                                         key_padding_mask=padding, attn_mask=seq_bias, dropout_p=p, backend=backend)
     assert [c.shape for c in calls] == [(B, Hq, Nq, 0, Nk), (B, Hq, Nq, 0, P)]
     keep = torch.cat([calls[1].mask(), calls[0].mask()], -1)  # prefix keys first
 

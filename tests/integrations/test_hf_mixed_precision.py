@@ -18,8 +18,7 @@ import copy
 import pytest
 import torch
 
-from hf_testing import VOCAB, oracle_copy, random_prefix, tiny_model
-from prefix_attn.integrations import transformers as hf
+from hf_testing import VOCAB, oracle_copy, prefix_attention, prefix_attention_replaced, random_prefix, tiny_model
 from prefix_attn.integrations.transformers import add_prefix_tuning, get_prefix_encoder, load_peft_prefix
 
 BF16_U = 2.0 ** -8
@@ -138,18 +137,14 @@ def test_trainer_bf16_loss_curve(family, tmp_path):
     before = table.detach().clone()
 
     seen = []  # the dtypes our attention ran in under bf16=True
-    attend = hf.prefix_attention
 
     def spy(q, *args, **kwargs):
-        out = attend(q, *args, **kwargs)
+        out = prefix_attention(q, *args, **kwargs)
         seen.append((out[0] if isinstance(out, tuple) else out).dtype)  # T5's calls return lse too
         return out
 
-    hf.prefix_attention = spy
-    try:
+    with prefix_attention_replaced(spy):
         got = _train(ours, rows, True, tmp_path)
-    finally:
-        hf.prefix_attention = attend
     assert seen and set(seen) == {torch.bfloat16}, seen
     lo = _train(ref_lo, rows, True, tmp_path)
     hi = _train(ref32, rows, False, tmp_path)

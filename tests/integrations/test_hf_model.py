@@ -12,9 +12,12 @@ import os
 import pytest
 import torch
 
+import prefix_attn
+
 import hf_testing
 from hf_testing import random_prefix as _random_prefix
-from hf_testing import assert_fp32_close, oracle_copy, padded_batch, tiny_model
+from hf_testing import (PREFIX_ATTENTION_CALLERS, assert_fp32_close, oracle_copy, padded_batch, prefix_attention,
+                        tiny_model)
 from prefix_attn.integrations import transformers as hf
 from prefix_attn.integrations.transformers import (ATTN_IMPLEMENTATION, add_prefix_tuning, get_prefix_encoder,
                                                    init_prefix_from_text, load_peft_prefix, load_prefix,
@@ -174,7 +177,7 @@ def test_decoding_attends_to_prefix_and_cache_in_the_kernel(monkeypatch):
     [Hkv, P, D] prefix, padding as key_padding_mask; and the cache holds no prefix."""
     model = _random_prefix(add_prefix_tuning(tiny_model("llama"), 5))
     calls = []
-    real = hf.prefix_attention
+    real = prefix_attention
 
     def spy(q, k, v, prefix_k, prefix_v, **kwargs):
         kpm = kwargs.get("key_padding_mask")
@@ -182,7 +185,8 @@ def test_decoding_attends_to_prefix_and_cache_in_the_kernel(monkeypatch):
                       None if kpm is None else tuple(kpm.shape), kwargs.get("attn_mask") is None))
         return real(q, k, v, prefix_k, prefix_v, **kwargs)
 
-    monkeypatch.setattr(hf, "prefix_attention", spy)
+    for caller in PREFIX_ATTENTION_CALLERS:
+        monkeypatch.setattr(caller, "prefix_attention", spy)
     ids, mask = padded_batch(batch=3, length=9)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
                          return_dict_in_generate=True)
@@ -292,10 +296,9 @@ def test_bank_generate_keeps_each_rows_task_through_expansion():
     (None, "prefix_index is required"),
     (torch.tensor([0, 3, 1, 0]), r"prefix_index values must lie in \[0, 3\).*\[0, 3\]"),
     (torch.tensor([0, -1, 1, 0]), r"prefix_index values must lie in \[0, 3\)"),
-    (torch.tensor([0.0, 1.0, 2.0, 0.0]), "prefix_index must hold integer task ids"),
     (torch.tensor([0, 1]), r"prefix_index must have shape \[B\] = \[4\]"),
     (torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), r"prefix_index must have shape \[B\] = \[4\]"),
-], ids=["missing", "too-big", "negative", "float", "too-short", "too-long"])
+], ids=["missing", "too-big", "negative", "too-short", "too-long"])
 def test_bad_prefix_index(index, match):
     model = _bank_model()
     ids, mask = padded_batch(batch=4)
@@ -303,6 +306,21 @@ def test_bad_prefix_index(index, match):
         model(input_ids=ids, attention_mask=mask, prefix_index=index)
     with pytest.raises(ValueError, match=match):
         model.generate(input_ids=ids, attention_mask=mask, prefix_index=index, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("index", [torch.tensor([0.0, 1.0, 2.0, 0.0]), torch.tensor([True, False, True, True]),
+                                   [0.5, 1.0, 2.0, 0.0]], ids=["float", "bool", "float-list"])
+def test_non_integer_prefix_index_is_a_type_error(index):
+    """The same exception as prefix_attention's for a non-integer prefix_index (tests/test_api.py)."""
+    model = _bank_model()
+    ids, mask = padded_batch(batch=4)
+    with pytest.raises(TypeError, match="prefix_index must hold integer task ids"):
+        model(input_ids=ids, attention_mask=mask, prefix_index=index)
+    with pytest.raises(TypeError, match="prefix_index must hold integer task ids"):
+        model.generate(input_ids=ids, attention_mask=mask, prefix_index=index, max_new_tokens=2)
+    with pytest.raises(TypeError, match="prefix_index must be an integer tensor"):
+        prefix_attn.prefix_attention(*(torch.randn(4, 2, 3, 8) for _ in range(3)), torch.randn(3, 2, 5, 8),
+                                     torch.randn(3, 2, 5, 8), prefix_index=torch.as_tensor(index))
 
 
 def test_prefix_index_without_a_bank():

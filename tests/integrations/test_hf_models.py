@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from hf_testing import random_prefix as _random_prefix
-from hf_testing import assert_fp32_close, encoder_batch, oracle_copy, padded_batch, peft_float64, tiny_model
-from prefix_attn.integrations import transformers as hf
+from hf_testing import (PREFIX_ATTENTION_CALLERS, assert_fp32_close, encoder_batch, oracle_copy, padded_batch,
+                        peft_float64, prefix_attention, tiny_model)
 from prefix_attn.integrations.transformers import (add_prefix_tuning, get_prefix_encoder, load_peft_prefix,
                                                    load_prefix, prefix_disabled, remove_prefix_tuning,
                                                    save_peft_prefix, save_prefix)
@@ -167,14 +167,15 @@ def test_encoder_padding_invariance_and_backends(family, monkeypatch):
                 alone = model(input_ids=ids[b:b + 1, keep]).logits[0]
                 got = batched[b] if family.endswith("-seq") else batched[b, keep]
                 torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5, msg=lambda m: f"{side} row {b}: {m}")
-        real = hf.prefix_attention
+        real = prefix_attention
         backends = []
 
         def on_reference(*args, **kwargs):
             backends.append(kwargs["backend"])
             return real(*args, **{**kwargs, "backend": "reference"})
 
-        monkeypatch.setattr(hf, "prefix_attention", on_reference)
+        for caller in PREFIX_ATTENTION_CALLERS:
+            monkeypatch.setattr(caller, "prefix_attention", on_reference)
         reference = model(input_ids=ids, attention_mask=mask).logits
     assert backends == ["cpu"] * model.config.num_hidden_layers  # what auto picks, replaced
     valid = None if family.endswith("-seq") else mask.bool()

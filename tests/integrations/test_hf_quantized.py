@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from hf_testing import EXAMPLES, tiny_model
-from prefix_attn.integrations import transformers as hf
+from prefix_attn.integrations.hf.quantized import MARKER_READERS
 from prefix_attn.integrations.prompt_tuning import add_prompt_tuning, remove_prompt_tuning
 from prefix_attn.integrations.transformers import add_prefix_tuning, remove_prefix_tuning
 
@@ -118,7 +118,7 @@ def test_trainer_trains_on_an_int8_base(method, float_dir, tmp_path):
                                if hasattr(before[n], "qdata") else before[n]), n
     (remove_prefix_tuning if method == "prefix" else remove_prompt_tuning)(model)
     assert not getattr(model, MARKER) and MARKER not in model.__dict__
-    assert not [name for name in hf._MARKER_READERS if name in model.__dict__]
+    assert not [name for name in MARKER_READERS if name in model.__dict__]
     with pytest.raises(ValueError, match=REFUSAL):
         _trainer(model, tmp_path, 1, 1e-2, _alphabet_rows())
 
@@ -158,18 +158,18 @@ def test_marker_left_to_peft_adapters(float_dir, monkeypatch):
 
 def test_unquantized_models_get_no_marker():
     model = add_prefix_tuning(tiny_model("llama"), 4)
-    assert MARKER not in model.__dict__ and not [n for n in hf._MARKER_READERS if n in model.__dict__]
+    assert MARKER not in model.__dict__ and not [n for n in MARKER_READERS if n in model.__dict__]
 
 
 def test_marker_readers_cover_transformers():
-    """Every PreTrainedModel method whose source reads the marker is in _MARKER_READERS (a new reader
+    """Every PreTrainedModel method whose source reads the marker is in MARKER_READERS (a new reader
     in a later transformers would otherwise see the marker)."""
     readers = set()
     for cls in transformers.PreTrainedModel.__mro__:
         for name, function in vars(cls).items():
             if inspect.isfunction(function) and MARKER in inspect.getsource(function):
                 readers.add(name)
-    assert readers == set(hf._MARKER_READERS), readers ^ set(hf._MARKER_READERS)
+    assert readers == set(MARKER_READERS), readers ^ set(MARKER_READERS)
 
 
 def test_trainer_trains_on_the_gguf_smollm2(tmp_path):

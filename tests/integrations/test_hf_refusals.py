@@ -168,7 +168,7 @@ def test_own_config_with_deepcopy_save_pretrained_and_reload(tmp_path):
 
 def test_failed_attach_gives_the_config_back(monkeypatch):
     """If switching the attention implementation fails, the model is left with the config it had."""
-    from prefix_attn.integrations import transformers as hf
+    from prefix_attn.integrations.hf import attach
 
     model = tiny_model("llama")
     config = model.config
@@ -176,7 +176,7 @@ def test_failed_attach_gives_the_config_back(monkeypatch):
     def refuse(*args, **kwargs):
         raise ValueError("refused")
 
-    monkeypatch.setattr(hf, "_set_attn_implementation", refuse)
+    monkeypatch.setattr(attach, "_set_attn_implementation", refuse)
     with pytest.raises(ValueError, match="refused"):
         add_prefix_tuning(model, 4)
     assert all(m.__dict__["config"] is config for m in model.modules() if "config" in m.__dict__)

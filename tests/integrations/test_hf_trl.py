@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
-from prefix_attn.integrations import transformers as hf  # noqa: E402
+from hf_testing import prefix_attention, prefix_attention_replaced  # noqa: E402
 from prefix_attn.integrations.transformers import (add_prefix_tuning, get_prefix_encoder,  # noqa: E402
                                                    init_prefix_from_text, load_prefix, save_prefix)
 
@@ -30,18 +30,19 @@ class _DtypeSpy:
     """Records the dtype of every prefix_attention result the integration gets."""
 
     def __enter__(self):
-        self.seen, self._attend = [], hf.prefix_attention
+        self.seen = []
 
         def spy(*args, **kwargs):
-            out = self._attend(*args, **kwargs)
+            out = prefix_attention(*args, **kwargs)
             self.seen.append((out[0] if isinstance(out, tuple) else out).dtype)
             return out
 
-        hf.prefix_attention = spy
+        self._replaced = prefix_attention_replaced(spy)
+        self._replaced.__enter__()
         return self
 
     def __exit__(self, *exc):
-        hf.prefix_attention = self._attend
+        self._replaced.__exit__(*exc)
 
 
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])

@@ -349,14 +349,41 @@ def test_deepcopy_runs_on_the_copy():
 
 
 def test_prefix_tuning_functions_refuse_a_prompt(tmp_path):
+    """What only a PrefixEncoder has (its table, its files) is refused on a SoftPrompt by name, before
+    anything is written."""
+    hf.save_prefix(hf.add_prefix_tuning(tiny_model("llama"), P), str(tmp_path / "prefix"))
+    peft_prefix = tmp_path / "peft_prefix"
+    hf.save_peft_prefix(hf.add_prefix_tuning(tiny_model("llama"), P), str(peft_prefix))
     model = add_prompt_tuning(tiny_model("llama"), P)
-    for call in (lambda: hf.save_prefix(model, str(tmp_path / "x")),
-                 lambda: hf.init_prefix_from_text(model, torch.arange(P)),
-                 lambda: hf.save_peft_prefix(model, str(tmp_path / "y"))):
-        with pytest.raises((TypeError, ValueError), match="prompt-tuned|add_prompt_tuning"):
+    for what, call in (("save_prefix", lambda: hf.save_prefix(model, str(tmp_path / "x"))),
+                       ("init_prefix_from_text", lambda: hf.init_prefix_from_text(model, torch.arange(P))),
+                       ("save_peft_prefix", lambda: hf.save_peft_prefix(model, str(tmp_path / "y"))),
+                       ("load_prefix", lambda: hf.load_prefix(model, str(tmp_path / "prefix"))),
+                       ("load_peft_prefix", lambda: hf.load_peft_prefix(model, str(peft_prefix)))):
+        with pytest.raises(TypeError, match=f"{what} is for prefix tuning.*SoftPrompt.*add_prompt_tuning"):
             call()
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     with pytest.raises(ValueError, match="already has prefix tuning"):
         add_prompt_tuning(model, P)
+
+
+def test_prefix_encoder_and_soft_prompt_are_prefix_sources():
+    """Both implement PrefixSource, what the per-call machinery asks of the attached module, and the
+    SoftPrompt has none of the PrefixEncoder's table API (no stand-ins that raise)."""
+    from prefix_attn.integrations.hf._state import PrefixSource
+
+    prompt_tuned = add_prompt_tuning(tiny_model("llama"), P)
+    prefix_tuned = hf.add_prefix_tuning(tiny_model("llama"), P, num_tasks=2)
+    for model, tasks in ((prompt_tuned, 1), (prefix_tuned, 2)):
+        source = hf.get_prefix_encoder(model)
+        assert isinstance(source, PrefixSource) and source is model.prefix_encoder
+        assert (source.num_virtual_tokens, source.num_tasks) == (P, tasks)
+        layers = source()
+        assert len(layers) == model.config.num_hidden_layers
+        assert tuple(layers[0][0].shape) == (tasks,) * (tasks > 1) + (2, P, 24)  # [T,] Hkv, P, D
+    soft_prompt = get_soft_prompt(prompt_tuned)
+    assert not any(hasattr(soft_prompt, name) for name in ("table", "load_table", "merge", "config",
+                                                           "prefix_projection"))
 
 
 def test_load_peft_prompt_refuses_mismatches(tmp_path):
