@@ -63,8 +63,9 @@ def _same_device(t: Tensor, name: str, q: Tensor) -> None:
         raise ValueError(f"prefix_attn: {name} is on {t.device} but q is on {q.device}")
 
 
-def check_inputs(q, k, v, prefix_k=None, prefix_v=None, *, causal=False, softmax_scale=None,
-                 key_padding_mask=None, attn_mask=None, prefix_index=None) -> AttnInputs:
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, dtypes) -> tuple:
+    """Ranks, dtypes (q's among `dtypes`, k's and v's equal to it), devices and the B / D / head
+    relations of q, k, v; returns (B, Hq, Nq, D, Hkv, Nk)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _require_tensor(t, name)
     if q.dim() != 4:
@@ -73,8 +74,8 @@ def check_inputs(q, k, v, prefix_k=None, prefix_v=None, *, causal=False, softmax
         raise ValueError(f"prefix_attn: k must be 4-D [B, Hkv, Nk, D], got shape {_shape(k)}")
     if v.shape != k.shape:
         raise ValueError(f"prefix_attn: v must have k's shape {_shape(k)}, got {_shape(v)}")
-    if q.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"prefix_attn: q must be a floating tensor (float16, bfloat16, float32), got {q.dtype}")
+    if q.dtype not in dtypes:
+        raise TypeError(f"prefix_attn: q must be one of {', '.join(str(d) for d in dtypes)}, got {q.dtype}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"prefix_attn: {name} has dtype {t.dtype} but q has {q.dtype}; all inputs must match")
@@ -91,6 +92,12 @@ def check_inputs(q, k, v, prefix_k=None, prefix_v=None, *, causal=False, softmax
         raise ValueError(
             f"prefix_attn: q's head count must be a multiple of k's (MHA, GQA, MQA); q has shape {_shape(q)}, "
             f"k has shape {_shape(k)}")
+    return B, Hq, Nq, D, Hkv, Nk
+
+
+def check_inputs(q, k, v, prefix_k=None, prefix_v=None, *, causal=False, softmax_scale=None,
+                 key_padding_mask=None, attn_mask=None, prefix_index=None) -> AttnInputs:
+    B, Hq, Nq, D, Hkv, Nk = _check_qkv(q, k, v, FLOAT_DTYPES)
 
     if softmax_scale is None:
         scale = 1.0 / math.sqrt(D)
@@ -226,27 +233,7 @@ def check_op_inputs(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor],
     def fail(msg: str):
         raise ValueError(f"prefix_attn: {msg}")
 
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _require_tensor(t, name)
-    if q.dim() != 4:
-        fail(f"q must be 4-D [B, Hq, Nq, D], got shape {_shape(q)}")
-    if k.dim() != 4:
-        fail(f"k must be 4-D [B, Hkv, Nk, D], got shape {_shape(k)}")
-    if v.shape != k.shape:
-        fail(f"v must have k's shape {_shape(k)}, got {_shape(v)}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"prefix_attn: q must be float32, float16 or bfloat16, got {q.dtype}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"prefix_attn: {name} has dtype {t.dtype} but q has {q.dtype}; all inputs must match")
-        _same_device(t, name, q)
-    B, Hq, Nq, D = q.shape
-    _, Hkv, Nk, _ = k.shape
-    if k.shape[0] != B or k.shape[3] != D:
-        fail(f"k must be [B, Hkv, Nk, D] with q's B and D; q has shape {_shape(q)}, k has shape {_shape(k)}")
-    if D < 1 or Hkv < 1 or Hq % Hkv != 0:
-        fail(f"q's heads must be a multiple of k's heads (MHA, GQA, MQA) and D at least 1; q has shape "
-             f"{_shape(q)}, k has shape {_shape(k)}")
+    B, Hq, Nq, D, Hkv, Nk = _check_qkv(q, k, v, (torch.float16, torch.bfloat16, torch.float32))
     if not math.isfinite(scale):
         fail(f"scale must be finite, got {scale}")
     if (prefix_k is None) != (prefix_v is None):

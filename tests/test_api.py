@@ -447,8 +447,13 @@ _needs_ops = pytest.mark.skipif("cpu" not in prefix_attn.available_backends(), r
 def test_raw_fwd_op_validates(name):
     """torch.ops.prefix_attn.fwd may be called directly, past the Python checks: the C++
     glue must refuse bad input with an exception (never crash, never read out of bounds)."""
+    assert_fwd_op_refuses(torch.ops.prefix_attn.fwd.default, name)
+
+
+def assert_fwd_op_refuses(op, name):
+    """op, a forward op, refuses RAW_FWD_ERRORS[name] naming the arguments (shared with the
+    Triton ops' test)."""
     overrides, names = RAW_FWD_ERRORS[name]
-    op = torch.ops.prefix_attn.fwd.default
     with pytest.raises(_RAW_EXC) as excinfo:
         op(**op_kwargs(op, **dict(_op_base(), **overrides)))
     assert_error_message(excinfo, names)
@@ -475,9 +480,12 @@ RAW_BWD_ERRORS = {
 @_needs_ops
 @pytest.mark.parametrize("name", list(RAW_BWD_ERRORS))
 def test_raw_bwd_op_validates(name):
+    assert_bwd_op_refuses(torch.ops.prefix_attn.bwd.default, name)
+
+
+def assert_bwd_op_refuses(op, name):
     make, names = RAW_BWD_ERRORS[name]
     good = _bwd_good()
-    op = torch.ops.prefix_attn.bwd.default
     with pytest.raises(_RAW_EXC) as excinfo:
         op(**op_kwargs(op, **dict(good, **make(good))))
     assert_error_message(excinfo, names)

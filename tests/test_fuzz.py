@@ -427,36 +427,32 @@ def test_fuzz_against_float64_oracle(backend):
 
 # Known answers for the fuzzer itself: each call below once exposed a defect (the comment says
 # which), so the fuzz machinery must still be able to reach it.
+_PLAIN = Call(B=1, Hkv=1, group=1, Nq=1, Nk=1, P=1, D=16, dtype="fp32", prefix="shared", T=1, index_dtype="int64",
+              causal=False, kpm="none", poison="none", mask="none", mask_dims=(False,) * 4, mask_rank=0, scale=None,
+              q_view="contig", k_view="contig", v_view="contig", pk_view="contig", pv_view="contig", grads=(),
+              lse_grad=False, deterministic=False, seed=0)
+
+
+def _known(**changes) -> Call:
+    return dataclasses.replace(_PLAIN, **changes)
+
+
 REGRESSIONS = [
-    # Triton: prefix_v's gradient written with prefix_k's strides (a permuted prefix_k)
-    Call(B=1, Hkv=3, group=1, Nq=1, Nk=1, P=1, D=16, dtype="fp32", prefix="shared", T=1, index_dtype="int64",
-         causal=False, kpm="none", poison="none", mask="none", mask_dims=(False,) * 4, mask_rank=0, scale=None,
-         q_view="contig", k_view="contig", v_view="contig", pk_view="permuted", pv_view="contig",
-         grads=("prefix_k", "prefix_v"), lse_grad=False, deterministic=False, seed=1),
-    Call(B=4, Hkv=1, group=2, Nq=40, Nk=9, P=5, D=32, dtype="bf16", prefix="per_row", T=1, index_dtype="int64",
-         causal=True, kpm="none", poison="none", mask="none", mask_dims=(False,) * 4, mask_rank=0, scale=None,
-         q_view="contig", k_view="contig", v_view="contig", pk_view="contig", pv_view="stride2",
-         grads=("prefix_v",), lse_grad=False, deterministic=True, seed=2),
+    # Triton: prefix_v's gradient written with prefix_k's strides (a permuted prefix_k, a strided prefix_v)
+    _known(Hkv=3, pk_view="permuted", grads=("prefix_k", "prefix_v"), seed=1),
+    _known(B=4, group=2, Nq=40, Nk=9, P=5, D=32, dtype="bf16", prefix="per_row", causal=True, pv_view="stride2",
+           grads=("prefix_v",), deterministic=True, seed=2),
     # cpu: an empty batch with a per-row prefix raised
-    Call(B=0, Hkv=2, group=1, Nq=3, Nk=4, P=5, D=16, dtype="fp32", prefix="per_row", T=1, index_dtype="int64",
-         causal=False, kpm="none", poison="none", mask="none", mask_dims=(False,) * 4, mask_rank=0, scale=None,
-         q_view="contig", k_view="contig", v_view="contig", pk_view="contig", pv_view="contig",
-         grads=("prefix_k", "q"), lse_grad=False, deterministic=False, seed=3),
+    _known(B=0, Hkv=2, Nq=3, Nk=4, P=5, prefix="per_row", grads=("prefix_k", "q"), seed=3),
     # reference: out ignored q's layout
-    Call(B=2, Hkv=2, group=2, Nq=7, Nk=9, P=2, D=16, dtype="fp32", prefix="shared", T=1, index_dtype="int64",
-         causal=False, kpm="none", poison="none", mask="none", mask_dims=(False,) * 4, mask_rank=0, scale=None,
-         q_view="transposed", k_view="contig", v_view="contig", pk_view="contig", pv_view="contig",
-         grads=(), lse_grad=False, deterministic=False, seed=4),
+    _known(B=2, Hkv=2, group=2, Nq=7, Nk=9, P=2, q_view="transposed", seed=4),
     # reference: the gradient through lse l times too large where finfo.min covers every key
-    Call(B=1, Hkv=1, group=1, Nq=5, Nk=6, P=0, D=16, dtype="fp32", prefix="none", T=1, index_dtype="int64",
-         causal=False, kpm="none", poison="none", mask="fmin", mask_dims=(False, False, True, False), mask_rank=0,
-         scale=None, q_view="contig", k_view="contig", v_view="contig", pk_view="contig", pv_view="contig",
-         grads=("k", "q"), lse_grad=True, deterministic=False, seed=5),
+    _known(Nq=5, Nk=6, P=0, prefix="none", mask="fmin", mask_dims=(False, False, True, False), grads=("k", "q"),
+           lse_grad=True, seed=5),
     # every backend: NaN / inf / huge values in padded keys leaked into every result
-    *[Call(B=2, Hkv=2, group=2, Nq=13, Nk=20, P=3, D=32, dtype=dtype, prefix="bank", T=3, index_dtype="int32",
-           causal=True, kpm="bool", poison=poison, mask="none", mask_dims=(False,) * 4, mask_rank=0, scale=None,
-           q_view="contig", k_view="packed", v_view="packed", pk_view="contig", pv_view="contig",
-           grads=("k", "prefix_k", "prefix_v", "q", "v"), lse_grad=True, deterministic=False, seed=6)
+    *[_known(B=2, Hkv=2, group=2, Nq=13, Nk=20, P=3, D=32, dtype=dtype, prefix="bank", T=3, index_dtype="int32",
+             causal=True, kpm="bool", poison=poison, k_view="packed", v_view="packed",
+             grads=("k", "prefix_k", "prefix_v", "q", "v"), lse_grad=True, seed=6)
       for dtype, poison in (("fp32", "nan"), ("bf16", "inf"), ("fp32", "huge"))],
 ]
 

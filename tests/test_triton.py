@@ -256,7 +256,7 @@ def test_triton_launchers_cuda_path_read_nothing_back(prefix, monkeypatch):
 
 # --------------------------------------------------------------------------- the Triton ops validate too
 
-from test_api import _RAW_EXC, RAW_BWD_ERRORS, RAW_FWD_ERRORS, _bwd_good, _op_base, assert_error_message  # noqa: E402
+from test_api import RAW_BWD_ERRORS, RAW_FWD_ERRORS, _bwd_good, assert_bwd_op_refuses, assert_fwd_op_refuses  # noqa: E402
 from attn_testing import op_kwargs  # noqa: E402
 
 
@@ -265,21 +265,12 @@ def test_triton_fwd_op_validates(name):
     """torch.ops.prefix_attn.triton_fwd may be called directly, past the Python checks of
     prefix_attention: it must refuse what the compiled fwd refuses, before a kernel reads out of
     bounds (an unexpanded mask, a short padding mask, a short prefix_v, k with another D)."""
-    overrides, names = RAW_FWD_ERRORS[name]
-    op = torch.ops.prefix_attn.triton_fwd.default
-    with pytest.raises(_RAW_EXC) as excinfo:
-        op(**op_kwargs(op, **dict(_op_base(), **overrides)))
-    assert_error_message(excinfo, names)
+    assert_fwd_op_refuses(torch.ops.prefix_attn.triton_fwd.default, name)
 
 
 @pytest.mark.parametrize("name", list(RAW_BWD_ERRORS))
 def test_triton_bwd_op_validates(name):
-    make, names = RAW_BWD_ERRORS[name]
-    good = _bwd_good()
-    op = torch.ops.prefix_attn.triton_bwd.default
-    with pytest.raises(_RAW_EXC) as excinfo:
-        op(**op_kwargs(op, **dict(good, **make(good))))
-    assert_error_message(excinfo, names)
+    assert_bwd_op_refuses(torch.ops.prefix_attn.triton_bwd.default, name)
 
 
 def test_triton_ops_accept_the_good_arguments():

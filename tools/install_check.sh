@@ -48,6 +48,23 @@ base_venv() {  # one venv with torch, copied per case (python -m pip only: copie
 
 # The first call, away from the source tree (so the installed copy is imported), in a process of
 # its own, with a cache of its own: python -m prefix_attn, then a CPU call through the fused backend.
+build_dist() {  # build_dist VENV sdist|wheel OUTDIR: builds with `python -m build` in a fresh VENV, prints the file
+  base_venv "$1" >&2
+  "$WORK/$1/bin/python" -m pip install -q build >&2
+  local t0; t0=$(now)
+  (cd "$SRC" && "$WORK/$1/bin/python" -m build "--$2" --outdir "$3" . > "$WORK/$2.log" 2>&1)
+  local out; out=$(ls "$3"/*.tar.gz "$3"/*.whl 2>/dev/null | head -1)
+  echo "   built $(basename "$out"): $(elapsed "$t0") s" >&2
+  echo "$out"
+}
+
+install_dist() {  # install_dist VENV FILE: installs a built sdist / pure wheel, then its first call compiles
+  local t0; t0=$(now)
+  "$WORK/$1/bin/python" -m pip install -q "$2" 2>&1 | tail -3
+  echo "   install: $(elapsed "$t0") s"
+  local t1; t1=$(now); first_call "$1" "first use"; echo "   first call (compiles one ISA level): $(elapsed "$t1") s"
+}
+
 first_call() {
   local venv="$1" expect="$2"
   (cd "$WORK" && PREFIX_ATTN_CACHE_DIR="$WORK/$venv.cache" "$WORK/$venv/bin/python" -m prefix_attn) > "$WORK/$venv.report" 2>&1 \
@@ -88,29 +105,14 @@ check_case() {
       "$WORK/v-noiso/bin/python" -c "import importlib.metadata as m; print('   | Requires-Dist:', [r for r in m.requires('prefix_attn') if 'extra' not in r])"
       t1=$(now); first_call v-noiso "installed"; echo "   first call: $(elapsed "$t1") s" ;;
     sdist)
-      base_venv v-sdist
-      "$WORK/v-sdist/bin/python" -m pip install -q build
-      t0=$(now)
-      (cd "$SRC" && "$WORK/v-sdist/bin/python" -m build --sdist --outdir "$WORK/dist" . > "$WORK/sdist.log" 2>&1)
-      echo "   built $(basename "$WORK"/dist/*.tar.gz): $(elapsed "$t0") s"
-      t0=$(now)
-      "$WORK/v-sdist/bin/python" -m pip install -q "$WORK"/dist/*.tar.gz 2>&1 | tail -3
-      echo "   install: $(elapsed "$t0") s"
-      t1=$(now); first_call v-sdist "first use"; echo "   first call (compiles one ISA level): $(elapsed "$t1") s" ;;
+      local sdist; sdist=$(build_dist v-sdist sdist "$WORK/dist")
+      install_dist v-sdist "$sdist" ;;
     wheel)
-      base_venv v-wheel
-      "$WORK/v-wheel/bin/python" -m pip install -q build
-      t0=$(now)
-      (cd "$SRC" && "$WORK/v-wheel/bin/python" -m build --wheel --outdir "$WORK/dist/pure" . > "$WORK/wheel.log" 2>&1)
-      local whl; whl=$(ls "$WORK"/dist/pure/*.whl)
-      echo "   built $(basename "$whl"): $(elapsed "$t0") s"
+      local whl; whl=$(build_dist v-wheel wheel "$WORK/dist/pure")
       case "$whl" in *-py3-none-any.whl) ;; *) echo "   expected a pure-Python wheel"; return 1 ;; esac
       unzip -l "$whl" > "$WORK/wheel.list"  # not piped into grep -q: its early exit would fail unzip (pipefail)
       grep -q "prefix_attn/_csrc/cpu/prefix_attn_cpu.cpp" "$WORK/wheel.list" || { echo "   the wheel lacks the C++ sources"; return 1; }
-      t0=$(now)
-      "$WORK/v-wheel/bin/python" -m pip install -q "$whl"
-      echo "   install: $(elapsed "$t0") s"
-      t1=$(now); first_call v-wheel "first use"; echo "   first call (compiles one ISA level): $(elapsed "$t1") s" ;;
+      install_dist v-wheel "$whl" ;;
     binary-wheel)
       base_venv v-bwheel-build
       "$WORK/v-bwheel-build/bin/python" -m pip install -q "setuptools>=77" wheel ninja

@@ -52,6 +52,19 @@ FP32_ULP = torch.finfo(torch.float32).eps
 
 # --------------------------------------------------------------------------- tiny models
 
+class Rows(torch.utils.data.Dataset):
+    """A list of examples as a torch Dataset, for the HF Trainer."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
 def tiny_config(family: str, **overrides):
     """Tiny random configs: GQA (4 query heads, 2 KV heads) with head_dim 24 != hidden 64 / 4."""
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,

@@ -18,7 +18,7 @@ import copy
 import pytest
 import torch
 
-from hf_testing import VOCAB, oracle_copy, prefix_attention, prefix_attention_replaced, random_prefix, tiny_model
+from hf_testing import VOCAB, Rows, oracle_copy, prefix_attention, prefix_attention_replaced, random_prefix, tiny_model
 from prefix_attn.integrations.transformers import add_prefix_tuning, get_prefix_encoder, load_peft_prefix
 
 BF16_U = 2.0 ** -8
@@ -35,17 +35,6 @@ NO_DROPOUT = {
 }
 PEFT_TASK = {"llama": "CAUSAL_LM", "qwen2": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bart": "SEQ_2_SEQ_LM",
              "t5": "SEQ_2_SEQ_LM"}
-
-
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
 
 
 def _rows(family, model, n=4, length=12):
@@ -86,7 +75,7 @@ def _train(model, rows, bf16, tmp_path):
                              report_to="none",
                              save_strategy="no", use_cpu=True, bf16=bf16, disable_tqdm=True,
                              remove_unused_columns=False, dataloader_num_workers=0, seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=_Rows(rows))
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(rows))
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == STEPS

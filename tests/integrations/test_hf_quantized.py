@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 
-from hf_testing import EXAMPLES, tiny_model
+from hf_testing import EXAMPLES, Rows, tiny_model
 from prefix_attn.integrations.hf.quantized import MARKER_READERS
 from prefix_attn.integrations.prompt_tuning import add_prompt_tuning, remove_prompt_tuning
 from prefix_attn.integrations.transformers import add_prefix_tuning, remove_prefix_tuning
@@ -46,23 +46,12 @@ def _int8(path):
         path, quantization_config=transformers.TorchAoConfig(Int8WeightOnlyConfig())).eval()
 
 
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-
 def _trainer(model, path, steps, lr, rows):
     args = transformers.TrainingArguments(
         output_dir=str(path), per_device_train_batch_size=len(rows), max_steps=steps, learning_rate=lr,
         logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
         dataloader_num_workers=0, seed=0)
-    return transformers.Trainer(model=model, args=args, train_dataset=_Rows(rows))
+    return transformers.Trainer(model=model, args=args, train_dataset=Rows(rows))
 
 
 def _alphabet_rows(n=8, length=12, seed=0):

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from hf_testing import HERE, oracle_copy, padded_batch, run_ranks, tiny_model
+from hf_testing import HERE, Rows, oracle_copy, padded_batch, run_ranks, tiny_model
 from prefix_attn.integrations.transformers import add_prefix_tuning, get_prefix_encoder
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -125,16 +125,6 @@ def test_compile_inductor_forward_and_backward(fresh_dynamo):
 
 # --------------------------------------------------------------------------- HF Trainer
 
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
 
 @pytest.mark.parametrize("mode", ["plain", "checkpointing", "bank"])
 def test_trainer_trains_only_the_prefix(mode, tmp_path):
@@ -156,7 +146,7 @@ def test_trainer_trains_only_the_prefix(mode, tmp_path):
                              learning_rate=5e-2, logging_steps=1, report_to="none", save_strategy="no",
                              use_cpu=True, disable_tqdm=True, gradient_checkpointing=mode == "checkpointing",
                              remove_unused_columns=mode != "bank", dataloader_num_workers=0, seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=_Rows(rows))
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(rows))
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 12 and losses[-1] < losses[0] - 0.1, losses
