@@ -126,6 +126,17 @@ gpu-check:
 	@$(if $(GPU_PYTHON),GPU_PYTHON="$(GPU_PYTHON)") GPU_CHECK_SECONDS=$(GPU_CHECK_SECONDS) \
 	  tools/gpu_check.sh $${OUT:+--mirror "$$OUT"}
 
+# The same check as two device commands of at most 5 minutes each (tools/gpu_check.sh --call):
+# call 1, correctness (build, compute-sanitizer, the GPU test tier: the float64 oracle on every
+# GPU backend, the sync-free checks, the CUDA-graph capture); call 2, speed (the suite's targets
+# first, then the end-to-end cases). Each ends with tools/gpu_summary.py's summary of both calls
+# (< 10,000 characters). Carry build/triton-cache (the prepared Triton cache) when it exists.
+GPU_CALL_SECONDS ?= 290
+.PHONY: gpu-call-1 gpu-call-2
+gpu-call-1 gpu-call-2:
+	@$(if $(GPU_PYTHON),GPU_PYTHON="$(GPU_PYTHON)") GPU_CHECK_SECONDS=$(GPU_CALL_SECONDS) \
+	  tools/gpu_check.sh --call $(subst gpu-call-,,$@) $${OUT:+--mirror "$$OUT"}
+
 gpu-stamp:
 	@$(PYTHON) tools/project_commit.py --stamp
 
