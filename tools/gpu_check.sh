@@ -125,7 +125,12 @@ fi
 # TEE_ARGS=-a appends
 to_logs() { local name=$1; shift; local files=(); for d in "${DIRS[@]}"; do files+=("$d/$name"); done; tee ${TEE_ARGS:-} "${files[@]}"; }
 
-# The prepared Triton cache, and a log of every compile request: hit or miss (tools/triton_cache_hook)
+# The prepared Triton cache (carried packed: build/triton-cache.tar.gz, unpacked once), and a log
+# of every compile request: hit or miss (tools/triton_cache_hook)
+if [ ! -d "$ROOT/build/triton-cache" ] && [ -f "$ROOT/build/triton-cache.tar.gz" ]; then
+  mkdir -p "$ROOT/build" && tar -xzf "$ROOT/build/triton-cache.tar.gz" -C "$ROOT/build" \
+    || echo "gpu-check: build/triton-cache.tar.gz did not unpack; Triton compiles from scratch" >&2
+fi
 if [ -z "${TRITON_CACHE_DIR:-}" ] && [ -d "$ROOT/build/triton-cache" ]; then
   export TRITON_CACHE_DIR=$ROOT/build/triton-cache
 fi
@@ -219,8 +224,14 @@ EOF
 
 FAILED=()
 # ------------------------------------------------------------------ 3. build
-if [ "$CALL" = 2 ] && [ "$SKIP_BUILD" = 0 ] && \
-   "$PY" -c "import sys, prefix_attn; sys.exit('cuda' not in prefix_attn.available_backends())" >/dev/null 2>&1; then
+# A prebuilt extension (`make cuda-prebuild`: built here for the GPU machine's torch, stamped with
+# the hash of the sources it was built from) is used when it loads and the sources still match.
+src_hash() { cat $(find csrc -type f | LC_ALL=C sort) setup.py | sha256sum | cut -c1-16; }
+cuda_loads() { "$PY" -c "import sys, prefix_attn; sys.exit('cuda' not in prefix_attn.available_backends())" >/dev/null 2>&1; }
+if [ "$SKIP_BUILD" = 0 ] && [ -f build/prebuilt-cuda.sha ] && [ "$(cat build/prebuilt-cuda.sha)" = "$(src_hash)" ] && cuda_loads; then
+  echo "== build: skipped, the prebuilt extension loads and matches the sources ($(src_hash))"
+  SKIP_BUILD=1
+elif [ "$CALL" = 2 ] && [ "$SKIP_BUILD" = 0 ] && cuda_loads; then
   echo "== build: skipped, the cuda backend is already built (call 1 on this machine)"
   SKIP_BUILD=1
 fi
