@@ -145,7 +145,7 @@ TRITON_CACHE_SECONDS ?= 3600
 triton-cache:
 	rm -rf build/triton-cache
 	PYTHONPATH=tools/triton_cache_hook PREFIX_ATTN_TRITON_LOG=build/triton-cache-prepare.log \
-	  $(GPU_TWIN) tools/triton_cache_prepare.py --out build/triton-cache --seconds $(TRITON_CACHE_SECONDS) \
+	  $(GPU_TWIN) -O tools/triton_cache_prepare.py --out build/triton-cache --seconds $(TRITON_CACHE_SECONDS) \
 	  --pack build/triton-cache.tar.gz
 # (-march portable: the GPU machine's CPU is not this one)
 cuda-prebuild:

@@ -1,7 +1,7 @@
 """Prepare the Triton compile cache that `make gpu-call-1` / `gpu-call-2` carry to the GPU machine:
 every kernel they will launch, compiled here for sm_90, with no GPU.
 
-    /tmp/py312/bin/python tools/triton_cache_prepare.py [--out build/triton-cache] [--arch 90]
+    /tmp/py312/bin/python -O tools/triton_cache_prepare.py [--out build/triton-cache] [--arch 90]
         [--steps tier suite] [--seconds N] [--pack build/triton-cache.tar.gz]
 
 Run it with the GPU machine's Triton build (the same wheel: Triton's cache key hashes its own
@@ -65,7 +65,13 @@ def setup(out: str, arch: int) -> None:
 def tier(seconds: float, k: str | None) -> int:
     import pytest
 
-    args = ["-q", "-m", "gpu_tier", "-p", "no:cacheprovider", "--timeout", str(int(seconds)),
+    # Nothing runs, so every check would fail, and a test stops at its first failed check, before
+    # the launches after it (a backward after the forward's check): under python -O with plain
+    # asserts no assert runs, and assert_close checks nothing.
+    if sys.flags.optimize:
+        torch_testing = __import__("torch").testing
+        torch_testing.assert_close = lambda *a, **k: None
+    args = ["-q", "--assert=plain", "-m", "gpu_tier", "-p", "no:cacheprovider", "--timeout", str(int(seconds)),
             "-o", "addopts=", *TIER_TESTS, "-k", k or "triton"]
     try:
         import pytest_timeout  # noqa: F401
