@@ -25,14 +25,19 @@ def _install(path):
     if not hasattr(knobs, "compilation") or not hasattr(knobs.compilation, "listener"):
         return
 
-    def listener(*, src, metadata, metadata_group, times, cache_hit):
-        name = getattr(src, "name", None) or metadata.get("name", "?")
-        line = f"{'hit' if cache_hit else 'miss'} {name} {metadata.get('hash', '')[:16]}\n"
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    def listener(**kw):  # keywords only, whatever this Triton passes: a listener must never break a compile
+        metadata = kw.get("metadata") or {}
+        name = getattr(kw.get("src"), "name", None) or metadata.get("name", "?")
+        hit = kw.get("cache_hit")
+        line = f"{'hit' if hit else ('miss' if hit is not None else 'compile')} {name} {metadata.get('hash', '')[:16]}\n"
         try:
-            os.write(fd, line.encode())  # one write per line: whole lines from concurrent processes
-        finally:
-            os.close(fd)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line.encode())  # one write per line: whole lines from concurrent processes
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
 
     knobs.compilation.listener = listener
 
