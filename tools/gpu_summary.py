@@ -5,8 +5,8 @@ for the last 12,000 characters of a device command's output (--max-chars, defaul
 
 Sections, each from the files present (a call whose files are missing says so in one line):
 the steps and their seconds (call-1.log, call-2.log, gpu-check.log), compute-sanitizer's verdict
-(tests.log), the test tier by file and group (tests.log's pytest -v lines, tier.xml's messages: the float64-oracle tests, the sync-free
-checks, the CUDA-graph capture), the Triton compile cache's hits and misses (triton-cache-call-N.log),
+(tests.log), the test tier by file and group (tests.log's pytest -v lines, tier.xml's messages:
+the float64-oracle tests, the sync-free checks, the CUDA-graph capture), the Triton compile cache's hits and misses (triton-cache-call-N.log),
 the suite's target rows (results.json), and the end-to-end targets and cases (its "e2e" key).
 Standard library only: it runs with whatever python the GPU machine has.
 """
