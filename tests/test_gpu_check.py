@@ -201,3 +201,22 @@ def test_triton_cache_hook_logs_hits_and_misses(tmp_path):
     log.rename(tmp_path / "triton-cache-call-1.log")
     assert gpu_summary.triton_cache(str(tmp_path)) == ["Triton cache, triton-cache-call-1.log: 1 hits, 1 misses",
                                                        "  misses by kernel: _bwd 1"]
+
+
+def test_triton_cache_relocate(tmp_path):
+    """Triton's group files name their entries by absolute path: a cache unpacked elsewhere must be
+    pointed at its own files (or every entry misses), and entries whose files are gone are dropped."""
+    entry = tmp_path / "cache" / "ABC"
+    entry.mkdir(parents=True)
+    for name in ("_fwd_kernel.cubin", "_fwd_kernel.json", "_fwd_kernel.ptx"):
+        (entry / name).write_text("x")
+    old = {n: f"/elsewhere/cache/ABC/{n}" for n in ("_fwd_kernel.cubin", "_fwd_kernel.json", "_fwd_kernel.ptx",
+                                                    "_fwd_kernel.source")}
+    (entry / "__grp___fwd_kernel.json").write_text(json.dumps({"child_paths": old}))
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import triton_cache_prepare
+
+    assert triton_cache_prepare.relocate(str(tmp_path / "cache"), prune=True) == 1
+    fixed = json.loads((entry / "__grp___fwd_kernel.json").read_text())["child_paths"]
+    assert fixed == {n: str(entry / n) for n in ("_fwd_kernel.cubin", "_fwd_kernel.json")}
+    assert not (entry / "_fwd_kernel.ptx").exists()

@@ -133,6 +133,9 @@ if [ ! -d "$ROOT/build/triton-cache" ] && [ -f "$ROOT/build/triton-cache.tar.gz"
 fi
 if [ -z "${TRITON_CACHE_DIR:-}" ] && [ -d "$ROOT/build/triton-cache" ]; then
   export TRITON_CACHE_DIR=$ROOT/build/triton-cache
+  # Triton's group files hold absolute paths: point them at where the cache is now
+  "$PY" tools/triton_cache_prepare.py --relocate "$TRITON_CACHE_DIR" >/dev/null 2>&1 \
+    || echo "gpu-check: could not relocate $TRITON_CACHE_DIR's group files: every prepared entry will miss" >&2
 fi
 TRITON_LOG=$OUT_DIR/triton-cache.log; [ "$CALL" = 0 ] || TRITON_LOG=$OUT_DIR/triton-cache-call-$CALL.log
 [ "$TIER_ONLY" = 1 ] || rm -f "$TRITON_LOG"

@@ -23,6 +23,13 @@ is 2 x SMs on a GPU, 7 on CPU) can give another specialisation; the hit/miss log
 GPU run names every kernel that missed.
 
 TRITON_STORE_BINARY_ONLY=1 (not part of the key): the cubin and its metadata only.
+
+Triton's group files (__grp__NAME.json) hold ABSOLUTE paths to their entries: an unpacked cache
+in another folder finds none of its files and misses everywhere. `--relocate DIR` rewrites them
+for where DIR now is (standard library only; tools/gpu_check.sh runs it after unpacking) and
+drops entries whose files are gone (the IR files pruned after the suite step).
+
+    python3 tools/triton_cache_prepare.py --relocate build/triton-cache
 """
 from __future__ import annotations
 
@@ -85,12 +92,42 @@ def suite(deadline: float) -> None:
     """The suite's kernels: every autotuning candidate at the target shapes' head dims and dtypes
     (what tools/triton_compile_check.py compiles, at those shapes)."""
     import triton_compile_check as tcc
+    from triton import knobs
 
+    knobs.compilation.store_binary_only = False  # the check reads each kernel's PTX (pruned after)
     for D, dtype in ((128, "bf16"), (64, "bf16"), (64, "fp16"), (128, "fp16")):
         if time.time() > deadline:
             print(f"triton_cache_prepare: out of time before D={D} {dtype}")
             return
         tcc.check([90], [dtype], [D], every_config=True)
+
+
+PRUNE = (".ptx", ".llir", ".ttir", ".ttgir")  # not needed to load a kernel; the check reads them here
+
+
+def relocate(cache_dir: str, prune: bool = False) -> int:
+    """Point every group file's entries at cache_dir's own files; returns the groups rewritten."""
+    import json
+
+    n = 0
+    cache_dir = os.path.abspath(cache_dir)
+    for entry in os.scandir(cache_dir):
+        if not entry.is_dir():
+            continue
+        for name in os.listdir(entry.path):
+            if prune and name.endswith(PRUNE):
+                os.remove(os.path.join(entry.path, name))
+        for name in os.listdir(entry.path):
+            if not (name.startswith("__grp__") and name.endswith(".json")):
+                continue
+            path = os.path.join(entry.path, name)
+            with open(path) as f:
+                children = json.load(f).get("child_paths") or {}
+            fixed = {c: os.path.join(entry.path, c) for c in children if os.path.exists(os.path.join(entry.path, c))}
+            with open(path, "w") as f:
+                json.dump({"child_paths": fixed}, f)
+            n += 1
+    return n
 
 
 def pack(out: str, path: str) -> None:
@@ -107,7 +144,11 @@ def main(argv=None) -> int:
     ap.add_argument("-k", default=None, help="the tier's tests: a pytest -k expression (default: triton)")
     ap.add_argument("--seconds", type=float, default=3600)
     ap.add_argument("--pack", default=None, help="also write the cache as a .tar.gz (what travels)")
+    ap.add_argument("--relocate", metavar="DIR", default=None, help="only rewrite DIR's group files for where it is")
     args = ap.parse_args(argv)
+    if args.relocate:
+        print(f"triton_cache_prepare: {relocate(args.relocate)} groups point into {os.path.abspath(args.relocate)}")
+        return 0
     deadline = time.time() + args.seconds
     setup(args.out, args.arch)
     import triton
@@ -118,6 +159,7 @@ def main(argv=None) -> int:
         tier(max(deadline - time.time(), 10), args.k)
     if "suite" in args.steps:
         suite(deadline)
+    print(f"triton_cache_prepare: {relocate(args.out, prune=True)} groups in {args.out}", flush=True)
     if args.pack:
         pack(args.out, args.pack)
     return 0
