@@ -89,17 +89,39 @@ def tier(seconds: float, k: str | None) -> int:
 
 
 def suite(deadline: float) -> None:
-    """The suite's kernels: every autotuning candidate at the target shapes' head dims and dtypes
-    (what tools/triton_compile_check.py compiles, at those shapes)."""
+    """The suite's kernels: every autotuning candidate (tuning.FORCED, one round per candidate, as
+    tools/triton_compile_check.py does) at the suite's target shapes (bf16, D 128, N 8192, P 128 /
+    512 / 16, causal and not; forward, the full backward and the prefix-only backward). B = H = 2:
+    the batch and head counts change only the grid and strides that stay divisible by 16."""
+    import torch
     import triton_compile_check as tcc
-    from triton import knobs
+    from prefix_attn import triton_backend as tb
+    from prefix_attn.triton_backend import tuning
 
-    knobs.compilation.store_binary_only = False  # the check reads each kernel's PTX (pruned after)
-    for D, dtype in ((128, "bf16"), (64, "bf16"), (64, "fp16"), (128, "fp16")):
-        if time.time() > deadline:
-            print(f"triton_cache_prepare: out of time before D={D} {dtype}")
-            return
-        tcc.check([90], [dtype], [D], every_config=True)
+    dtype, D, N = torch.bfloat16, 128, 8192
+    B, H = 2, 2
+    for r, forced in enumerate(tcc._forced_rounds(dtype, D)):
+        tuning.FORCED.clear()
+        tuning.FORCED.update(forced)
+        for P in (128, 512, 16):
+            for causal in (True, False):
+                if time.time() > deadline:
+                    print(f"triton_cache_prepare: out of time in the suite step (round {r}, P {P})", flush=True)
+                    tuning.FORCED.clear()
+                    return
+                q, k, v = (torch.randn(B, H, N, D, dtype=dtype) for _ in range(3))
+                pk, pv = torch.randn(1, H, P, D, dtype=dtype), torch.randn(1, H, P, D, dtype=dtype)
+                out, lse = torch.randn(B, H, N, D, dtype=dtype), torch.zeros(B, H, N)
+                try:
+                    tb.triton_forward(q, k, v, pk, pv, None, None, None, D ** -0.5, causal, False, 0.0, 0, 0)
+                    for need in ((True, True, True), (False, False, True)):
+                        tb.triton_backward(out, q, k, v, pk, pv, None, None, None, out, lse, None, D ** -0.5, causal,
+                                           False, *need, 0.0, 0, 0)
+                except Exception as e:  # noqa: BLE001 - what compiled stays in the cache
+                    print(f"triton_cache_prepare: suite round {r} P {P} causal {causal}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''}", flush=True)
+        print(f"triton_cache_prepare: suite round {r + 1} done", flush=True)
+    tuning.FORCED.clear()
 
 
 PRUNE = (".ptx", ".llir", ".ttir", ".ttgir")  # not needed to load a kernel; the check reads them here
