@@ -155,6 +155,36 @@ gpu-check:
 	@$(if $(GPU_PYTHON),GPU_PYTHON="$(GPU_PYTHON)") GPU_CHECK_SECONDS=$(GPU_CHECK_SECONDS) \
 	  tools/gpu_check.sh $${OUT:+--mirror "$$OUT"}
 
+# The same check as two device commands of at most 5 minutes each (tools/gpu_check.sh --call):
+# call 1, correctness (build, compute-sanitizer, the GPU test tier: the float64 oracle on every
+# GPU backend, the sync-free checks, the CUDA-graph capture); call 2, speed (the suite's targets
+# first, then the end-to-end cases). Each ends with tools/gpu_summary.py's summary of both calls
+# (< 10,000 characters). Carry build/triton-cache (the prepared Triton cache) when it exists.
+GPU_CALL_SECONDS ?= 290
+#
+# What the calls carry, prepared here (no GPU; tools/triton_cache_prepare.py and
+# benchmarks/GPU_NOTES.md, "Compile caches", say how the keys are made to match):
+#   make triton-cache GPU_TWIN=/tmp/py312/bin/python   # Triton 3.6 cp312: build/triton-cache.tar.gz
+#   make cuda-prebuild GPU_TWIN=/tmp/py312/bin/python  # torch 2.11+cu130 cp312: the sm_90 extension
+# then run with carry ["build/triton-cache.tar.gz", "build/prebuilt-cuda.sha",
+#                      "prefix_attn/_C.cpython-312-x86_64-linux-gnu.so"].
+GPU_TWIN ?= /tmp/py312/bin/python
+TRITON_CACHE_SECONDS ?= 3600
+.PHONY: gpu-call-1 gpu-call-2 triton-cache cuda-prebuild
+triton-cache:
+	rm -rf build/triton-cache
+	PYTHONPATH=tools/triton_cache_hook PREFIX_ATTN_TRITON_LOG=build/triton-cache-prepare.log \
+	  $(GPU_TWIN) -O tools/triton_cache_prepare.py --out build/triton-cache --seconds $(TRITON_CACHE_SECONDS) \
+	  --pack build/triton-cache.tar.gz
+# (-march portable: the GPU machine's CPU is not this one)
+cuda-prebuild:
+	PREFIX_ATTN_CPU_ARCH=x86-64-v2 PREFIX_ATTN_CUDA=1 PREFIX_ATTN_CUDA_ARCHS=9.0 $(GPU_TWIN) setup.py build_ext --inplace
+	cat $$(find csrc -type f | LC_ALL=C sort) setup.py | sha256sum | cut -c1-16 > build/prebuilt-cuda.sha
+
+gpu-call-1 gpu-call-2:
+	@$(if $(GPU_PYTHON),GPU_PYTHON="$(GPU_PYTHON)") GPU_CHECK_SECONDS=$(GPU_CALL_SECONDS) \
+	  tools/gpu_check.sh --call $(subst gpu-call-,,$@) $${OUT:+--mirror "$$OUT"}
+
 gpu-stamp:
 	@$(PYTHON) tools/project_commit.py --stamp
 

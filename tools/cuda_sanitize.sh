@@ -7,7 +7,11 @@
 # Under a minute on an H200, most of it racecheck. Needs the extension built with its CUDA
 # kernels (tools/gpu_check.sh builds it first and runs this early, when compute-sanitizer exists).
 #
-#   tools/cuda_sanitize.sh [python]        exit status 1 when a tool reports an error
+#   tools/cuda_sanitize.sh [python]        exit status 1 when a tool reports an error, 3 when
+#                                          compute-sanitizer cannot attach to the device (one line)
+#
+# Some GPU machines refuse the sanitizer the device; a few-second probe (the driver API alone:
+# init, a context, one allocation, under memcheck) finds out before any time goes to the kernels.
 #
 # PYTORCH_NO_CUDA_MEMORY_CACHING=1: every tensor gets its own allocation, so that memcheck sees a
 # read past a tensor's end instead of into the caching allocator's next block.
@@ -68,6 +72,22 @@ call(2, 2, 2, 45, 45, 17, 64, bf16, causal=True, dropout=0.2)           # dropou
 call(2, 2, 1, 21, 30, 7, 40, torch.float32, causal=True, kpm=True)      # SIMT
 print(f"cuda-sanitize: 6 calls ran (dropout {'included' if has_dropout else 'not in this API'})")
 EOF
+
+PROBE='
+import ctypes, sys
+cuda = ctypes.CDLL("libcuda.so.1")
+dev, ctx, ptr = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_void_p()
+sys.exit(cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(dev), 0)
+         or cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) or cuda.cuCtxSetCurrent(ctx)
+         or cuda.cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(256)))
+'
+probe=$(timeout -k 2 ${SANITIZE_PROBE_TIMEOUT:-30} "$SAN" --tool memcheck --error-exitcode 1 "$PY" -c "$PROBE" 2>&1)
+rc=$?
+if [ "$rc" != 0 ] || grep -q "^========= .*Error" <<<"$probe"; then
+  why=$(grep -m1 -i "error\|not supported\|unable" <<<"$probe" | sed 's/^=* *//' | cut -c1-200)
+  echo "cuda-sanitize: skipped: compute-sanitizer cannot attach to this device (probe exit $rc: ${why:-no message})"
+  exit 3
+fi
 
 status=0
 for tool in memcheck racecheck; do

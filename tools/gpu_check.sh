@@ -23,6 +23,22 @@
 #
 #   tools/gpu_check.sh [--mirror DIR] [--out DIR] [--seconds N] [--tier-timeout N] [--skip-build]
 #   tools/gpu_check.sh --tier-only [--out DIR] [--tier-timeout N]     # just the test tier
+#   tools/gpu_check.sh --call 1|2 [--mirror DIR] [--out DIR] [--seconds N]
+#
+# --call splits the check into two device commands of at most 5 minutes each (default --seconds
+# 290; `make gpu-call-1`, `make gpu-call-2`), each ending with tools/gpu_summary.py's summary of
+# both (under 10,000 characters, the last thing printed):
+#   call 1, correctness: steps 2-4 (the tier holds the float64 oracle on every GPU backend, the
+#     sync-free checks and the CUDA-graph capture), its log call-1.log, the tier's junit XML tier.xml;
+#   call 2, speed: steps 2, 5 and 6 (the build only if the cuda backend is missing, as on a fresh
+#     machine), its log call-2.log; the suite gets what e2e (GPU_CHECK_E2E_SECONDS, default 140
+#     here) leaves.
+#
+# Compile caches: TRITON_CACHE_DIR defaults to build/triton-cache when that folder exists (the
+# prepared cache, `make triton-cache`); every Triton compile request of every step is logged as a
+# hit or a miss in triton-cache[-call-N].log (tools/triton_cache_hook), summed up by the summary. A miss
+# on a prepared cache means its keys did not match (another Triton build, options or source).
+# compute-sanitizer is skipped in one line when it cannot attach to the device.
 #
 # Environment: GPU_PYTHON (the python to use), PREFIX_ATTN_VENV (where to look for the project's
 # venv, default ./.venv), GPU_CHECK_WORKERS (pytest-xdist workers, default min(cores, 12); 0 = no
@@ -40,6 +56,7 @@ MIRROR=${PREFIX_ATTN_MIRROR:-}
 OUT_DIR=""
 SKIP_BUILD=0
 TIER_ONLY=0
+CALL=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --mirror) MIRROR=$2; shift 2 ;;
@@ -48,6 +65,9 @@ while [ $# -gt 0 ]; do
     --tier-timeout) TIER_TIMEOUT=$2; shift 2 ;;
     --skip-build) SKIP_BUILD=1; shift ;;
     --tier-only) TIER_ONLY=1; shift ;;
+    --call) CALL=$2; shift 2
+            case "$CALL" in 1|2) ;; *) echo "gpu-check: --call takes 1 or 2, got '$CALL'" >&2; exit 2 ;; esac
+            SECONDS_TOTAL=${GPU_CHECK_SECONDS:-290}; E2E_SECONDS=${GPU_CHECK_E2E_SECONDS:-140} ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -105,6 +125,29 @@ fi
 # TEE_ARGS=-a appends
 to_logs() { local name=$1; shift; local files=(); for d in "${DIRS[@]}"; do files+=("$d/$name"); done; tee ${TEE_ARGS:-} "${files[@]}"; }
 
+# The prepared Triton cache (carried packed: build/triton-cache.tar.gz, unpacked once), and a log
+# of every compile request: hit or miss (tools/triton_cache_hook)
+if [ ! -d "$ROOT/build/triton-cache" ] && [ -f "$ROOT/build/triton-cache.tar.gz" ]; then
+  mkdir -p "$ROOT/build" && tar -xzf "$ROOT/build/triton-cache.tar.gz" -C "$ROOT/build" \
+    || echo "gpu-check: build/triton-cache.tar.gz did not unpack; Triton compiles from scratch" >&2
+fi
+if [ -z "${TRITON_CACHE_DIR:-}" ] && [ -d "$ROOT/build/triton-cache" ]; then
+  export TRITON_CACHE_DIR=$ROOT/build/triton-cache
+  # Triton's group files hold absolute paths: point them at where the cache is now
+  "$PY" tools/triton_cache_prepare.py --relocate "$TRITON_CACHE_DIR" >/dev/null 2>&1 \
+    || echo "gpu-check: could not relocate $TRITON_CACHE_DIR's group files: every prepared entry will miss" >&2
+fi
+TRITON_LOG=$OUT_DIR/triton-cache.log; [ "$CALL" = 0 ] || TRITON_LOG=$OUT_DIR/triton-cache-call-$CALL.log
+[ "$TIER_ONLY" = 1 ] || rm -f "$TRITON_LOG"
+export PREFIX_ATTN_TRITON_LOG=$TRITON_LOG
+export PYTHONPATH=$ROOT/tools/triton_cache_hook${PYTHONPATH:+:$PYTHONPATH}
+mirror_triton_log() { local d; for d in "${DIRS[@]:1}"; do [ -f "$TRITON_LOG" ] && cp "$TRITON_LOG" "$d/"; done; true; }
+triton_counts() {  # "H hits, M misses" of the log so far
+  local h=0 m=0
+  [ -f "$TRITON_LOG" ] && { h=$(grep -c '^hit ' "$TRITON_LOG"); m=$(grep -c '^miss ' "$TRITON_LOG"); }
+  echo "$h hits, $m misses"
+}
+
 PREFIX_ATTN_COMMIT=$("$PY" tools/project_commit.py 2>/dev/null || echo unknown)
 export PREFIX_ATTN_COMMIT
 header() { echo "# prefix_attn $1, commit $PREFIX_ATTN_COMMIT, $(date -u +%Y-%m-%dT%H:%M:%SZ), $GPU_NAME"; }
@@ -133,13 +176,16 @@ run_tier() {  # $1: timeout in seconds; writes tests.log; returns pytest's statu
     echo "# backends under test: $backends; timeout ${1}s; ${xdist[*]:-no xdist}"
     # autotuning off: it would compile every candidate of every test's kernels; the candidates are
     # checked against the oracle by test_triton_every_autotune_candidate instead
-    PREFIX_ATTN_TEST_BACKENDS=$backends PREFIX_ATTN_AUTOTUNE=0 OMP_NUM_THREADS=1 timeout -k 5 "$1" \
-      "$PY" -m pytest -q -m gpu_tier -p no:cacheprovider -p no:benchmark "${xdist[@]}" "${timeout_args[@]}" \
-      --durations=10 "${GPU_TESTS[@]}" 2>&1
+    # -v: one line per test as it finishes, so a tier cut short still says what passed (the
+    # summary reads them); SIGINT at the timeout: pytest then still writes its report and tier.xml
+    PREFIX_ATTN_TEST_BACKENDS=$backends PREFIX_ATTN_AUTOTUNE=0 OMP_NUM_THREADS=1 timeout -s INT -k 10 "$1" \
+      "$PY" -m pytest -v -m gpu_tier -p no:cacheprovider -p no:benchmark "${xdist[@]}" "${timeout_args[@]}" \
+      --durations=10 --junitxml "$OUT_DIR/tier.xml" "${GPU_TESTS[@]}" 2>&1
     status=$?
+    for d in "${DIRS[@]:1}"; do [ -f "$OUT_DIR/tier.xml" ] && cp "$OUT_DIR/tier.xml" "$d/"; done
     echo
     after=$(find "$cache" -name '*.cubin' 2>/dev/null | wc -l)
-    echo "# Triton kernels compiled during the tier: $((after - before)) (new entries in $cache)"
+    echo "# Triton kernels compiled during the tier: $((after - before)) (new entries in $cache); compile requests so far: $(triton_counts)"
     echo "# pytest exit status: $status$([ $status = 124 ] && echo ' (timed out)')"
     exit $status
   } | TEE_ARGS=${TESTS_LOG_APPEND:+-a} to_logs tests.log | tail -25
@@ -156,7 +202,7 @@ fi
 # Steps 2-5, logged to gpu-check.log.
 main_check() {
 # ------------------------------------------------------------------ 2. env.txt
-header "gpu-check"
+header "gpu-check$([ "$CALL" = 0 ] || echo ", call $CALL of 2")"
 echo "gpu-check: $GPU_NAME (sm_${ARCH/./}), python $PY, deadline in $(left) s, results in ${DIRS[*]}"
 {
   header "environment"
@@ -181,6 +227,17 @@ EOF
 
 FAILED=()
 # ------------------------------------------------------------------ 3. build
+# A prebuilt extension (`make cuda-prebuild`: built here for the GPU machine's torch, stamped with
+# the hash of the sources it was built from) is used when it loads and the sources still match.
+src_hash() { cat $(find csrc -type f | LC_ALL=C sort) setup.py | sha256sum | cut -c1-16; }
+cuda_loads() { "$PY" -c "import sys, prefix_attn; sys.exit('cuda' not in prefix_attn.available_backends())" >/dev/null 2>&1; }
+if [ "$SKIP_BUILD" = 0 ] && [ -f build/prebuilt-cuda.sha ] && [ "$(cat build/prebuilt-cuda.sha)" = "$(src_hash)" ] && cuda_loads; then
+  echo "== build: skipped, the prebuilt extension loads and matches the sources ($(src_hash))"
+  SKIP_BUILD=1
+elif [ "$CALL" = 2 ] && [ "$SKIP_BUILD" = 0 ] && cuda_loads; then
+  echo "== build: skipped, the cuda backend is already built (call 1 on this machine)"
+  SKIP_BUILD=1
+fi
 if [ "$SKIP_BUILD" = 0 ]; then
   export PREFIX_ATTN_CUDA_ARCHS=${PREFIX_ATTN_CUDA_ARCHS:-$ARCH}
   t0=$(date +%s)
@@ -201,7 +258,8 @@ fi
 # ------------------------------------------------------------------ 4. sanitizer, then the test tier
 # The cuda kernels were written without a GPU: an out-of-bounds access or a shared-memory race is
 # the first thing to know, before any test reads their results. tests.log starts with it.
-if command -v compute-sanitizer >/dev/null && [ "$(left)" -gt 240 ]; then
+if [ "$CALL" != 2 ]; then
+if command -v compute-sanitizer >/dev/null && [ "$(left)" -gt "${GPU_CHECK_SANITIZER_MIN_LEFT:-$([ "$CALL" = 1 ] && echo 150 || echo 240)}" ]; then
   t0=$(date +%s)
   echo "== compute-sanitizer (tools/cuda_sanitize.sh, timeout 90s)"
   {
@@ -212,11 +270,16 @@ if command -v compute-sanitizer >/dev/null && [ "$(left)" -gt 240 ]; then
     echo
     exit $status
   } | to_logs tests.log | tail -6
-  if [ "${PIPESTATUS[0]}" = 0 ]; then result=ok; else result=FAILED; FAILED+=(sanitizer); fi
+  case "${PIPESTATUS[0]}" in
+    0) result=ok ;;
+    3) result="skipped (it cannot attach to this device)" ;;
+    *) result=FAILED; FAILED+=(sanitizer) ;;
+  esac
   TESTS_LOG_APPEND=1
   echo "== compute-sanitizer: $result, $(( $(date +%s) - t0 )) s"
 fi
-tier_timeout=$(( $(left) - 90 < TIER_TIMEOUT ? $(left) - 90 : TIER_TIMEOUT ))
+keep=$([ "$CALL" = 1 ] && echo 15 || echo 90)  # call 1 keeps back only the summary's time
+tier_timeout=$(( $(left) - keep < TIER_TIMEOUT ? $(left) - keep : TIER_TIMEOUT ))
 t0=$(date +%s)
 echo "== test tier (timeout ${tier_timeout}s)"
 if [ "$tier_timeout" -gt 10 ]; then
@@ -224,11 +287,19 @@ if [ "$tier_timeout" -gt 10 ]; then
 else
   echo "gpu-check: no time left for the test tier"; FAILED+=(tests)
 fi
-echo "== test tier: $(( $(date +%s) - t0 )) s"
+echo "== test tier: $(( $(date +%s) - t0 )) s; Triton compile requests: $(triton_counts)"
+fi
+
+if [ "$CALL" != 1 ]; then
 
 # ------------------------------------------------------------------ 5. the kernel suite, to its deadline
 tests_rc=0; [[ " ${FAILED[*]} " == *" tests "* ]] && tests_rc=1
-e2e_share=$(( $(left) * 45 / 100 < E2E_SECONDS ? $(left) * 45 / 100 : E2E_SECONDS ))
+if [ "$CALL" = 2 ]; then  # the tier ran in call 1: its status from tests.log, -1 when not there
+  tests_rc=$(grep -o 'pytest exit status: [0-9]*' "$OUT_DIR/tests.log" 2>/dev/null | tail -1 | grep -o '[0-9]*$')
+  tests_rc=${tests_rc:--1}
+fi
+pct=$([ "$CALL" = 2 ] && echo 55 || echo 45)  # call 2: the e2e cases where attention matters need ~140 s
+e2e_share=$(( $(left) * pct / 100 < E2E_SECONDS ? $(left) * pct / 100 : E2E_SECONDS ))
 [ "$e2e_share" -lt 0 ] && e2e_share=0
 SUITE_DEADLINE=$((DEADLINE - e2e_share))
 suite_left() { echo $((SUITE_DEADLINE - $(date +%s))); }
@@ -257,6 +328,9 @@ if [ $status = 124 ]; then
 elif [ $status != 0 ]; then
   FAILED+=(e2e)
 fi
+echo "== end to end: done; Triton compile requests: $(triton_counts)"
+fi
+mirror_triton_log
 
 echo "gpu-check: done in $(( $(date +%s) - START )) s; $(ls "${DIRS[-1]}" | tr '\n' ' ')"
 if [ ${#FAILED[@]} -gt 0 ]; then
@@ -266,5 +340,11 @@ fi
 echo "gpu-check: passed"
 }
 
-main_check 2>&1 | to_logs gpu-check.log
-exit "${PIPESTATUS[0]}"
+LOG=gpu-check.log; [ "$CALL" = 0 ] || LOG=call-$CALL.log
+main_check 2>&1 | to_logs "$LOG"
+rc=${PIPESTATUS[0]}
+if [ "$CALL" != 0 ]; then
+  echo
+  "$PY" tools/gpu_summary.py "$OUT_DIR" --max-chars 10000
+fi
+exit "$rc"

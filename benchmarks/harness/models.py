@@ -54,6 +54,7 @@ class ModelCase:
     method: str = "prefix"      # "prefix" or "prompt" tuning (METHODS)
     autocast: str | None = None  # "bf16": the forward under autocast, as Trainer(bf16=True)
     pad: bool = False           # generate: left-pad the prompts to 40 .. seq tokens
+    tasks: int = 1              # > 1: a bank of prefixes, row b uses task b % tasks (BANK_INCUMBENT for PEFT)
 
 
 # The CPU cases: SmolLM2-135M-Instruct in float32, only the prefix (or prompt) trains.
@@ -67,16 +68,53 @@ CPU_CASES = {c.name: c for c in [
 
 
 def gpu_cases(tiny: bool = False) -> list[ModelCase]:
-    """The CUDA cases, most important first: the targets, the other batch sizes, then SmolLM2.
+    """The CUDA cases, most important first: the four where prefix attention is a large share of
+    the work (FLOP shares from flop_share, predictions in benchmarks/GPU_NOTES.md), then the 1 B
+    train step at N = 2048 (attention 11% of its FLOPs), the other batch sizes, then SmolLM2.
     tiny: the same code paths at tiny shapes (a smoke test)."""
     seq, prompt, new, batches, P = (32, 8, 4, (4, 2, 1), 4) if tiny else (2048, 512, 256, (128, 16, 1), 128)
-    cases = [ModelCase("train", "llama-1b", "train", "fill", seq, P),
+    long_seq, big_p, tasks, bank_seq = (64, 16, 4, 16) if tiny else (8192, 512, 64, 512)
+    cases = [ModelCase("long_n8192", "llama-1b", "train", "fill", long_seq, P, weight=1.5),
+             ModelCase("prefix_p512", "llama-1b", "train", "fill", seq, big_p),
+             ModelCase("bank", "llama-1b", "train", tasks, bank_seq, P, tasks=tasks),
+             ModelCase(f"generate_b{batches[0]}", "llama-1b", "generate", batches[0], prompt, P, new_tokens=new,
+                       weight=1.5),
+             ModelCase("train", "llama-1b", "train", "fill", seq, P),
              ModelCase("train_gc", "llama-1b", "train", "fill", seq, P, checkpointing=True)]
-    cases += [ModelCase(f"generate_b{b}", "llama-1b", "generate", b, prompt, P, new_tokens=new,
-                        weight=1.5 if i == 0 else 1.0) for i, b in enumerate(batches)]
+    cases += [ModelCase(f"generate_b{b}", "llama-1b", "generate", b, prompt, P, new_tokens=new)
+              for b in batches[1:]]
     return cases + [ModelCase("smollm2_train", "smollm2", "train", "fill", seq, P, weight=0.7),
                     ModelCase("smollm2_generate_b16", "smollm2", "generate", batches[1], prompt, P, new_tokens=new,
                               weight=0.7)]
+
+
+# What PEFT is measured as on a bank case. PEFT cannot put rows of different prompt-learning
+# adapters in one batch (its mixed-adapter batches, adapter_names=, are for LoRA-style layers), so
+# what a PEFT user runs is one call per task on that task's rows, the gradients accumulated, one
+# optimizer step. One adapter stands for all of them: switching adapters moves no data, and the
+# prefix of every task has the same size, so the cost is the same.
+BANK_INCUMBENT = "PEFT, one call per task on its rows (batch B / tasks), gradients accumulated, one optimizer step"
+
+
+def flop_share(case: ModelCase, config: dict | None = None) -> dict:
+    """The FLOPs per token of a case's call on a Llama config (default LLAMA_1B) and the share in
+    attention. Train: the base is frozen, so the backward computes input gradients only (as many
+    FLOPs as the forward's matmuls); attention's backward is 2.5x its forward. Generate: one decode
+    step at the average context (prompt + P + new / 2), forward only."""
+    c = config or LLAMA_1B
+    h, hq, hkv, d = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    macs = h * hq * d * 2 + 2 * h * hkv * d + 3 * h * c["intermediate_size"]
+    linear = 2 * (c["num_hidden_layers"] * macs + h * c["vocab_size"])
+    if case.kind == "train":
+        keys = case.prefix + (case.seq + 1) / 2
+        attn = 4 * hq * d * keys * c["num_hidden_layers"]
+        linear, attn = 2 * linear, 3.5 * attn
+        if case.checkpointing:
+            linear, attn = linear * 1.5, attn + attn / 3.5
+    else:
+        keys = case.prefix + case.seq + case.new_tokens / 2
+        attn = 4 * hq * d * keys * c["num_hidden_layers"]
+    return {"linear_gflop": linear / 1e9, "attention_gflop": attn / 1e9, "attention_share": attn / (attn + linear)}
 
 
 # (case, metric, comparison, bound): ours / PEFT must satisfy it
@@ -84,7 +122,9 @@ CPU_TARGETS = [("train", "tokens_per_s", ">=", 1.0), ("train", "peak_mb", "<", 1
                ("generate", "tokens_per_s", ">=", 1.0), ("prompt_train", "tokens_per_s", ">=", 1.3),
                ("prompt_train", "peak_mb", "<=", 0.8), ("train_bf16", "tokens_per_s", ">=", 1.0),
                ("train_bf16", "peak_mb", "<=", 0.9)]
-GPU_TARGETS = [("train", "tokens_per_s", ">=", 1.15), ("train", "peak_mb", "<=", 0.8), ("train_gc", "peak_mb", "<=", 0.5),
+GPU_TARGETS = [("long_n8192", "tokens_per_s", ">=", 1.2), ("prefix_p512", "tokens_per_s", ">=", 1.1),
+               ("bank", "tokens_per_s", ">=", 2.0), ("train", "tokens_per_s", ">=", 1.15),
+               ("train", "peak_mb", "<=", 0.8), ("train_gc", "peak_mb", "<=", 0.5),
                ("generate_b{largest}", "tokens_per_s", ">=", 1.2)]  # the largest generation batch
 
 # A ~1 B Llama from a config with random weights (nothing downloads on a GPU machine); Llama 2's
@@ -117,18 +157,21 @@ def load_base(name: str, device, dtype: torch.dtype, tiny: bool = False):
     raise ValueError(f"unknown model {name!r}")
 
 
-def prefix_tuned(impl: str, model, P: int, seed: int = 0, checkpointing: bool = False):
+def prefix_tuned(impl: str, model, P: int, seed: int = 0, checkpointing: bool = False, tasks: int = 1):
     """`model` prefix-tuned by impl, with the same prefix values (N(0, 1), as PEFT initialises
-    its table) either way."""
+    its table) either way. tasks > 1: ours gets a bank of that many prefixes (task 0 the same as
+    PEFT's, the others other draws); PEFT gets the one (BANK_INCUMBENT)."""
     cfg = model.config
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    table = torch.randn(cfg.num_hidden_layers, 2, cfg.num_key_value_heads, P, D,
-                        generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(cfg.num_hidden_layers, 2, cfg.num_key_value_heads, P, D, generator=g)
     if impl == "ours":
         from prefix_attn.integrations.transformers import add_prefix_tuning
 
-        add_prefix_tuning(model, P)
-        model.prefix_encoder.load_table(table)
+        add_prefix_tuning(model, P, num_tasks=tasks)
+        model.prefix_encoder.load_table(table, task=0 if tasks > 1 else None)
+        for t in range(1, tasks):
+            model.prefix_encoder.load_table(torch.randn(table.shape, generator=g), task=t)
         if checkpointing:
             model.gradient_checkpointing_enable()
         return model
@@ -144,9 +187,11 @@ def prefix_tuned(impl: str, model, P: int, seed: int = 0, checkpointing: bool = 
     return peft_model
 
 
-def prompt_tuned(impl: str, model, P: int, seed: int = 0, checkpointing: bool = False):
+def prompt_tuned(impl: str, model, P: int, seed: int = 0, checkpointing: bool = False, tasks: int = 1):
     """`model` prompt-tuned by impl, with the same soft prompt either way: the embeddings of P
     tokens drawn from the vocabulary (PEFT's SAMPLE_VOCAB init)."""
+    if tasks != 1:
+        raise ValueError("prompt_tuned: the benchmark has no bank of soft prompts")
     words = model.get_input_embeddings().weight
     prompt = words[torch.randint(0, words.shape[0], (P,), generator=torch.Generator().manual_seed(seed))]
     prompt = prompt.detach().clone().float()
@@ -216,6 +261,8 @@ def make_call(model, case: ModelCase, inputs: dict[str, torch.Tensor]) -> Callab
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(case.autocast)
         device_type = inputs["input_ids"].device.type
+        if case.tasks > 1:
+            return _bank_step(model, inputs, case.tasks, optimizer)
 
         def call():
             with torch.autocast(device_type, dtype=amp or torch.bfloat16, enabled=amp is not None):
@@ -228,6 +275,36 @@ def make_call(model, case: ModelCase, inputs: dict[str, torch.Tensor]) -> Callab
     model.eval()
     return lambda: model.generate(**inputs, max_new_tokens=case.new_tokens, min_new_tokens=case.new_tokens,
                                   do_sample=False, pad_token_id=pad_id(model))
+
+
+def _bank_step(model, inputs: dict[str, torch.Tensor], tasks: int, optimizer) -> Callable[[], Any]:
+    """A training step on a batch whose row b belongs to task b % tasks: ours in one call with
+    prefix_index; PEFT as BANK_INCUMBENT, one call per task on its rows. Same loss either way
+    (the mean over tasks of each task's mean), the same single optimizer step."""
+    from prefix_attn.integrations.transformers import get_prefix_encoder
+
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    task_ids = torch.arange(ids.shape[0], device=ids.device) % tasks
+    if get_prefix_encoder(model) is not None:
+        def call():
+            out = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False, prefix_index=task_ids)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return out.loss.detach()
+        return call
+    rows = [torch.arange(t, ids.shape[0], tasks, device=ids.device) for t in range(tasks)]
+
+    def call():
+        total = 0.0
+        for r in rows:
+            out = model(input_ids=ids[r], attention_mask=mask[r], labels=ids[r], use_cache=False)
+            (out.loss / tasks).backward()
+            total = total + out.loss.detach() / tasks
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total
+    return call
 
 
 def tokens(case: ModelCase, batch: int) -> int:
@@ -297,7 +374,8 @@ def run_case(case: ModelCase, base, device, *, reps: int, case_end: float = floa
     dev = torch.device(device)
     # fresh copies of the untouched base: PEFT patches the model it wraps (its generate hooks)
     models = {impl: METHODS[case.method](impl, copy.deepcopy(base), case.prefix, 0,
-                                         checkpointing=case.checkpointing and impl == "ours") for impl in IMPLS}
+                                         checkpointing=case.checkpointing and impl == "ours", tasks=case.tasks)
+              for impl in IMPLS}
     batch, how = case.batch, "fixed"
     if batch == "fill":
         batch, how = fill_batch(case, models["peft"], dev, max_batch, max_step_s, fill_fraction)
