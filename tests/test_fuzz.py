@@ -314,8 +314,9 @@ class _FlashStyleAttend(torch.autograd.Function):
 
 
 def recompute_rel(c: Call, t: Dict[str, torch.Tensor], x: Built) -> float:
-    """sqrt(D) * u * scale * max |q| |keys|: how far a backward that recomputes the scores may
-    move a gradient (attn_testing.recompute_rel_error, for these inputs)."""
+    """sqrt(D) * u * scale * max |q| |keys| (attn_testing.recompute_rel_error, for these inputs),
+    plus 2 u * max |additive mask|: how far a backward that recomputes the scores may move a
+    gradient."""
     q = t["q"].detach().double().abs()
     keys = [t["k"].detach().double()]
     if x.kept is not None:
@@ -330,7 +331,16 @@ def recompute_rel(c: Call, t: Dict[str, torch.Tensor], x: Built) -> float:
             a = max(a, max((q[b] @ kk[min(b, kk.shape[0] - 1)].transpose(-1, -2)).max().item()
                            for b in range(c.B)))
     scale = 1.0 / math.sqrt(c.D) if c.scale is None else abs(c.scale)
-    return math.sqrt(c.D) * 2.0**-24 * scale * a
+    rel = math.sqrt(c.D) * 2.0**-24 * scale * a
+    # An additive mask moves the scores the kernels recompute by its own size: where every key a
+    # row sees carries float16's finfo.min (-65504, below the cpu backend's 2^20 threshold for an
+    # exact recomputation), lse and the rebuilt scores each carry ~65504 u of absolute error.
+    if x.attn_mask is not None and x.attn_mask.is_floating_point():
+        bias = x.attn_mask.double().abs()
+        bias = bias[torch.isfinite(bias)]
+        if bias.numel():
+            rel += 2 * 2.0**-24 * bias.max().item()
+    return rel
 
 
 # --------------------------------------------------------------------------- running
