@@ -41,7 +41,7 @@ settings.register_profile("fast", max_examples=100, derandomize=True, **_COMMON)
 settings.register_profile("long", max_examples=int(os.environ.get("PREFIX_ATTN_FUZZ_EXAMPLES", "2000")), **_COMMON)
 PROFILE = os.environ.get("PREFIX_ATTN_FUZZ_PROFILE", "fast")
 #: examples per backend, relative to the profile's max_examples: the interpreter is slow
-_SHARE = {"cpu": 2.0, "reference": 2.0, "triton": 0.4, "cuda": 1.0}
+_SHARE = {"cpu": 2.0, "reference": 2.0, "triton": 1.0, "cuda": 1.0}
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Triton's interpreter converts float32 to bfloat16 without rounding to nearest (494 of 1024
@@ -101,8 +101,10 @@ def calls(draw, small: bool):
     keeps = tuple(draw(st.booleans()) for _ in range(4))
     c = Call(
         B=B, Hkv=draw(st.sampled_from([1, 2])), group=draw(st.sampled_from([1, 2, 3])),
-        Nq=draw(st.integers(0, n) | st.sampled_from([1, 2])), Nk=draw(st.integers(0, n) | st.sampled_from([1])),
-        P=draw(st.integers(0, n // 2 + 3) | st.sampled_from([0, 0, 1])),  # P = 0: rows may see no key
+        # sampled_from, not integers: hypothesis draws integers near 0 far more often, and a
+        # prefix of 0 keys (or no queries) hides most of what there is to test
+        Nq=draw(st.sampled_from(range(n + 1))), Nk=draw(st.sampled_from(range(n + 1))),
+        P=draw(st.sampled_from(range(n // 2 + 4))),  # P = 0 too: rows may see no key
         D=draw(st.sampled_from([16, 24, 32, 64] if small else [16, 24, 32, 40, 64, 80, 96, 128])),
         dtype=draw(st.sampled_from(["fp32", "fp16"] if small and _INTERPRETED else list(DTYPES))), prefix=prefix,
         T=draw(st.integers(1, 5)), index_dtype=draw(st.sampled_from(["int64", "int32"])),
@@ -423,7 +425,9 @@ def check_call(c: Call, backend: str) -> None:
     for name, g in ours_grads.items():
         want = hi_grads[name]
         assert g.shape == t[name].shape and g.dtype == dtype, f"d{name}: {g.dtype} {tuple(g.shape)}"
-        walk = 1.0 if name == "q" else math.sqrt(max(1, c.B * c.Hq * c.Nq))
+        # dv and the prefix_v gradient are P^T dO: Delta does not enter them
+        walk = {"q": 1.0, "k": 1.0, "prefix_k": 1.0}.get(name, 0.0) * (1.0 if name == "q" else
+                                                                       math.sqrt(max(1, c.B * c.Hq * c.Nq)))
         g_scale = max(want.abs().max().item() if want.numel() else 0.0, 1.0)
         assert_within_ref_tol(f"d{name}", g, lo_grads[name], want, dtype, zero_scale=grad_scale,
                               recompute_rel=rel * g_scale + delta_floor * walk, recompute_scale=1.0)
