@@ -42,7 +42,7 @@ test: install
 	  tests/test_cascade.py -k triton
 
 # The differential fuzz suite's long profile (tests/test_fuzz.py): random calls against its float64
-# oracle, FUZZ_EXAMPLES per unit share (cpu and reference 2 shares, Triton in the interpreter 0.4),
+# oracle, FUZZ_EXAMPLES per unit share (cpu and reference 2 shares, Triton in the interpreter 1),
 # new random ones each run (the fast profile in `make test` is fixed). About 5 minutes at 2000.
 FUZZ_EXAMPLES ?= 2000
 .PHONY: fuzz
